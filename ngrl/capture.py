@@ -1,0 +1,294 @@
+"""Which layers carry curvature, and the hooks that record their statistics.
+
+For every supported layer the forward hook keeps a reference to the layer input (autograd
+keeps it alive anyway) and attaches a hook to the layer output; when a backward pass runs
+inside ``with capture.active():`` the output hook receives ``∂L/∂s``, turns the pair into
+the ``(a, g)`` statistics of :mod:`ngrl.curvature.base` and hands them to a sink (the
+optimizer's curvature block). Outside the context the hooks return at once.
+
+Tensor hooks on the output are used instead of ``register_full_backward_hook``, which
+breaks when an in-place activation follows the layer (a known K-FAC pitfall).
+
+Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1`` (Kronecker-factored, KFC
+conventions, bias as the homogeneous coordinate). Every other module that owns parameters
+becomes a :class:`GenericLayer`, whose statistics are gradient samples for a diagonal block.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = [
+    "Capture",
+    "Conv2dLayer",
+    "GenericLayer",
+    "Layer",
+    "LinearLayer",
+    "find_layers",
+]
+
+Reduction = Literal["mean", "sum"]
+Sink = Callable[["Layer", "Tensor | None", Tensor], None]
+
+
+class Layer:
+    """A module whose parameters share one curvature block.
+
+    The block sees the parameters as one gradient of shape :attr:`shape`; :meth:`gather`
+    and :meth:`scatter` convert between that view and the per-parameter tensors.
+    """
+
+    kronecker = False
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.params: list[nn.Parameter] = [
+            p for p in module.parameters(recurse=False) if p.requires_grad
+        ]
+        self.shape: tuple[int, ...] = (sum(p.numel() for p in self.params),)
+
+    def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Combine per-parameter tensors (``None`` counts as zeros) into the block view."""
+        flat = [
+            torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if t is None else t.reshape(-1)
+            for p, t in zip(self.params, tensors, strict=True)
+        ]
+        return torch.cat(flat)
+
+    def scatter(self, view: Tensor) -> list[Tensor]:
+        """Split a block-view tensor back into tensors shaped like the parameters."""
+        sizes = [p.numel() for p in self.params]
+        return [
+            part.reshape(p.shape)
+            for part, p in zip(view.reshape(-1).split(sizes), self.params, strict=True)
+        ]
+
+    def statistics(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, g)`` of shapes ``(N, T, d_in)`` and ``(N, T, d_out)`` (Kronecker layers)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Kronecker statistics")
+
+
+class LinearLayer(Layer):
+    """``nn.Linear``: ``Ŵ = [W | b]``; inputs of shape ``(N, …, d_in)``, ``T = ∏ …``."""
+
+    kronecker = True
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__(name, module)
+        self.has_bias = module.bias is not None
+        self.shape = (module.out_features, module.in_features + int(self.has_bias))
+
+    def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        weight = tensors[0]
+        if weight is None:
+            weight = torch.zeros_like(self.params[0])
+        columns = [weight.reshape(weight.shape[0], -1)]
+        if self.has_bias:
+            bias = tensors[1]
+            columns.append((torch.zeros_like(self.params[1]) if bias is None else bias)[:, None])
+        return torch.cat(columns, dim=1) if self.has_bias else columns[0]
+
+    def scatter(self, view: Tensor) -> list[Tensor]:
+        weight_shape = self.params[0].shape
+        if not self.has_bias:
+            return [view.reshape(weight_shape)]
+        return [view[:, :-1].reshape(weight_shape), view[:, -1].contiguous()]
+
+    def patches(self, inputs: Tensor) -> Tensor:
+        """Layer inputs as ``(N, T, d)`` rows, before the homogeneous coordinate."""
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+
+    def statistics(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.patches(inputs)
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        return a, self.output_rows(grad_output)
+
+    def output_rows(self, grad_output: Tensor) -> Tensor:
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+class Conv2dLayer(LinearLayer):
+    """``nn.Conv2d`` (``groups=1``): KFC patches by unfold, ``T`` = output positions."""
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        Layer.__init__(self, name, module)
+        self.has_bias = module.bias is not None
+        fan_in = math.prod(module.weight.shape[1:])
+        self.shape = (module.out_channels, fan_in + int(self.has_bias))
+        self._conv = module
+
+    def patches(self, inputs: Tensor) -> Tensor:
+        conv = self._conv
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            # "same"/"valid" and non-zero padding modes: pad explicitly as the layer does.
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            inputs = F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+            padding: tuple[int, ...] | int = 0
+        else:
+            padding = conv.padding
+        columns = F.unfold(
+            inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        )
+        return columns.transpose(1, 2)
+
+    def output_rows(self, grad_output: Tensor) -> Tensor:
+        return grad_output.flatten(2).transpose(1, 2)
+
+
+class GenericLayer(Layer):
+    """Any other module with parameters: statistics are gradient samples for a diagonal block."""
+
+
+_LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
+    nn.Linear: LinearLayer,
+    nn.Conv2d: Conv2dLayer,
+}
+
+
+def _make_layer(name: str, module: nn.Module) -> Layer:
+    factory = _LAYER_TYPES.get(type(module))
+    all_trainable = all(p.requires_grad for p in module.parameters(recurse=False))
+    if factory is None or not all_trainable:
+        return GenericLayer(name, module)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return GenericLayer(name, module)
+    return factory(name, module)
+
+
+def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer]:
+    """Every module owning trainable parameters, in ``named_modules`` order.
+
+    ``skip_layers`` holds regular expressions matched (``re.search``) against the module
+    name and its class name; matching modules are left out (their parameters get plain
+    gradient steps from the optimizer).
+    """
+    patterns = [re.compile(p) for p in skip_layers]
+    layers = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
+            continue
+        layers.append(_make_layer(name, module))
+    return layers
+
+
+class Capture:
+    """Hooks on ``layers`` that hand ``(a, g)`` statistics to ``sink`` while active.
+
+    Args:
+        layers: from :func:`find_layers`.
+        sink: called as ``sink(layer, a, g)``; ``a`` is ``None`` for generic layers, whose
+            ``g`` is one gradient sample ``scale·∇L`` of shape ``(1, P)``.
+        loss_reduction: ``"mean"`` (the captured loss averages over the batch: output
+            gradients are multiplied by the batch size to give per-example gradients) or
+            ``"sum"``.
+        batch_size: statistics from the first ``batch_size`` examples only (``None``: all).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        sink: Sink,
+        loss_reduction: Reduction = "mean",
+        batch_size: int | None = None,
+    ) -> None:
+        self.layers = list(layers)
+        self.sink = sink
+        self.loss_reduction = loss_reduction
+        self.batch_size = batch_size
+        self.is_active = False
+        self._handles: list[RemovableHandle] = []
+        self._generic_batch: dict[str, int] = {}
+        self._generic_grads: dict[str, list[Tensor | None]] = {}
+        for layer in self.layers:
+            if layer.kronecker:
+                self._handles.append(
+                    layer.module.register_forward_hook(self._kronecker_forward(layer))
+                )
+            else:
+                self._handles.append(
+                    layer.module.register_forward_hook(self._generic_forward(layer))
+                )
+                for index, param in enumerate(layer.params):
+                    self._handles.append(param.register_hook(self._generic_grad(layer, index)))
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Record statistics from the backward passes run inside this context."""
+        self.is_active = True
+        try:
+            yield
+        finally:
+            self.is_active = False
+            self._flush_generic()
+
+    def remove(self) -> None:
+        """Detach every hook from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- Kronecker layers ---------------------------------------------------------------
+    def _kronecker_forward(self, layer: Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(grad: Tensor) -> None:
+                if self.is_active:
+                    self._record(layer, x, grad)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _record(self, layer: Layer, x: Tensor, grad: Tensor) -> None:
+        n = x.shape[0]
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        if self.batch_size is not None and self.batch_size < n:
+            x, grad = x[: self.batch_size], grad[: self.batch_size]
+        with torch.no_grad():
+            a, g = layer.statistics(x, grad.detach() * scale)
+            self.sink(layer, a, g)
+
+    # --- generic layers ----------------------------------------------------------------
+    def _generic_forward(self, layer: Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+            if torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
+                self._generic_batch[layer.name] = inputs[0].shape[0] if inputs[0].dim() else 1
+
+        return hook
+
+    def _generic_grad(self, layer: Layer, index: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if self.is_active:
+                grads = self._generic_grads.setdefault(layer.name, [None] * len(layer.params))
+                previous = grads[index]
+                grads[index] = grad.detach().clone() if previous is None else previous + grad
+
+        return hook
+
+    def _flush_generic(self) -> None:
+        """Hand each generic layer its gradient sample once the backward passes are done."""
+        by_name = {layer.name: layer for layer in self.layers}
+        for name, grads in self._generic_grads.items():
+            layer = by_name[name]
+            n = self._generic_batch.get(name, 1)
+            # The batch gradient of a sampled-target loss: n·E[∇L∇Lᵀ] is the Fisher (mean
+            # reduction); for a summed loss, E[∇L∇Lᵀ]/n is.
+            scale = math.sqrt(n) if self.loss_reduction == "mean" else 1.0 / math.sqrt(n)
+            self.sink(layer, None, (layer.gather(grads) * scale)[None])
+        self._generic_grads.clear()

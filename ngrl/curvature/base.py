@@ -1,0 +1,169 @@
+"""The curvature-block interface and the registry of approximations.
+
+A *curvature block* approximates the Fisher block of one layer's parameters. The optimizer
+feeds it statistics from captured backward passes and asks it to precondition gradients.
+Every approximation is one subclass in its own file, registered under a name with
+:func:`register`; agents and variational-inference code only ever see this interface.
+
+Layout of the statistics a block receives (see :mod:`ngrl.capture`):
+
+* ``a``: ``(N, T, d_in)`` layer inputs, the homogeneous coordinate (a column of ones)
+  already appended when the layer has a bias; ``T`` is the number of positions that share
+  the weight (1 for a dense layer on vectors, the spatial size for a convolution).
+* ``g``: ``(N, T, d_out)`` gradients of the per-example loss with respect to the layer's
+  outputs, ``g_n = d loss_n / d s_n``.
+
+Vector order: the block's matrix view of the gradient is ``Ŵ = [W | b]`` of shape
+``(d_out, d_in)``, flattened row-major, so for K-FAC ``to_dense() == kron(G, A)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CurvatureBlock",
+    "available",
+    "blend",
+    "get_block_class",
+    "register",
+    "symmetric_eigh",
+]
+
+
+class CurvatureBlock(ABC):
+    """One layer's Fisher approximation: statistics in, preconditioned gradients out.
+
+    Life cycle, driven by :class:`ngrl.optim.KFAC`:
+
+    1. ``accumulate(a, g)`` once per captured backward pass (adds to a pending batch);
+    2. ``commit(factor_decay)`` folds the pending batch into the running statistics
+       (the first commit sets them, later ones blend ``F ← d·F + (1−d)·batch``);
+    3. ``refresh()`` recomputes whatever is expensive to derive (eigendecompositions),
+       every ``inv_update_steps`` steps;
+    4. ``precondition(grad, damping)`` returns ``(F̂ + damping·I)⁻¹ grad`` in matrix form.
+
+    ``update(a, g, factor_decay)`` is ``accumulate`` followed by ``commit``.
+    """
+
+    #: Shape of the gradient this block preconditions, e.g. ``(d_out, d_in)``.
+    shape: tuple[int, ...]
+    #: Keys of :meth:`state_dict` (stored in the optimizer state of the layer's first parameter).
+    state_keys: tuple[str, ...] = ()
+
+    def update(self, a: Tensor | None, g: Tensor, factor_decay: float = 0.0) -> None:
+        """Add one batch of statistics and fold it into the running estimate."""
+        self.accumulate(a, g)
+        self.commit(factor_decay)
+
+    @abstractmethod
+    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
+        """Add the statistics of one captured batch to the pending estimate."""
+
+    @abstractmethod
+    def pending_is_finite(self) -> bool:
+        """Whether every pending statistic is finite (``True`` when nothing is pending)."""
+
+    @abstractmethod
+    def commit(self, factor_decay: float) -> None:
+        """Fold the pending statistics into the running ones and clear them."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Forget the pending statistics (used when they are not finite)."""
+
+    @property
+    @abstractmethod
+    def initialized(self) -> bool:
+        """Whether running statistics exist, i.e. the block can precondition."""
+
+    @abstractmethod
+    def refresh(self) -> None:
+        """Recompute the derived quantities (eigenbases, inverses) from the statistics."""
+
+    @abstractmethod
+    def precondition(self, grad: Tensor, damping: float) -> Tensor:
+        """Return ``(F̂ + damping·I)⁻¹ grad`` with ``grad`` of shape :attr:`shape`."""
+
+    @abstractmethod
+    def to_dense(self) -> Tensor:
+        """The approximate Fisher block as a dense matrix, in the vector order above."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        """The running statistics (never derived quantities, which are recomputed)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore the running statistics written by :meth:`state_dict`."""
+
+
+def blend(running: Tensor | None, batch: Tensor, factor_decay: float) -> Tensor:
+    """Exponential moving average ``d·running + (1−d)·batch``; the first batch is taken as is."""
+    if running is None:
+        return batch.clone()
+    return running.mul_(factor_decay).add_(batch, alpha=1.0 - factor_decay)
+
+
+_REGISTRY: dict[str, Callable[..., CurvatureBlock]] = {}
+
+
+def register(name: str) -> Callable[[type[CurvatureBlock]], type[CurvatureBlock]]:
+    """Class decorator: make an approximation available as ``KFAC(curvature=name)``."""
+
+    def decorate(cls: type[CurvatureBlock]) -> type[CurvatureBlock]:
+        if name in _REGISTRY:
+            raise ValueError(f"curvature {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Names of the registered curvature approximations."""
+    return sorted(_REGISTRY)
+
+
+def get_block_class(name: str) -> Callable[..., CurvatureBlock]:
+    """Look up a registered approximation; an unknown name lists the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"Invalid curvature: {name!r}; available: {', '.join(available())}"
+        ) from None
+
+
+def symmetric_eigh(
+    matrix: Tensor, float64_max_dim: int = 1024, max_tries: int = 4
+) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD factor that does not fail on bad conditioning.
+
+    Small factors (``dim <= float64_max_dim``) are decomposed in float64. When ``eigh``
+    fails to converge, the factor is retried in float64 with a growing jitter on the
+    diagonal (``1e-10, 1e-8, …`` times its mean eigenvalue). Eigenvalues are clamped at
+    zero: a PSD factor has no negative ones, only rounding makes them.
+    Returns ``(eigenvalues, eigenvectors)`` in the factor's dtype.
+    """
+    dtype = matrix.dtype
+    dim = matrix.shape[0]
+    work = matrix.double() if dim <= float64_max_dim else matrix
+    work = 0.5 * (work + work.T)
+    scale = float(work.diagonal().abs().mean()) or 1.0
+    eye = torch.eye(dim, dtype=work.dtype, device=work.device)
+    error: Exception | None = None
+    for attempt in range(max_tries):
+        try:
+            jittered = work if attempt == 0 else work + (scale * 10.0 ** (2 * attempt - 12)) * eye
+            values, vectors = torch.linalg.eigh(jittered)
+            return values.clamp_(min=0.0).to(dtype), vectors.to(dtype)
+        except RuntimeError as err:  # torch raises LinAlgError (a RuntimeError)
+            error = err
+            work = work.double()
+            eye = eye.double()
+    raise RuntimeError(f"eigendecomposition failed after {max_tries} tries") from error

@@ -1,0 +1,126 @@
+"""K-FAC: the Kronecker-factored Fisher block of a dense or convolutional layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ngrl.curvature.base import CurvatureBlock, blend, register, symmetric_eigh
+
+__all__ = ["KFACBlock"]
+
+
+@register("kfac")
+class KFACBlock(CurvatureBlock):
+    """Kronecker-factored approximate curvature of one layer.
+
+    Martens & Grosse 2015 (arXiv:1503.05671) for dense layers, Grosse & Martens 2016
+    (KFC, arXiv:1602.01407) for convolutions. With ``ā`` the input with its homogeneous
+    coordinate and ``g`` the per-example output gradient at each of ``T`` positions::
+
+        A = E_n[Σ_t ā_t ā_tᵀ],   G = E_n[(1/T) Σ_t g_t g_tᵀ],   F ≈ G ⊗ A.
+
+    Preconditioning solves ``G X A + λX = ∇Ŵ`` exactly (Tikhonov damping of the whole
+    Kronecker product) in the factors' eigenbases ``A = Q_A diag(d_A) Q_Aᵀ``,
+    ``G = Q_G diag(d_G) Q_Gᵀ``::
+
+        X = Q_G [ (Q_Gᵀ ∇Ŵ Q_A) / (d_G d_Aᵀ + λ) ] Q_Aᵀ.
+
+    Args:
+        shape: ``(d_out, d_in)`` of the combined parameter ``Ŵ = [W | b]``.
+        float64_max_dim: factors up to this size are eigendecomposed in float64.
+    """
+
+    state_keys = ("a_factor", "g_factor")
+
+    def __init__(self, shape: tuple[int, ...], *, float64_max_dim: int = 1024) -> None:
+        if len(shape) != 2:
+            raise ValueError(f"K-FAC needs a (d_out, d_in) gradient shape, got {shape}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.float64_max_dim = float64_max_dim
+        self.a_factor: Tensor | None = None
+        self.g_factor: Tensor | None = None
+        self._a_sum: Tensor | None = None
+        self._g_sum: Tensor | None = None
+        self._examples = 0
+        self._positions = 0
+        self._eigen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    # --- statistics -------------------------------------------------------------------
+    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
+        if a is None:
+            raise ValueError("K-FAC needs the layer inputs `a`")
+        n, t = a.shape[0], a.shape[1]
+        a2 = a.reshape(-1, a.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        a_sum = a2.T @ a2
+        g_sum = g2.T @ g2
+        self._a_sum = a_sum if self._a_sum is None else self._a_sum.add_(a_sum)
+        self._g_sum = g_sum if self._g_sum is None else self._g_sum.add_(g_sum)
+        self._examples += n
+        self._positions += n * t
+
+    def pending_is_finite(self) -> bool:
+        if self._a_sum is None or self._g_sum is None:
+            return True
+        return bool(torch.isfinite(self._a_sum).all() and torch.isfinite(self._g_sum).all())
+
+    def commit(self, factor_decay: float) -> None:
+        if self._a_sum is None or self._g_sum is None:
+            return
+        self.a_factor = blend(self.a_factor, self._a_sum / self._examples, factor_decay)
+        self.g_factor = blend(self.g_factor, self._g_sum / self._positions, factor_decay)
+        self.discard()
+
+    def discard(self) -> None:
+        self._a_sum = self._g_sum = None
+        self._examples = self._positions = 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.a_factor is not None and self.g_factor is not None
+
+    # --- inverse ----------------------------------------------------------------------
+    def refresh(self) -> None:
+        if not self.initialized:
+            return
+        assert self.a_factor is not None and self.g_factor is not None
+        a_values, a_vectors = symmetric_eigh(self.a_factor, self.float64_max_dim)
+        g_values, g_vectors = symmetric_eigh(self.g_factor, self.float64_max_dim)
+        self._eigen = (a_values, a_vectors, g_values, g_vectors)
+
+    def precondition(self, grad: Tensor, damping: float) -> Tensor:
+        if self._eigen is None:
+            self.refresh()
+        assert self._eigen is not None, "precondition() before any statistics"
+        a_values, a_vectors, g_values, g_vectors = self._eigen
+        rotated = g_vectors.T @ grad @ a_vectors
+        rotated /= torch.outer(g_values, a_values).add_(damping)
+        return g_vectors @ rotated @ a_vectors.T
+
+    # --- inspection and checkpoints ---------------------------------------------------
+    def to_dense(self) -> Tensor:
+        assert self.a_factor is not None and self.g_factor is not None
+        return torch.kron(self.g_factor, self.a_factor)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.initialized:
+            return {}
+        assert self.a_factor is not None and self.g_factor is not None
+        return {"a_factor": self.a_factor.clone(), "g_factor": self.g_factor.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.discard()
+        self._eigen = None
+        if not state:
+            self.a_factor = self.g_factor = None
+            return
+        a_factor, g_factor = state["a_factor"], state["g_factor"]
+        d_out, d_in = self.shape
+        if a_factor.shape != (d_in, d_in) or g_factor.shape != (d_out, d_out):
+            raise ValueError(
+                f"K-FAC factors of shape {tuple(a_factor.shape)}, {tuple(g_factor.shape)} "
+                f"do not fit a layer of shape {self.shape}"
+            )
+        self.a_factor = a_factor.clone()
+        self.g_factor = g_factor.clone()

@@ -1,0 +1,133 @@
+"""The brute-force Fisher of a small model: the oracle every approximation is tested against.
+
+Everything here is exact and dense (``P × P`` for ``P`` parameters), built from per-example
+gradients and Jacobians with ``torch.func``. It is meant for models of a few hundred
+parameters in float64, never for training.
+
+Parameter order: the concatenation of ``model.named_parameters()`` (trainable ones),
+each flattened row-major. :func:`layer_indices` maps a layer to ngrl's block order
+``Ŵ = [W | b]`` (row-major), so ``F[idx][:, idx]`` is comparable to ``block.to_dense()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+__all__ = [
+    "empirical_fisher",
+    "exact_fisher",
+    "flat_gradient",
+    "layer_indices",
+    "output_jacobians",
+    "per_example_gradients",
+]
+
+Likelihood = Literal["categorical", "gaussian"]
+
+
+def _params(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten(tree: dict[str, Tensor], batched: bool) -> Tensor:
+    start = 1 if batched else 0
+    return torch.cat([t.flatten(start) for t in tree.values()], dim=start)
+
+
+def per_example_gradients(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> Tensor:
+    """``(N, P)``: row ``n`` is ``∇_θ loss_fn(model(x_n), y_n)`` for one example."""
+    params = _params(model)
+
+    def one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(functional_call(model, p, (x[None],)), y[None])
+
+    return _flatten(vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets), True)
+
+
+def empirical_fisher(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> Tensor:
+    """``E_n[∇ℓ_n ∇ℓ_nᵀ]`` for the given targets. With targets sampled from the model
+    (see :func:`ngrl.fisher_loss`) this is the Monte-Carlo estimate of the true Fisher that
+    K-FAC's statistics are built from."""
+    grads = per_example_gradients(model, loss_fn, inputs, targets)
+    return grads.T @ grads / grads.shape[0]
+
+
+def output_jacobians(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``(N, K, P)``: the Jacobian of each example's ``K`` outputs w.r.t. the parameters."""
+    params = _params(model)
+
+    def one(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, p, (x[None],))[0]
+
+    jac = vmap(jacrev(one), in_dims=(None, 0))(params, inputs)
+    return torch.cat([j.flatten(2) for j in jac.values()], dim=2)
+
+
+def exact_fisher(model: nn.Module, inputs: Tensor, likelihood: Likelihood) -> Tensor:
+    """The true Fisher ``E_n E_{y~p(y|x_n)}[∇log p ∇log pᵀ] = E_n[J_nᵀ H_n J_n]``.
+
+    ``likelihood``: ``"categorical"`` (outputs are logits, ``H = diag(p) − ppᵀ``) or
+    ``"gaussian"`` (outputs are the mean of a unit-variance Gaussian, ``H = I``).
+    For these exponential families it equals the generalized Gauss-Newton matrix.
+    """
+    jac = output_jacobians(model, inputs)
+    if likelihood == "gaussian":
+        return torch.einsum("nkp,nkq->pq", jac, jac) / jac.shape[0]
+    if likelihood == "categorical":
+        with torch.no_grad():
+            probs = torch.softmax(model(inputs), dim=-1)
+        hessian = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        return torch.einsum("nkp,nkl,nlq->pq", jac, hessian, jac) / jac.shape[0]
+    raise ValueError(f"Invalid likelihood: {likelihood!r} (use 'categorical' or 'gaussian')")
+
+
+def flat_gradient(model: nn.Module) -> Tensor:
+    """The current ``.grad`` of the trainable parameters, in the order of this module."""
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+    )
+
+
+def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
+    """Positions of a layer's parameters in the flat order, arranged in ngrl's block order.
+
+    For a layer with ``weight`` (first dimension = outputs) and ``bias``, row ``i`` of
+    ``Ŵ = [W | b]`` is ``W[i].flatten()`` followed by ``b[i]``; any other layer keeps the
+    concatenation of its own parameters.
+    """
+    offsets: dict[str, Tensor] = {}
+    start = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            offsets[name] = torch.arange(start, start + p.numel()).reshape(p.shape)
+            start += p.numel()
+    prefix = f"{layer_name}." if layer_name else ""
+    own = {n[len(prefix):]: idx for n, idx in offsets.items() if n.startswith(prefix)}
+    own = {n: idx for n, idx in own.items() if "." not in n}
+    if not own:
+        raise ValueError(f"layer {layer_name!r} has no trainable parameters of its own")
+    module = model.get_submodule(layer_name)
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and "weight" in own:
+        weight = own["weight"].reshape(own["weight"].shape[0], -1)
+        columns = [weight] + ([own["bias"][:, None]] if "bias" in own else [])
+        return torch.cat(columns, dim=1).flatten()
+    return torch.cat([idx.flatten() for idx in own.values()])

@@ -1,0 +1,43 @@
+"""Hyperparameters that may be constants or schedules, validated the way torch.optim does."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Union
+
+__all__ = ["Schedule", "resolve", "check"]
+
+#: A hyperparameter: a constant, or a function of the optimizer's step count.
+Schedule = Union[float, Callable[[int], float]]
+
+# name -> (predicate, human description of the valid range)
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v >= 0.0, ">= 0"),
+    "damping": (lambda v: v > 0.0, "> 0"),
+    "kl_clip": (lambda v: v > 0.0, "> 0 (or None to disable the trust region)"),
+    "momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0.0, ">= 0"),
+    "factor_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "inv_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+}
+
+
+def check(name: str, value: float) -> float:
+    """Return ``value`` if it is valid for ``name``, else raise ``ValueError`` naming both."""
+    predicate, description = _RULES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name} value: {value!r} (expected a number {description})")
+    if not math.isfinite(value) or not predicate(value):
+        raise ValueError(f"Invalid {name} value: {value} (must be {description})")
+    return value
+
+
+def resolve(name: str, value: Schedule | None, step: int) -> float | None:
+    """The value of a hyperparameter at ``step``: schedules are called, then checked."""
+    if value is None:
+        return None
+    if callable(value):
+        return check(name, value(step))
+    return check(name, value)

@@ -1,0 +1,339 @@
+"""The K-FAC optimizer: curvature blocks per layer, a trust region, then momentum SGD."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import ngrl.curvature  # noqa: F401  (registers every approximation)
+from ngrl.capture import Capture, Layer, Reduction, find_layers
+from ngrl.curvature.base import CurvatureBlock, get_block_class
+from ngrl.curvature.diagonal import DiagonalBlock
+from ngrl.optim.hyperparams import Schedule, check, resolve
+from ngrl.optim.trust_region import kl_clip_scale
+
+__all__ = ["KFAC"]
+
+_SCHEDULED = (
+    "lr",
+    "damping",
+    "kl_clip",
+    "momentum",
+    "weight_decay",
+    "factor_decay",
+    "factor_update_steps",
+    "inv_update_steps",
+)
+
+
+class KFAC(torch.optim.Optimizer):
+    r"""Natural-gradient descent with Kronecker-factored curvature and a KL trust region.
+
+    K-FAC (Martens & Grosse 2015, arXiv:1503.05671; KFC for convolutions, Grosse & Martens
+    2016) with the trust region of ACKTR (Wu et al. 2017, arXiv:1708.05144). Per layer,
+    with ``∇Ŵ = [∇W | ∇b]`` and the damped curvature block ``F̂ + λI``:
+
+    .. code-block:: text
+
+        X  = (F̂ + λI)⁻¹ ∇Ŵ                          (for K-FAC: G X A + λX = ∇Ŵ)
+        ν  = min(1, sqrt(kl_clip / (lr² Σ_layers ⟨X, ∇Ŵ⟩)))
+        d  = ν X + weight_decay · Ŵ
+        m ← momentum · m + d;   Ŵ ← Ŵ − lr · m
+
+    Statistics come only from backward passes run inside ``with opt.capture():``, usually
+    of :func:`ngrl.fisher_loss` (sampled targets give the true Fisher). Factors are
+    exponential moving averages (``factor_decay``) refreshed every ``factor_update_steps``
+    steps (see :attr:`capture_due`); eigendecompositions every ``inv_update_steps``.
+
+    Args:
+        model: the module to optimize; hooks are attached to its layers.
+        lr: learning rate.
+        damping: Tikhonov damping λ added to the whole curvature block.
+        kl_clip: trust-region radius δ of the predicted KL; ``None`` disables it.
+        momentum: heavy-ball momentum on the (clipped) natural gradient.
+        weight_decay: L2 coefficient added to the step direction.
+        factor_decay: EMA decay ``d`` of the curvature statistics.
+        factor_update_steps: capture statistics every this many steps.
+        inv_update_steps: recompute eigendecompositions every this many steps.
+        curvature: name of the approximation for dense and conv layers (see
+            :func:`ngrl.curvature.available`); other layers with parameters get a
+            diagonal block.
+        skip_layers: regular expressions on module names or class names; matching modules
+            get plain (unpreconditioned, unclipped) gradient steps.
+        loss_reduction: ``"mean"`` if the captured loss averages over the batch, ``"sum"``
+            if it sums.
+        stats_batch_size: take statistics from the first this-many examples of a captured
+            batch only (cheaper factors, noisier estimates); ``None`` uses all.
+
+    Every float hyperparameter (and the two step counts) may instead be a callable
+    ``f(step) -> value``. ``lr`` and the rest are read from ``param_groups[0]`` on every
+    step, so ``torch.optim.lr_scheduler`` and Stable-Baselines3 can change them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: Schedule = 0.25,
+        damping: Schedule = 1e-2,
+        kl_clip: Schedule | None = 1e-3,
+        momentum: Schedule = 0.9,
+        weight_decay: Schedule = 0.0,
+        factor_decay: Schedule = 0.95,
+        factor_update_steps: int | Callable[[int], int] = 1,
+        inv_update_steps: int | Callable[[int], int] = 10,
+        curvature: str = "kfac",
+        skip_layers: Sequence[str] | str = (),
+        loss_reduction: Reduction = "mean",
+        stats_batch_size: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"KFAC takes the model (an nn.Module) to attach its hooks, got {type(model)}"
+            )
+        defaults: dict[str, Any] = dict(
+            lr=lr,
+            damping=damping,
+            kl_clip=kl_clip,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            factor_decay=factor_decay,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+        )
+        for name, value in defaults.items():
+            if value is not None and not callable(value):
+                check(name, value)
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"Invalid loss_reduction value: {loss_reduction!r} (use 'mean' or 'sum')"
+            )
+        if stats_batch_size is not None and (
+            isinstance(stats_batch_size, bool)
+            or not isinstance(stats_batch_size, int)
+            or stats_batch_size < 1
+        ):
+            raise ValueError(f"Invalid stats_batch_size value: {stats_batch_size!r}")
+        block_class = get_block_class(curvature)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"Invalid model: {type(model).__name__} has no trainable parameters, "
+                "so there is nothing for K-FAC to precondition"
+            )
+        super().__init__(params, defaults)
+        self.param_groups[0]["step"] = 0
+        if isinstance(skip_layers, str):
+            skip_layers = (skip_layers,)
+        self.curvature = curvature
+        self.layers: list[Layer] = find_layers(model, skip_layers)
+        self.blocks: dict[str, CurvatureBlock] = {
+            layer.name: (block_class if layer.kronecker else DiagonalBlock)(layer.shape)
+            for layer in self.layers
+        }
+        self._capture = Capture(self.layers, self._sink, loss_reduction, stats_batch_size)
+        self._warned_uncaptured = False
+
+    # --- hyperparameters --------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Number of parameter updates taken so far."""
+        return int(self.param_groups[0]["step"])
+
+    def hyperparameter(self, name: str) -> Any:
+        """The current value of a hyperparameter of ``param_groups[0]``, schedules applied."""
+        return resolve(name, self.param_groups[0][name], self.steps)
+
+    @property
+    def capture_due(self) -> bool:
+        """Whether this step should capture statistics (every ``factor_update_steps``)."""
+        return self.steps % int(self.hyperparameter("factor_update_steps")) == 0
+
+    # --- statistics -------------------------------------------------------------------
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Take curvature statistics from the backward passes run inside this context.
+
+        The statistics of all those passes form one batch, folded into the running
+        factors when the context exits; if any of them is not finite, the whole batch is
+        dropped with a warning and the factors stay as they were.
+        """
+        try:
+            with self._capture.active():
+                yield
+        except BaseException:
+            for block in self.blocks.values():
+                block.discard()
+            raise
+        if all(block.pending_is_finite() for block in self.blocks.values()):
+            decay = float(self.hyperparameter("factor_decay"))
+            for block in self.blocks.values():
+                block.commit(decay)
+        else:
+            for block in self.blocks.values():
+                block.discard()
+            warnings.warn(
+                "K-FAC: non-finite curvature statistics were captured and dropped; "
+                "the factors are unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _sink(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
+        self.blocks[layer.name].accumulate(a, g)
+
+    # --- the update -------------------------------------------------------------------
+    @torch.no_grad()
+    def _directions(self, damping: float) -> tuple[dict[Tensor, Tensor], float] | None:
+        """Preconditioned gradients ``X`` per parameter and ``Σ⟨X, ∇Ŵ⟩``; ``None`` if not finite."""
+        refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
+        directions: dict[Tensor, Tensor] = {}
+        terms: list[Tensor] = []
+        uncaptured = []
+        for layer in self.layers:
+            grads = [p.grad for p in layer.params]
+            if all(g is None for g in grads):
+                continue
+            block = self.blocks[layer.name]
+            if not block.initialized:
+                uncaptured.append(layer.name or type(layer.module).__name__)
+                continue
+            if refresh:
+                block.refresh()
+            grad = layer.gather(grads)
+            x = block.precondition(grad, damping)
+            terms.append((x * grad).sum().to(torch.float64))
+            directions.update(zip(layer.params, layer.scatter(x)))
+        if uncaptured and not self._warned_uncaptured:
+            self._warned_uncaptured = True
+            warnings.warn(
+                "K-FAC: no curvature statistics yet for "
+                f"{', '.join(uncaptured)}; taking plain gradient steps there until a "
+                "backward pass runs inside `with optimizer.capture():`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # With finite gradients, the sum is finite exactly when every X is (a NaN or an
+        # infinity in X makes its term NaN or infinite), so one check covers them all.
+        quadratic = float(torch.stack(terms).sum()) if terms else 0.0
+        return (directions, quadratic) if math.isfinite(quadratic) else None
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _skip(self, what: str) -> None:
+        warnings.warn(
+            f"K-FAC: non-finite {what}; this step was skipped and nothing was changed",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    @torch.no_grad()
+    def precondition_(self) -> bool:
+        """Replace each ``p.grad`` by its clipped natural gradient ``ν·X`` in place.
+
+        For use in the kfac-pytorch style, before another optimizer's ``step()``.
+        Returns ``False`` (and changes nothing) when gradients or results are not finite.
+        """
+        if not self._gradients_finite():
+            self._skip("gradients")
+            return False
+        found = self._directions(float(self.hyperparameter("damping")))
+        if found is None:
+            self._skip("preconditioned gradients")
+            return False
+        directions, quadratic = found
+        scale = kl_clip_scale(
+            quadratic, float(self.hyperparameter("lr")), self.hyperparameter("kl_clip")
+        )
+        for param, direction in directions.items():
+            assert param.grad is not None
+            param.grad.copy_(direction).mul_(scale)
+        self.param_groups[0]["step"] += 1
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One K-FAC update; returns the closure's loss (if a closure is given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lr = float(self.hyperparameter("lr"))
+        momentum = float(self.hyperparameter("momentum"))
+        weight_decay = float(self.hyperparameter("weight_decay"))
+        if not self._gradients_finite():
+            self._skip("gradients")
+            return loss
+        found = self._directions(float(self.hyperparameter("damping")))
+        if found is None:
+            self._skip("preconditioned gradients")
+            return loss
+        directions, quadratic = found
+        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
+        for param in self.param_groups[0]["params"]:
+            if param.grad is None:
+                continue
+            direction = directions.get(param)
+            d = param.grad if direction is None else direction * scale
+            if weight_decay != 0.0:
+                d = d.add(param, alpha=weight_decay)
+            if momentum != 0.0:
+                state = self.state[param]
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = d.detach().clone()
+                else:
+                    buffer.mul_(momentum).add_(d)
+                d = buffer
+            param.add_(d, alpha=-lr)
+        self.param_groups[0]["step"] += 1
+        return loss
+
+    # --- checkpoints ------------------------------------------------------------------
+    def _param_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus each block's running statistics (not inverses).
+
+        A layer's statistics live in the state entry of its first parameter, under the
+        block's own keys (``a_factor`` and ``g_factor`` for K-FAC).
+        """
+        state = super().state_dict()
+        index = self._param_index()
+        for layer in self.layers:
+            block_state = self.blocks[layer.name].state_dict()
+            if block_state:
+                state["state"].setdefault(index[id(layer.params[0])], {}).update(block_state)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; a checkpoint that does not fit changes nothing."""
+        index = self._param_index()
+        saved = state_dict.get("state", {})
+        restored: dict[str, dict[str, Tensor]] = {}
+        for layer in self.layers:
+            entry = saved.get(index[id(layer.params[0])], {})
+            block = self.blocks[layer.name]
+            block_state = {k: v for k, v in entry.items() if k in block.state_keys}
+            # Validate on a fresh block so that a bad checkpoint leaves this one untouched.
+            type(block)(layer.shape).load_state_dict(block_state)
+            restored[layer.name] = block_state
+        super().load_state_dict(state_dict)
+        for layer in self.layers:
+            entry = self.state.get(layer.params[0], {})
+            for key in restored[layer.name]:
+                entry.pop(key, None)
+            if not entry and layer.params[0] in self.state:
+                del self.state[layer.params[0]]
+            self.blocks[layer.name].load_state_dict(
+                {k: v.to(layer.params[0].device) for k, v in restored[layer.name].items()}
+            )
+        self._warned_uncaptured = False
