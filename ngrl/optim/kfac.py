@@ -315,7 +315,12 @@ class KFAC(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; a checkpoint that does not fit changes nothing."""
+        """Restore a :meth:`state_dict`; a checkpoint that does not fit changes nothing.
+
+        Eigendecompositions are not saved: they are recomputed from the restored factors
+        at the next step, so a run resumed at an ``inv_update_steps`` boundary continues
+        exactly, and one resumed elsewhere uses slightly fresher inverses.
+        """
         index = self._param_index()
         saved = state_dict.get("state", {})
         restored: dict[str, dict[str, Tensor]] = {}

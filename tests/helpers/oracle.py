@@ -1,0 +1,49 @@
+"""Small models, sampled targets and the per-layer damped solve used by the oracle tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngrl.fisher import empirical_fisher, flat_gradient, layer_indices
+from ngrl.optim import KFAC
+
+
+def sample_classes(logits: Tensor, seed: int = 1) -> Tensor:
+    """Targets drawn from the model's own categorical predictive (true-Fisher samples)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator)[:, 0]
+
+
+def ce_sum(output: Tensor, target: Tensor) -> Tensor:
+    """Per-example cross-entropy, the loss whose per-example gradients the oracle takes."""
+    return F.cross_entropy(output, target, reduction="sum")
+
+
+def capture_batch(opt: KFAC, model: nn.Module, x: Tensor, targets: Tensor) -> None:
+    """One captured backward pass of the mean cross-entropy with the given targets."""
+    with opt.capture():
+        F.cross_entropy(model(x), targets).backward()
+    opt.zero_grad()
+
+
+def oracle_block(model: nn.Module, x: Tensor, targets: Tensor, layer: str) -> Tensor:
+    """The exact Fisher block (same sampled targets) of one layer, in ngrl's order."""
+    idx = layer_indices(model, layer)
+    return empirical_fisher(model, ce_sum, x, targets)[idx][:, idx]
+
+
+def damped_solve(block: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """``(F + λI)⁻¹ g``: the exact natural-gradient direction of one block."""
+    eye = torch.eye(block.shape[0], dtype=block.dtype)
+    return torch.linalg.solve(block + damping * eye, grad)
+
+
+def layer_gradient(model: nn.Module, layer: str) -> Tensor:
+    """The current gradient of one layer, in ngrl's block order."""
+    return flat_gradient(model)[layer_indices(model, layer)]
+
+
+def flat_parameters(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

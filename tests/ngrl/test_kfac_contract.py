@@ -1,0 +1,249 @@
+"""KFAC as a torch optimizer: state_dict, param_groups, closures, schedules, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ngrl.curvature import available
+from ngrl.curvature.diagonal import DiagonalBlock
+from ngrl.optim import KFAC
+from tests.helpers.oracle import capture_batch, flat_parameters, oracle_block, sample_classes
+
+
+def make(seed: int = 0, **kwargs: object) -> tuple[nn.Module, KFAC]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, KFAC(model, **kwargs)  # type: ignore[arg-type]
+
+
+def train_step(model: nn.Module, opt: KFAC, seed: int) -> torch.Tensor:
+    """One ACKTR-style step with data and sampled targets fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 4, generator=generator)
+    labels = torch.randint(0, 3, (16,), generator=generator)
+    out = model(x)
+    if opt.capture_due:
+        with opt.capture():
+            F.cross_entropy(out, sample_classes(out, seed)).backward(retain_graph=True)
+    opt.zero_grad()
+    loss = F.cross_entropy(out, labels)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def test_state_dict_round_trip_gives_the_same_next_step() -> None:
+    """Saved at an ``inv_update_steps`` boundary, where the eigendecompositions (which are
+    not saved) are recomputed anyway, a restored optimizer continues bit for bit."""
+    model, opt = make(lr=0.1, factor_update_steps=2, inv_update_steps=3)
+    for seed in range(3):
+        train_step(model, opt, seed)
+    state = opt.state_dict()
+    assert {"a_factor", "g_factor", "momentum_buffer"} <= set(state["state"][0])
+
+    clone, clone_opt = make(seed=1, lr=0.1, factor_update_steps=2, inv_update_steps=3)
+    clone.load_state_dict(model.state_dict())
+    clone_opt.load_state_dict(copy.deepcopy(state))
+    assert clone_opt.steps == opt.steps == 3
+    for seed in (10, 11):
+        train_step(model, opt, seed)
+        train_step(clone, clone_opt, seed)
+        torch.testing.assert_close(flat_parameters(clone), flat_parameters(model))
+
+
+def test_load_state_dict_rejects_a_checkpoint_that_does_not_fit_and_keeps_its_state() -> None:
+    model, opt = make(lr=0.1)
+    train_step(model, opt, 0)
+    good = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(good)
+    bad["state"][0]["a_factor"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="do not fit"):
+        opt.load_state_dict(bad)
+    torch.testing.assert_close(opt.blocks["0"].a_factor, good["state"][0]["a_factor"])
+
+
+def test_changed_lr_in_param_groups_takes_effect() -> None:
+    model, opt = make(lr=0.1)
+    train_step(model, opt, 0)
+    opt.param_groups[0]["lr"] = 0.0
+    before = flat_parameters(model)
+    train_step(model, opt, 1)
+    torch.testing.assert_close(flat_parameters(model), before)
+
+
+def test_lr_scheduler_drives_the_learning_rate() -> None:
+    model, opt = make(lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
+    train_step(model, opt, 0)
+    scheduler.step()
+    before = flat_parameters(model)
+    train_step(model, opt, 1)
+    torch.testing.assert_close(flat_parameters(model), before)
+
+
+def test_step_returns_the_closure_loss() -> None:
+    model, opt = make(lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with opt.capture():
+        F.cross_entropy(model(x), sample_classes(model(x))).backward()
+
+    losses: list[torch.Tensor] = []
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss)
+        return loss
+
+    before = flat_parameters(model)
+    returned = opt.step(closure)
+    assert len(losses) == 1 and returned is losses[0]
+    assert not torch.equal(flat_parameters(model), before)
+
+
+def test_hyperparameter_schedules_are_called_with_the_step() -> None:
+    calls: list[int] = []
+
+    def lr(step: int) -> float:
+        calls.append(step)
+        return 0.0 if step >= 1 else 0.1
+
+    model, opt = make(lr=lr)
+    train_step(model, opt, 0)
+    before = flat_parameters(model)
+    train_step(model, opt, 1)
+    torch.testing.assert_close(flat_parameters(model), before)
+    assert 0 in calls and 1 in calls
+
+
+def test_factor_update_steps_sets_capture_due() -> None:
+    model, opt = make(factor_update_steps=3)
+    due = []
+    for seed in range(6):
+        due.append(opt.capture_due)
+        train_step(model, opt, seed)
+    assert due == [True, False, False, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("lr", -1.0),
+        ("damping", 0.0),
+        ("damping", float("nan")),
+        ("kl_clip", -1e-3),
+        ("momentum", 1.0),
+        ("weight_decay", -0.1),
+        ("factor_decay", 1.0),
+        ("factor_update_steps", 0),
+        ("inv_update_steps", 2.5),
+        ("lr", "fast"),
+        ("stats_batch_size", 0),
+        ("loss_reduction", "median"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error_naming_the_argument(
+    name: str, value: object
+) -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        KFAC(model, **{name: value})  # type: ignore[arg-type]
+
+
+def test_a_schedule_that_returns_a_bad_value_raises_at_step() -> None:
+    model, opt = make(damping=lambda step: -1.0)
+    with pytest.raises(ValueError, match="Invalid damping"):
+        train_step(model, opt, 0)
+
+
+def test_unknown_curvature_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match="available: .*kfac"):
+        KFAC(nn.Linear(2, 2), curvature="kfca")
+    assert {"kfac", "diag"} <= set(available())
+
+
+def test_model_without_parameters_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        KFAC(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        KFAC([torch.zeros(2, requires_grad=True)])  # type: ignore[arg-type]
+
+
+def test_step_before_any_capture_is_a_plain_gradient_step_with_one_warning() -> None:
+    model, opt = make(lr=0.1, momentum=0.0, kl_clip=None)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    before = flat_parameters(model)
+    with pytest.warns(RuntimeWarning, match="plain gradient steps"):
+        opt.step()
+    torch.testing.assert_close(flat_parameters(model), before - 0.1 * grads)
+
+
+def test_skip_layers_get_plain_gradient_steps() -> None:
+    model, opt = make(lr=0.1, momentum=0.0, kl_clip=None, skip_layers=[r"^2$"])
+    assert set(opt.blocks) == {"0"}
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    capture_batch(opt, model, x, sample_classes(model(x)))
+    F.cross_entropy(model(x), y).backward()
+    grad = model[2].weight.grad.clone()
+    before = model[2].weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model[2].weight.detach(), before - 0.1 * grad)
+
+
+def test_precondition_in_place_hands_the_natural_gradient_to_another_optimizer() -> None:
+    model, opt = make(lr=0.1, momentum=0.0)
+    twin = copy.deepcopy(model)
+    twin_opt = KFAC(twin, lr=0.1, momentum=0.0)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    targets = sample_classes(model(x))
+    capture_batch(opt, model, x, targets)
+    capture_batch(twin_opt, twin, x, targets)
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(twin(x), y).backward()
+    opt.step()
+    assert twin_opt.precondition_()
+    sgd.step()
+    torch.testing.assert_close(flat_parameters(twin), flat_parameters(model))
+
+
+def test_same_seed_gives_the_same_parameters() -> None:
+    results = []
+    for _ in range(2):
+        model, opt = make(seed=3, lr=0.1)
+        for seed in range(5):
+            train_step(model, opt, seed)
+        results.append(flat_parameters(model))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.usefixtures("float64")
+def test_other_layers_get_a_diagonal_block_exact_for_one_example() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    opt = KFAC(model)
+    assert isinstance(opt.blocks["1"], DiagonalBlock)
+    x = torch.randn(1, 3)
+    targets = sample_classes(model(x))
+    capture_batch(opt, model, x, targets)
+    exact = oracle_block(model, x, targets, "1")
+    torch.testing.assert_close(opt.blocks["1"].to_dense(), torch.diag(exact.diagonal()))
+
+
+@pytest.mark.usefixtures("float64")
+def test_diag_curvature_is_the_exact_fisher_diagonal() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = KFAC(model, curvature="diag")
+    x = torch.randn(9, 3)
+    targets = sample_classes(model(x))
+    capture_batch(opt, model, x, targets)
+    for name in ("0", "2"):
+        exact = oracle_block(model, x, targets, name)
+        torch.testing.assert_close(opt.blocks[name].to_dense(), torch.diag(exact.diagonal()))
