@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum"]
+WeightSharing = Literal["expand", "reduce"]
 Sink = Callable[["Layer", "Tensor | None", Tensor], None]
 
 
@@ -73,8 +74,15 @@ class Layer:
             for part, p in zip(view.reshape(-1).split(sizes), self.params, strict=True)
         ]
 
-    def statistics(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-        """``(a, g)`` of shapes ``(N, T, d_in)`` and ``(N, T, d_out)`` (Kronecker layers)."""
+    def statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing = "expand"
+    ) -> tuple[Tensor, Tensor]:
+        """``(a, g)`` of shapes ``(N, T, d_in)`` and ``(N, T, d_out)`` (Kronecker layers).
+
+        ``weight_sharing="reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023) summarises the
+        ``T`` positions of each example first: ``a`` is their mean and ``g`` their sum,
+        both of shape ``(N, 1, ·)``.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker statistics")
 
 
@@ -108,11 +116,22 @@ class LinearLayer(Layer):
         """Layer inputs as ``(N, T, d)`` rows, before the homogeneous coordinate."""
         return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
 
-    def statistics(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-        a = self.patches(inputs)
+    def statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing = "expand"
+    ) -> tuple[Tensor, Tensor]:
+        if weight_sharing == "reduce":
+            a = self.patch_means(inputs)[:, None]
+            g = self.output_rows(grad_output).sum(1, keepdim=True)
+        else:
+            a = self.patches(inputs)
+            g = self.output_rows(grad_output)
         if self.has_bias:
             a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        return a, self.output_rows(grad_output)
+        return a, g
+
+    def patch_means(self, inputs: Tensor) -> Tensor:
+        """``(N, d)``: each example's inputs averaged over its positions."""
+        return self.patches(inputs).mean(1)
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
@@ -128,19 +147,36 @@ class Conv2dLayer(LinearLayer):
         self.shape = (module.out_channels, fan_in + int(self.has_bias))
         self._conv = module
 
+    def _padded(self, inputs: Tensor) -> Tensor:
+        """The input padded as the layer pads it, so that patches need no further padding."""
+        conv = self._conv
+        if not any(conv._reversed_padding_repeated_twice):
+            return inputs
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+
     def patches(self, inputs: Tensor) -> Tensor:
         conv = self._conv
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            # "same"/"valid" and non-zero padding modes: pad explicitly as the layer does.
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            inputs = F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
-            padding: tuple[int, ...] | int = 0
-        else:
-            padding = conv.padding
         columns = F.unfold(
-            inputs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+            self._padded(inputs), conv.kernel_size, dilation=conv.dilation, stride=conv.stride
         )
         return columns.transpose(1, 2)
+
+    def patch_means(self, inputs: Tensor) -> Tensor:
+        # Σ_t of the patches without unfolding them: kernel offset (i, j) sees a strided
+        # window of the input, so one slice-sum per offset gives the column (c, i, j).
+        conv = self._conv
+        x = self._padded(inputs)
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        sums = [
+            x[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
+              j * dw : j * dw + sw * (out_w - 1) + 1 : sw].sum((2, 3))
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return torch.stack(sums, dim=2).reshape(x.shape[0], -1) / (out_h * out_w)
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
         return grad_output.flatten(2).transpose(1, 2)
@@ -195,6 +231,7 @@ class Capture:
             gradients are multiplied by the batch size to give per-example gradients) or
             ``"sum"``.
         batch_size: statistics from the first ``batch_size`` examples only (``None``: all).
+        weight_sharing: ``"expand"`` (KFC) or ``"reduce"``, see :meth:`Layer.statistics`.
     """
 
     def __init__(
@@ -203,12 +240,17 @@ class Capture:
         sink: Sink,
         loss_reduction: Reduction = "mean",
         batch_size: int | None = None,
+        weight_sharing: WeightSharing = "expand",
     ) -> None:
         self.layers = list(layers)
         self.sink = sink
         self.loss_reduction = loss_reduction
         self.batch_size = batch_size
+        self.weight_sharing = weight_sharing
         self.is_active = False
+        # Latest output of each Kronecker layer (with its version at the time), kept for
+        # the statistics-only backward; released when a capture context ends.
+        self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._handles: list[RemovableHandle] = []
         self._generic_batch: dict[str, int] = {}
         self._generic_grads: dict[str, list[Tensor | None]] = {}
@@ -232,7 +274,27 @@ class Capture:
             yield
         finally:
             self.is_active = False
+            self._outputs.clear()
             self._flush_generic()
+
+    def gradient_targets(self) -> list[Tensor] | None:
+        """Tensors whose gradients feed the statistics of the latest forward pass.
+
+        The layers' outputs and the generic layers' parameters: a backward pass to these
+        alone (``torch.autograd.grad``) skips every weight gradient of the Kronecker
+        layers. ``None`` when an output was changed in place after the layer (an in-place
+        activation) or is gone, so that only a full backward pass gets its gradient right.
+        """
+        targets: list[Tensor] = []
+        for layer in self.layers:
+            if not layer.kronecker:
+                targets.extend(layer.params)
+                continue
+            entry = self._outputs.get(layer.name)
+            if entry is None or entry[0]._version != entry[1]:
+                return None
+            targets.append(entry[0])
+        return targets
 
     def remove(self) -> None:
         """Detach every hook from the model."""
@@ -246,6 +308,7 @@ class Capture:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
             x = inputs[0].detach()
+            self._outputs[layer.name] = (output, output._version)
 
             def on_grad(grad: Tensor) -> None:
                 if self.is_active:
@@ -261,7 +324,7 @@ class Capture:
         if self.batch_size is not None and self.batch_size < n:
             x, grad = x[: self.batch_size], grad[: self.batch_size]
         with torch.no_grad():
-            a, g = layer.statistics(x, grad.detach() * scale)
+            a, g = layer.statistics(x, grad.detach() * scale, self.weight_sharing)
             self.sink(layer, a, g)
 
     # --- generic layers ----------------------------------------------------------------

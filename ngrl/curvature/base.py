@@ -31,6 +31,7 @@ __all__ = [
     "blend",
     "get_block_class",
     "register",
+    "damped_inverse",
     "symmetric_eigh",
 ]
 
@@ -47,7 +48,9 @@ class CurvatureBlock(ABC):
        every ``inv_update_steps`` steps;
     4. ``precondition(grad, damping)`` returns ``(F̂ + damping·I)⁻¹ grad`` in matrix form.
 
-    ``update(a, g, factor_decay)`` is ``accumulate`` followed by ``commit``.
+    ``update(a, g, factor_decay)`` is ``accumulate`` followed by ``commit``. Options a
+    block takes beyond its ``shape`` are keyword arguments of its constructor, passed by
+    ``KFAC(curvature_options=...)``.
     """
 
     #: Shape of the gradient this block preconditions, e.g. ``(d_out, d_in)``.
@@ -82,8 +85,11 @@ class CurvatureBlock(ABC):
         """Whether running statistics exist, i.e. the block can precondition."""
 
     @abstractmethod
-    def refresh(self) -> None:
-        """Recompute the derived quantities (eigenbases, inverses) from the statistics."""
+    def refresh(self, damping: float) -> None:
+        """Recompute the derived quantities (eigenbases, inverses) from the statistics.
+
+        ``damping`` is the current damping, for rules that fold it into the inverses.
+        """
 
     @abstractmethod
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
@@ -167,3 +173,21 @@ def symmetric_eigh(
             work = work.double()
             eye = eye.double()
     raise RuntimeError(f"eigendecomposition failed after {max_tries} tries") from error
+
+
+def damped_inverse(matrix: Tensor, damping: float, float64_max_dim: int = 1024) -> Tensor:
+    """``(M + damping·I)⁻¹`` of a symmetric PSD factor, by Cholesky.
+
+    Small factors are inverted in float64; if the Cholesky factorisation fails (the damped
+    factor is numerically not positive definite) the inverse is built from
+    :func:`symmetric_eigh` instead, which cannot fail the same way.
+    """
+    dtype = matrix.dtype
+    work = matrix.double() if matrix.shape[0] <= float64_max_dim else matrix
+    damped = 0.5 * (work + work.T)
+    damped.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0:
+        return torch.cholesky_inverse(factor).to(dtype)
+    values, vectors = symmetric_eigh(matrix, float64_max_dim)
+    return (vectors / (values + damping)) @ vectors.T

@@ -69,8 +69,8 @@ class DiagonalBlock(CurvatureBlock):
     def initialized(self) -> bool:
         return self.diagonal is not None
 
-    def refresh(self) -> None:
-        """Nothing to derive: the diagonal is its own inverse's input."""
+    def refresh(self, damping: float) -> None:
+        """Nothing to derive: preconditioning divides by ``diagonal + damping`` directly."""
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         assert self.diagonal is not None, "precondition() before any statistics"

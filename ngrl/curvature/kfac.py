@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from ngrl.curvature.base import CurvatureBlock, blend, register, symmetric_eigh
+from ngrl.curvature.base import (
+    CurvatureBlock,
+    blend,
+    damped_inverse,
+    register,
+    symmetric_eigh,
+)
 
 __all__ = ["KFACBlock"]
 
@@ -26,17 +34,36 @@ class KFACBlock(CurvatureBlock):
 
         X = Q_G [ (Q_Gᵀ ∇Ŵ Q_A) / (d_G d_Aᵀ + λ) ] Q_Aᵀ.
 
+    With ``damping_rule="factored"`` (Martens & Grosse 2015, §6.3) the damping is split
+    between the factors, ``(G + γ_G I) ⊗ (A + γ_A I)`` with ``γ_A = π√λ``, ``γ_G = √λ/π``
+    and ``π² = (tr A / d_in) / (tr G / d_out)``, so that preconditioning is two products
+    with explicit inverses, ``X = (G + γ_G I)⁻¹ ∇Ŵ (A + γ_A I)⁻¹``: one large matrix
+    product instead of two, and Cholesky inverses instead of eigendecompositions. The
+    inverses are computed at :meth:`refresh` with the damping of that step.
+
     Args:
         shape: ``(d_out, d_in)`` of the combined parameter ``Ŵ = [W | b]``.
-        float64_max_dim: factors up to this size are eigendecomposed in float64.
+        damping_rule: ``"exact"`` (default) or ``"factored"``.
+        float64_max_dim: factors up to this size are decomposed in float64.
     """
 
     state_keys = ("a_factor", "g_factor")
 
-    def __init__(self, shape: tuple[int, ...], *, float64_max_dim: int = 1024) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        *,
+        damping_rule: Literal["exact", "factored"] = "exact",
+        float64_max_dim: int = 1024,
+    ) -> None:
         if len(shape) != 2:
             raise ValueError(f"K-FAC needs a (d_out, d_in) gradient shape, got {shape}")
+        if damping_rule not in ("exact", "factored"):
+            raise ValueError(
+                f"Invalid damping_rule: {damping_rule!r} (use 'exact' or 'factored')"
+            )
         self.shape = (int(shape[0]), int(shape[1]))
+        self.damping_rule = damping_rule
         self.float64_max_dim = float64_max_dim
         self.a_factor: Tensor | None = None
         self.g_factor: Tensor | None = None
@@ -45,6 +72,7 @@ class KFACBlock(CurvatureBlock):
         self._examples = 0
         self._positions = 0
         self._eigen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._inverses: tuple[Tensor, Tensor] | None = None
 
     # --- statistics -------------------------------------------------------------------
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
@@ -81,17 +109,36 @@ class KFACBlock(CurvatureBlock):
         return self.a_factor is not None and self.g_factor is not None
 
     # --- inverse ----------------------------------------------------------------------
-    def refresh(self) -> None:
+    def factored_damping(self, damping: float) -> tuple[float, float]:
+        """``(γ_A, γ_G)`` of the factored rule: ``γ_A γ_G = λ``, split by the traces."""
+        assert self.a_factor is not None and self.g_factor is not None
+        a_mean = float(self.a_factor.diagonal().mean())
+        g_mean = float(self.g_factor.diagonal().mean())
+        pi = (a_mean / g_mean) ** 0.5 if a_mean > 0.0 and g_mean > 0.0 else 1.0
+        root = damping**0.5
+        return pi * root, root / pi
+
+    def refresh(self, damping: float) -> None:
         if not self.initialized:
             return
         assert self.a_factor is not None and self.g_factor is not None
+        if self.damping_rule == "factored":
+            a_damping, g_damping = self.factored_damping(damping)
+            self._inverses = (
+                damped_inverse(self.a_factor, a_damping, self.float64_max_dim),
+                damped_inverse(self.g_factor, g_damping, self.float64_max_dim),
+            )
+            return
         a_values, a_vectors = symmetric_eigh(self.a_factor, self.float64_max_dim)
         g_values, g_vectors = symmetric_eigh(self.g_factor, self.float64_max_dim)
         self._eigen = (a_values, a_vectors, g_values, g_vectors)
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
-        if self._eigen is None:
-            self.refresh()
+        if self._eigen is None and self._inverses is None:
+            self.refresh(damping)
+        if self._inverses is not None:
+            a_inverse, g_inverse = self._inverses
+            return g_inverse @ grad @ a_inverse
         assert self._eigen is not None, "precondition() before any statistics"
         a_values, a_vectors, g_values, g_vectors = self._eigen
         rotated = g_vectors.T @ grad @ a_vectors
@@ -111,7 +158,7 @@ class KFACBlock(CurvatureBlock):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.discard()
-        self._eigen = None
+        self._eigen = self._inverses = None
         if not state:
             self.a_factor = self.g_factor = None
             return

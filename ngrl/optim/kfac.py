@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import ngrl.curvature  # noqa: F401  (registers every approximation)
-from ngrl.capture import Capture, Layer, Reduction, find_layers
+from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.optim.hyperparams import Schedule, check, resolve
@@ -70,6 +70,12 @@ class KFAC(torch.optim.Optimizer):
             if it sums.
         stats_batch_size: take statistics from the first this-many examples of a captured
             batch only (cheaper factors, noisier estimates); ``None`` uses all.
+        weight_sharing: how layers applied at many positions (convolutions, dense layers
+            on sequences) are factored: ``"expand"`` (KFC, Grosse & Martens 2016) or
+            ``"reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023: positions are averaged
+            per example first; much cheaper for convolutions).
+        curvature_options: keyword arguments for the curvature blocks of dense and conv
+            layers, e.g. ``{"damping_rule": "factored"}`` for K-FAC.
 
     Every float hyperparameter (and the two step counts) may instead be a callable
     ``f(step) -> value``. ``lr`` and the rest are read from ``param_groups[0]`` on every
@@ -91,6 +97,8 @@ class KFAC(torch.optim.Optimizer):
         skip_layers: Sequence[str] | str = (),
         loss_reduction: Reduction = "mean",
         stats_batch_size: int | None = None,
+        weight_sharing: WeightSharing = "expand",
+        curvature_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -119,6 +127,10 @@ class KFAC(torch.optim.Optimizer):
             or stats_batch_size < 1
         ):
             raise ValueError(f"Invalid stats_batch_size value: {stats_batch_size!r}")
+        if weight_sharing not in ("expand", "reduce"):
+            raise ValueError(
+                f"Invalid weight_sharing value: {weight_sharing!r} (use 'expand' or 'reduce')"
+            )
         block_class = get_block_class(curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -132,11 +144,24 @@ class KFAC(torch.optim.Optimizer):
             skip_layers = (skip_layers,)
         self.curvature = curvature
         self.layers: list[Layer] = find_layers(model, skip_layers)
-        self.blocks: dict[str, CurvatureBlock] = {
-            layer.name: (block_class if layer.kronecker else DiagonalBlock)(layer.shape)
-            for layer in self.layers
-        }
-        self._capture = Capture(self.layers, self._sink, loss_reduction, stats_batch_size)
+        options = dict(curvature_options or {})
+        try:
+            self.blocks: dict[str, CurvatureBlock] = {
+                layer.name: (
+                    block_class(layer.shape, **options)
+                    if layer.kronecker
+                    else DiagonalBlock(layer.shape)
+                )
+                for layer in self.layers
+            }
+        except TypeError as error:
+            raise ValueError(
+                f"Invalid curvature_options for {curvature!r}: {options} ({error})"
+            ) from None
+        self._block_options = options
+        self._capture = Capture(
+            self.layers, self._sink, loss_reduction, stats_batch_size, weight_sharing
+        )
         self._warned_uncaptured = False
 
     # --- hyperparameters --------------------------------------------------------------
@@ -184,6 +209,23 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=3,
             )
 
+    def capture_backward(self, loss: Tensor, retain_graph: bool = True) -> None:
+        """Capture statistics from ``loss`` with a backward pass that computes only them.
+
+        Equivalent to ``with opt.capture(): loss.backward(retain_graph=...)`` but leaves
+        ``.grad`` untouched and skips the weight gradients of dense and conv layers, which
+        the statistics do not need (roughly half of a convolutional backward pass). Falls
+        back to the full backward pass (which does fill ``.grad``) when a layer's output
+        was modified in place. Assumes each layer is applied once per forward pass; for
+        layers applied several times (recurrent cells), use ``capture()`` and ``backward()``.
+        """
+        with self.capture():
+            targets = self._capture.gradient_targets()
+            if targets is None:
+                loss.backward(retain_graph=retain_graph)
+            else:
+                torch.autograd.grad(loss, targets, retain_graph=retain_graph, allow_unused=True)
+
     def _sink(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
         self.blocks[layer.name].accumulate(a, g)
 
@@ -204,7 +246,7 @@ class KFAC(torch.optim.Optimizer):
                 uncaptured.append(layer.name or type(layer.module).__name__)
                 continue
             if refresh:
-                block.refresh()
+                block.refresh(damping)
             grad = layer.gather(grads)
             x = block.precondition(grad, damping)
             terms.append((x * grad).sum().to(torch.float64))
@@ -329,7 +371,8 @@ class KFAC(torch.optim.Optimizer):
             block = self.blocks[layer.name]
             block_state = {k: v for k, v in entry.items() if k in block.state_keys}
             # Validate on a fresh block so that a bad checkpoint leaves this one untouched.
-            type(block)(layer.shape).load_state_dict(block_state)
+            options = self._block_options if layer.kronecker else {}
+            type(block)(layer.shape, **options).load_state_dict(block_state)
             restored[layer.name] = block_state
         super().load_state_dict(state_dict)
         for layer in self.layers:
