@@ -226,6 +226,10 @@ class KFAC(torch.optim.Optimizer):
             else:
                 torch.autograd.grad(loss, targets, retain_graph=retain_graph, allow_unused=True)
 
+    def remove_hooks(self) -> None:
+        """Detach this optimizer's hooks from the model (no statistics can be taken after)."""
+        self._capture.remove()
+
     def _sink(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
         self.blocks[layer.name].accumulate(a, g)
 

@@ -247,3 +247,11 @@ def test_diag_curvature_is_the_exact_fisher_diagonal() -> None:
     for name in ("0", "2"):
         exact = oracle_block(model, x, targets, name)
         torch.testing.assert_close(opt.blocks[name].to_dense(), torch.diag(exact.diagonal()))
+
+
+def test_remove_hooks_detaches_the_optimizer_from_the_model() -> None:
+    model, opt = make()
+    opt.remove_hooks()
+    with opt.capture():
+        F.cross_entropy(model(torch.randn(4, 4)), torch.zeros(4, dtype=torch.long)).backward()
+    assert not any(block.initialized for block in opt.blocks.values())
