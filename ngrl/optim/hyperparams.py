@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Union
 
-__all__ = ["Schedule", "resolve", "check"]
+__all__ = ["Schedule", "check", "check_choice", "resolve"]
 
 #: A hyperparameter: a constant, or a function of the optimizer's step count.
 Schedule = Union[float, Callable[[int], float]]
@@ -21,6 +21,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "factor_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "inv_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "stats_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
 }
 
 
@@ -31,6 +32,14 @@ def check(name: str, value: float) -> float:
         raise ValueError(f"Invalid {name} value: {value!r} (expected a number {description})")
     if not math.isfinite(value) or not predicate(value):
         raise ValueError(f"Invalid {name} value: {value} (must be {description})")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name} value: {value!r} (use one of {listed})")
     return value
 
 

@@ -15,7 +15,7 @@ import ngrl.curvature  # noqa: F401  (registers every approximation)
 from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.diagonal import DiagonalBlock
-from ngrl.optim.hyperparams import Schedule, check, resolve
+from ngrl.optim.hyperparams import Schedule, check, check_choice, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
 __all__ = ["KFAC"]
@@ -117,20 +117,10 @@ class KFAC(torch.optim.Optimizer):
         for name, value in defaults.items():
             if value is not None and not callable(value):
                 check(name, value)
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(
-                f"Invalid loss_reduction value: {loss_reduction!r} (use 'mean' or 'sum')"
-            )
-        if stats_batch_size is not None and (
-            isinstance(stats_batch_size, bool)
-            or not isinstance(stats_batch_size, int)
-            or stats_batch_size < 1
-        ):
-            raise ValueError(f"Invalid stats_batch_size value: {stats_batch_size!r}")
-        if weight_sharing not in ("expand", "reduce"):
-            raise ValueError(
-                f"Invalid weight_sharing value: {weight_sharing!r} (use 'expand' or 'reduce')"
-            )
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
+        if stats_batch_size is not None:
+            check("stats_batch_size", stats_batch_size)
         block_class = get_block_class(curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
