@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -96,7 +97,7 @@ def nature_cnn(batch: int) -> Workload:
 def autoencoder(batch: int) -> Workload:
     sizes = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2 and d_out != 30:
             layers.append(nn.ReLU())
@@ -236,7 +237,7 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
             if sharing == "reduce" and not isinstance(layer.module, nn.Conv2d):
                 continue
 
-            def stats(layer: Layer = layer, block=block, sharing=sharing) -> None:
+            def stats(layer: Layer = layer, block=block, sharing=sharing, x=x, g=g) -> None:
                 a, gg = layer.statistics(x, g * n, sharing)  # type: ignore[arg-type]
                 block.accumulate(a, gg)
                 block.discard()
@@ -251,8 +252,11 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
             block.damping_rule = rule
             block._eigen = block._inverses = None
             label = "eigendecomposition" if rule == "exact" else "Cholesky inverses"
-            rows.append((f"{label} {layer.name} {tuple(layer.shape)}", median_time(lambda: block.refresh(1e-2), 1 if max(layer.shape) > 1024 else repeats)))
-            rows.append((f"precondition ({rule}) {layer.name}", median_time(lambda: block.precondition(grad, 1e-2), repeats)))
+            big = max(layer.shape) > 1024  # one eigendecomposition of a big factor is enough
+            rows.append((f"{label} {layer.name} {tuple(layer.shape)}",
+                         median_time(partial(block.refresh, 1e-2), 1 if big else repeats)))
+            rows.append((f"precondition ({rule}) {layer.name}",
+                         median_time(partial(block.precondition, grad, 1e-2), repeats)))
     return rows
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
 
 __all__ = ["Schedule", "check", "check_choice", "resolve"]
 
 #: A hyperparameter: a constant, or a function of the optimizer's step count.
-Schedule = Union[float, Callable[[int], float]]
+Schedule = float | Callable[[int], float]
 
 # name -> (predicate, human description of the valid range)
 _RULES: dict[str, tuple[Callable[[float], bool], str]] = {

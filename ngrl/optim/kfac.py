@@ -244,7 +244,7 @@ class KFAC(torch.optim.Optimizer):
             grad = layer.gather(grads)
             x = block.precondition(grad, damping)
             terms.append((x * grad).sum().to(torch.float64))
-            directions.update(zip(layer.params, layer.scatter(x)))
+            directions.update(zip(layer.params, layer.scatter(x), strict=True))
         if uncaptured and not self._warned_uncaptured:
             self._warned_uncaptured = True
             warnings.warn(

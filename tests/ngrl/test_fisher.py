@@ -46,7 +46,7 @@ def test_exact_gaussian_fisher_is_the_gauss_newton_matrix() -> None:
         [
             torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
                 lambda *p: torch.func.functional_call(
-                    model, dict(zip([n for n, _ in model.named_parameters()], p)), (x[n : n + 1],)
+                    model, dict(zip([n for n, _ in model.named_parameters()], p, strict=True)), (x[n : n + 1],)
                 )[0],
                 tuple(model.parameters()),
             )], dim=1)

@@ -11,8 +11,13 @@ from torch import nn
 
 from ngrl.curvature import available
 from ngrl.curvature.diagonal import DiagonalBlock
-from ngrl.optim import KFAC
-from tests.helpers.oracle import capture_batch, flat_parameters, oracle_block, sample_classes
+from ngrl.optim import KFAC, kl_clip_scale
+from tests.helpers.oracle import (
+    capture_batch,
+    flat_parameters,
+    oracle_block,
+    sample_classes,
+)
 
 
 def make(seed: int = 0, **kwargs: object) -> tuple[nn.Module, KFAC]:
@@ -255,3 +260,16 @@ def test_remove_hooks_detaches_the_optimizer_from_the_model() -> None:
     with opt.capture():
         F.cross_entropy(model(torch.randn(4, 4)), torch.zeros(4, dtype=torch.long)).backward()
     assert not any(block.initialized for block in opt.blocks.values())
+
+
+@pytest.mark.parametrize(
+    ("quadratic", "lr", "kl_clip", "expected"),
+    [
+        (4.0, 0.5, 1e-2, (1e-2 / (0.25 * 4.0)) ** 0.5),  # clipped: lr²ν²q = kl_clip
+        (1e-6, 0.1, 1e-3, 1.0),  # inside the region: untouched
+        (0.0, 0.1, 1e-3, 1.0),  # zero gradient
+        (4.0, 0.5, None, 1.0),  # trust region disabled
+    ],
+)
+def test_kl_clip_scale(quadratic: float, lr: float, kl_clip: float | None, expected: float) -> None:
+    assert kl_clip_scale(quadratic, lr, kl_clip) == pytest.approx(expected)
