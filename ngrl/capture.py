@@ -90,6 +90,8 @@ class LinearLayer(Layer):
     """``nn.Linear``: ``Ŵ = [W | b]``; inputs of shape ``(N, …, d_in)``, ``T = ∏ …``."""
 
     kronecker = True
+    #: Number of input dimensions of one unbatched example.
+    unbatched_dim = 1
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
@@ -139,6 +141,8 @@ class LinearLayer(Layer):
 
 class Conv2dLayer(LinearLayer):
     """``nn.Conv2d`` (``groups=1``): KFC patches by unfold, ``T`` = output positions."""
+
+    unbatched_dim = 3
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
         Layer.__init__(self, name, module)
@@ -255,7 +259,7 @@ class Capture:
         self._generic_batch: dict[str, int] = {}
         self._generic_grads: dict[str, list[Tensor | None]] = {}
         for layer in self.layers:
-            if layer.kronecker:
+            if isinstance(layer, LinearLayer):
                 self._handles.append(
                     layer.module.register_forward_hook(self._kronecker_forward(layer))
                 )
@@ -291,7 +295,9 @@ class Capture:
                 targets.extend(layer.params)
                 continue
             entry = self._outputs.get(layer.name)
-            if entry is None or entry[0]._version != entry[1]:
+            if entry is None:  # not run in this forward pass: no statistics to take
+                continue
+            if entry[0]._version != entry[1]:
                 return None
             targets.append(entry[0])
         return targets
@@ -303,7 +309,7 @@ class Capture:
         self._handles.clear()
 
     # --- Kronecker layers ---------------------------------------------------------------
-    def _kronecker_forward(self, layer: Layer) -> Callable[..., None]:
+    def _kronecker_forward(self, layer: LinearLayer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
@@ -318,7 +324,9 @@ class Capture:
 
         return hook
 
-    def _record(self, layer: Layer, x: Tensor, grad: Tensor) -> None:
+    def _record(self, layer: LinearLayer, x: Tensor, grad: Tensor) -> None:
+        if x.dim() == layer.unbatched_dim:  # one example without a batch dimension
+            x, grad = x[None], grad[None]
         n = x.shape[0]
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         if self.batch_size is not None and self.batch_size < n:

@@ -152,3 +152,24 @@ def test_factored_step_is_the_per_layer_solve_for_a_diagonal_rule_too() -> None:
     opt.step()
     after = flat_parameters(model)[layer_indices(model, "")]
     torch.testing.assert_close(after - before, -0.1 * damped_solve(diag, grad, 1e-2))
+
+
+def test_unbatched_inputs_count_as_one_example() -> None:
+    batched, single = nn.Linear(3, 2), nn.Linear(3, 2)
+    single.load_state_dict(batched.state_dict())
+    x = torch.randn(3)
+    opts = KFAC(batched), KFAC(single)
+    with opts[0].capture():
+        batched(x[None]).square().sum().backward()
+    with opts[1].capture():
+        single(x).square().sum().backward()
+    torch.testing.assert_close(opts[1].blocks[""].to_dense(), opts[0].blocks[""].to_dense())
+
+
+def test_capture_backward_ignores_layers_that_did_not_run() -> None:
+    model = nn.ModuleDict({"body": nn.Linear(3, 4), "unused": nn.Linear(4, 2)})
+    opt = KFAC(model)
+    out = model["body"](torch.randn(5, 3))
+    opt.capture_backward(out.square().sum(1).mean())
+    assert opt.blocks["body"].initialized and not opt.blocks["unused"].initialized
+    assert all(p.grad is None for p in model.parameters())  # the fast path was taken
