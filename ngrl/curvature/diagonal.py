@@ -93,4 +93,6 @@ class DiagonalBlock(CurvatureBlock):
             raise ValueError(
                 f"a diagonal of {diagonal.numel()} entries does not fit {self.numel} parameters"
             )
+        if not torch.isfinite(diagonal).all():
+            raise ValueError("the diagonal Fisher in the checkpoint is not finite")
         self.diagonal = diagonal.reshape(-1).clone()

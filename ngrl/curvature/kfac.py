@@ -169,5 +169,7 @@ class KFACBlock(CurvatureBlock):
                 f"K-FAC factors of shape {tuple(a_factor.shape)}, {tuple(g_factor.shape)} "
                 f"do not fit a layer of shape {self.shape}"
             )
+        if not (torch.isfinite(a_factor).all() and torch.isfinite(g_factor).all()):
+            raise ValueError("K-FAC factors in the checkpoint are not finite")
         self.a_factor = a_factor.clone()
         self.g_factor = g_factor.clone()

@@ -270,6 +270,20 @@ class KFAC(torch.optim.Optimizer):
             stacklevel=3,
         )
 
+    def _clipped_directions(self, lr: float) -> dict[Tensor, Tensor] | None:
+        """``ν·X`` for every preconditioned parameter, or ``None`` (with a warning) when
+        the gradients or the preconditioned gradients are not finite."""
+        if not self._gradients_finite():
+            self._skip("gradients")
+            return None
+        found = self._directions(float(self.hyperparameter("damping")))
+        if found is None:
+            self._skip("preconditioned gradients")
+            return None
+        directions, quadratic = found
+        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
+        return {param: direction.mul_(scale) for param, direction in directions.items()}
+
     @torch.no_grad()
     def precondition_(self) -> bool:
         """Replace each ``p.grad`` by its clipped natural gradient ``ν·X`` in place.
@@ -277,20 +291,12 @@ class KFAC(torch.optim.Optimizer):
         For use in the kfac-pytorch style, before another optimizer's ``step()``.
         Returns ``False`` (and changes nothing) when gradients or results are not finite.
         """
-        if not self._gradients_finite():
-            self._skip("gradients")
+        directions = self._clipped_directions(float(self.hyperparameter("lr")))
+        if directions is None:
             return False
-        found = self._directions(float(self.hyperparameter("damping")))
-        if found is None:
-            self._skip("preconditioned gradients")
-            return False
-        directions, quadratic = found
-        scale = kl_clip_scale(
-            quadratic, float(self.hyperparameter("lr")), self.hyperparameter("kl_clip")
-        )
         for param, direction in directions.items():
             assert param.grad is not None
-            param.grad.copy_(direction).mul_(scale)
+            param.grad.copy_(direction)
         self.param_groups[0]["step"] += 1
         return True
 
@@ -304,20 +310,13 @@ class KFAC(torch.optim.Optimizer):
         lr = float(self.hyperparameter("lr"))
         momentum = float(self.hyperparameter("momentum"))
         weight_decay = float(self.hyperparameter("weight_decay"))
-        if not self._gradients_finite():
-            self._skip("gradients")
+        directions = self._clipped_directions(lr)
+        if directions is None:
             return loss
-        found = self._directions(float(self.hyperparameter("damping")))
-        if found is None:
-            self._skip("preconditioned gradients")
-            return loss
-        directions, quadratic = found
-        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
         for param in self.param_groups[0]["params"]:
             if param.grad is None:
                 continue
-            direction = directions.get(param)
-            d = param.grad if direction is None else direction * scale
+            d = directions.get(param, param.grad)
             if weight_decay != 0.0:
                 d = d.add(param, alpha=weight_decay)
             if momentum != 0.0:

@@ -69,7 +69,12 @@ def test_load_state_dict_rejects_a_checkpoint_that_does_not_fit_and_keeps_its_st
     bad["state"][0]["a_factor"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="do not fit"):
         opt.load_state_dict(bad)
+    corrupt = copy.deepcopy(good)
+    corrupt["state"][2]["g_factor"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        opt.load_state_dict(corrupt)
     torch.testing.assert_close(opt.blocks["0"].a_factor, good["state"][0]["a_factor"])
+    torch.testing.assert_close(opt.blocks["2"].g_factor, good["state"][2]["g_factor"])
 
 
 def test_changed_lr_in_param_groups_takes_effect() -> None:
