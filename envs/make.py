@@ -1,0 +1,74 @@
+"""``make_vec_env``: a name in, an SB3 ``VecEnv`` of this rank's environments out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import gymnasium as gym
+from gymnasium.vector import AutoresetMode
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+
+from envs.names import resolve
+from envs.ranks import rank_info, shard
+from envs.sb3_adapter import GymnasiumVecEnv
+
+__all__ = ["make_vec_env"]
+
+Vectorization = Literal["auto", "sync", "async"]
+
+
+def make_vec_env(
+    name: str,
+    n_envs: int,
+    seed: int = 0,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    vectorization: Vectorization = "auto",
+    normalize: bool = False,
+    **env_kwargs: Any,
+) -> VecEnv:
+    """This rank's share of ``n_envs`` environments called ``name``, as an SB3 ``VecEnv``.
+
+    Args:
+        name: a short name (``CartPole``, ``HalfCheetah``) or a full gymnasium id.
+        n_envs: environments over all ranks; this rank gets its slice (:func:`envs.shard`).
+        seed: environment ``i`` (global index) is seeded with ``seed + i``.
+        rank, world_size: default to torchrun's variables (one process: 0 and 1).
+        vectorization: ``"async"`` (subprocesses, shared memory), ``"sync"`` (in
+            process), or ``"auto"``: async when this rank has more than one environment.
+        normalize: wrap in SB3's ``VecNormalize`` (running observation and reward
+            normalisation, as the MuJoCo recipes use).
+        env_kwargs: passed to ``gymnasium.make`` for every environment.
+    """
+    spec = resolve(name)
+    if spec.family == "atari":
+        raise NotImplementedError(
+            f"{spec.name}: Atari vector environments (ale-py's AtariVectorEnv) are not "
+            "built yet; see issue 3. MuJoCo, classic control and other gymnasium ids work."
+        )
+    if vectorization not in ("auto", "sync", "async"):
+        raise ValueError(
+            f"Invalid vectorization value: {vectorization!r} (use 'auto', 'sync' or 'async')"
+        )
+    info = rank_info()
+    part = shard(
+        n_envs,
+        seed,
+        info.rank if rank is None else rank,
+        info.world_size if world_size is None else world_size,
+    )
+    if vectorization == "auto":
+        vectorization = "async" if part.n_envs > 1 else "sync"
+    vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    if vectorization == "async":
+        vector_kwargs["shared_memory"] = True
+    env = gym.make_vec(
+        spec.gym_id,
+        part.n_envs,
+        vectorization_mode=vectorization,
+        vector_kwargs=vector_kwargs,
+        **env_kwargs,
+    )
+    vec_env: VecEnv = GymnasiumVecEnv(env, part.seeds)
+    return VecNormalize(vec_env) if normalize else vec_env
