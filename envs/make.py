@@ -8,6 +8,7 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
+from envs.atari import AtariVecEnv
 from envs.names import resolve
 from envs.ranks import rank_info, shard
 from envs.sb3_adapter import GymnasiumVecEnv
@@ -39,14 +40,12 @@ def make_vec_env(
             process), or ``"auto"``: async when this rank has more than one environment.
         normalize: wrap in SB3's ``VecNormalize`` (running observation and reward
             normalisation, as the MuJoCo recipes use).
-        env_kwargs: passed to ``gymnasium.make`` for every environment.
+        env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari, to
+            :class:`envs.atari.AtariVecEnv` (``episodic_life``, ``clip_rewards``,
+            ``num_threads``, ale-py options). Atari always runs in ale-py's C++ threads,
+            whatever ``vectorization`` says.
     """
     spec = resolve(name)
-    if spec.family == "atari":
-        raise NotImplementedError(
-            f"{spec.name}: Atari vector environments (ale-py's AtariVectorEnv) are not "
-            "built yet; see issue 3. MuJoCo, classic control and other gymnasium ids work."
-        )
     if vectorization not in ("auto", "sync", "async"):
         raise ValueError(
             f"Invalid vectorization value: {vectorization!r} (use 'auto', 'sync' or 'async')"
@@ -58,6 +57,10 @@ def make_vec_env(
         info.rank if rank is None else rank,
         info.world_size if world_size is None else world_size,
     )
+    if spec.family == "atari":
+        assert spec.game is not None
+        atari: VecEnv = AtariVecEnv(spec.game, part.seeds, **env_kwargs)
+        return VecNormalize(atari, norm_obs=False) if normalize else atari
     if vectorization == "auto":
         vectorization = "async" if part.n_envs > 1 else "sync"
     vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}

@@ -61,9 +61,13 @@ class GymnasiumVecEnv(VecEnv):
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)
         self._start = time.time()
 
+    def _reset_seeds(self, seeds: list[int]) -> Any:
+        """The seeds in the form the wrapped vector env's ``reset`` takes."""
+        return seeds
+
     def reset(self) -> np.ndarray:
-        seeds = None if all(s is None for s in self._seeds) else self._seeds
-        obs, infos = self.env.reset(seed=seeds)  # type: ignore[arg-type]
+        seeds = None if any(s is None for s in self._seeds) else self._reset_seeds(self._seeds)  # type: ignore[arg-type]
+        obs, infos = self.env.reset(seed=seeds)
         self._seeds = [None] * self.num_envs
         self.reset_infos = _unpack(infos, self.num_envs)
         self._returns[:] = 0.0
@@ -74,6 +78,12 @@ class GymnasiumVecEnv(VecEnv):
         self._actions = actions
 
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        obs, rewards, dones, infos, _ = self._step()
+        return obs, rewards.astype(np.float32), dones, infos
+
+    def _step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]], dict]:
+        """One step: observations, raw rewards, dones, SB3 infos, and gymnasium's packed
+        infos (whose entries for a finished env describe its new episode)."""
         assert self._actions is not None, "step_wait() without step_async()"
         obs, rewards, terminated, truncated, infos = self.env.step(self._actions)
         self._actions = None
@@ -94,7 +104,7 @@ class GymnasiumVecEnv(VecEnv):
             }
             self._returns[i] = 0.0
             self._lengths[i] = 0
-        return obs, rewards.astype(np.float32), dones, per_env
+        return obs, rewards, dones, per_env, infos
 
     def close(self) -> None:
         self.env.close()
@@ -108,7 +118,11 @@ class GymnasiumVecEnv(VecEnv):
         return list(indices)
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        values = self.env.get_attr(attr_name)
+        try:
+            values = list(self.env.get_attr(attr_name))
+        except (AttributeError, NotImplementedError):
+            # Vector envs without per-env attributes (ale-py's): the vector env's own.
+            values = [getattr(self.env, attr_name)] * self.num_envs
         return [values[i] for i in self._indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:

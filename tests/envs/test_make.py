@@ -69,11 +69,6 @@ def test_mujoco_steps_and_sb3_learns_on_it() -> None:
     env.close()
 
 
-def test_atari_is_not_built_yet_and_says_so() -> None:
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        make_vec_env("Breakout", 2, seed=0)
-
-
 def test_bad_vectorization_is_named() -> None:
     with pytest.raises(ValueError, match="Invalid vectorization"):
         make_vec_env("CartPole", 2, vectorization="threads")  # type: ignore[arg-type]

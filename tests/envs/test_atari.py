@@ -1,0 +1,76 @@
+"""Atari through ale-py's vector env: SB3's episodic-life and reward-clipping semantics,
+raw game scores in the episode info, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium.spaces import Discrete
+
+from envs import make_vec_env
+
+
+def test_breakout_16_envs_is_an_sb3_vec_env_of_stacked_frames() -> None:
+    env = make_vec_env("Breakout", 16, seed=0)
+    obs = env.reset()
+    assert obs.shape == (16, 4, 84, 84) and obs.dtype == np.uint8
+    assert env.action_space == Discrete(4) and env.observation_space.contains(obs[0])
+    obs, rewards, dones, infos = env.step(np.zeros(16, dtype=np.int64))
+    assert rewards.dtype == np.float32 and dones.dtype == bool and len(infos) == 16
+    env.close()
+
+
+def play(env, steps: int, seed: int = 0) -> list[tuple]:
+    """Random play; returns (step, env, reward, done, info, info_before) events."""
+    rng = np.random.default_rng(seed)
+    env.reset()
+    before = [{} for _ in range(env.num_envs)]
+    events = []
+    for step in range(steps):
+        _, rewards, dones, infos = env.step(rng.integers(0, env.action_space.n, env.num_envs))
+        for i in range(env.num_envs):
+            events.append((step, i, float(rewards[i]), bool(dones[i]), infos[i], before[i]))
+        before = infos
+    env.close()
+    return events
+
+
+def test_a_life_loss_ends_the_training_episode_but_not_the_game() -> None:
+    events = play(make_vec_env("Breakout", 2, seed=1), 400)
+    life_losses = [e for e in events if e[3] and "episode" not in e[4]]
+    assert life_losses
+    for _, _, _, _, info, before in life_losses:
+        assert info["TimeLimit.truncated"] is False and "terminal_observation" in info
+        assert info["lives"] == before["lives"] - 1
+        assert info["episode_frame_number"] > before["episode_frame_number"]  # no reset
+
+
+def test_episode_info_holds_the_raw_score_of_the_whole_game() -> None:
+    events = play(make_vec_env("Breakout", 2, seed=2, clip_rewards=False), 1500)
+    totals = [0.0, 0.0]
+    games = 0
+    for _, i, reward, done, info, _ in events:
+        totals[i] += reward
+        if done and "episode" in info:
+            assert info["episode"]["r"] == pytest.approx(totals[i])
+            assert info["episode"]["l"] > 100  # five lives, not one
+            totals[i] = 0.0
+            games += 1
+    assert games >= 2
+
+
+def test_training_rewards_are_clipped() -> None:
+    events = play(make_vec_env("Breakout", 2, seed=2), 1500)
+    assert {e[2] for e in events} <= {-1.0, 0.0, 1.0}
+
+
+def test_seeds_follow_the_global_env_index() -> None:
+    sliced = make_vec_env("Breakout", 4, seed=0, rank=1, world_size=2)  # envs 2, 3
+    alone = make_vec_env("Breakout", 2, seed=2)
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(sliced.reset(), alone.reset())
+    for _ in range(50):
+        actions = rng.integers(0, 4, 2)
+        np.testing.assert_array_equal(sliced.step(actions)[0], alone.step(actions)[0])
+    sliced.close()
+    alone.close()
