@@ -1,9 +1,9 @@
 """Environment names, vectorized rollouts and per-rank sharding (Atari, MuJoCo, classic).
 
-Imports gymnasium, ale_py and SB3's VecEnv, never ngrl's optimizers. Built so far
-(issue 3): names (``resolve``), rank sharding (``rank_info``, ``shard``) and
-``make_vec_env`` for MuJoCo, classic control and any gymnasium id; Atari's vector
-environment follows.
+Imports gymnasium, ale_py and SB3's VecEnv, never ngrl's optimizers::
+
+    from envs import make_vec_env
+    env = make_vec_env("Breakout", 16, seed=0)   # an SB3 VecEnv of this rank's envs
 """
 
 from envs.make import make_vec_env

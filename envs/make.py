@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -37,7 +38,8 @@ def make_vec_env(
         seed: environment ``i`` (global index) is seeded with ``seed + i``.
         rank, world_size: default to torchrun's variables (one process: 0 and 1).
         vectorization: ``"async"`` (subprocesses, shared memory), ``"sync"`` (in
-            process), or ``"auto"``: async when this rank has more than one environment.
+            process), or ``"auto"``: async for MuJoCo with several environments on a
+            machine with more than 2 cores, sync otherwise (see docs/benchmarks.md).
         normalize: wrap in SB3's ``VecNormalize`` (running observation and reward
             normalisation, as the MuJoCo recipes use).
         env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari, to
@@ -62,7 +64,11 @@ def make_vec_env(
         atari: VecEnv = AtariVecEnv(spec.game, part.seeds, **env_kwargs)
         return VecNormalize(atari, norm_obs=False) if normalize else atari
     if vectorization == "auto":
-        vectorization = "async" if part.n_envs > 1 else "sync"
+        # Measured (docs/benchmarks.md): subprocesses only pay off for environments that
+        # are expensive to step, given cores to run them; CartPole is 5× faster in process
+        # and HalfCheetah 2× faster on 2 cores.
+        parallel = spec.family == "mujoco" and part.n_envs > 1 and (os.cpu_count() or 1) > 2
+        vectorization = "async" if parallel else "sync"
     vector_kwargs: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP}
     if vectorization == "async":
         vector_kwargs["shared_memory"] = True
