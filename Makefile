@@ -26,7 +26,6 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_optimizer.py
 	$(PY) scripts/bench_envs.py
 

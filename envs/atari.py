@@ -15,55 +15,97 @@ Two parts of the training recipe are done here instead:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import gymnasium as gym
 import numpy as np
 from ale_py import AtariVectorEnv
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
 from envs.sb3_adapter import GymnasiumVecEnv
 
-__all__ = ["AtariVecEnv"]
+__all__ = ["AtariVecEnv", "ale_vector_env", "wrapper_vector_env"]
+
+
+def ale_vector_env(game: str, n_envs: int, *, num_threads: int = 0, **ale_kwargs: Any) -> VectorEnv:
+    """ale-py's C++ vector env (the fast path), set up for :class:`AtariVecEnv`.
+
+    ``ale_kwargs`` are further ``AtariVectorEnv`` options (``frameskip``, ``stack_num``,
+    ``noop_max``, ``use_fire_reset``, ``repeat_action_probability``, …).
+    """
+    return AtariVectorEnv(
+        game,
+        n_envs,
+        num_threads=num_threads,
+        autoreset_mode="SameStep",
+        episodic_life=False,
+        reward_clipping=False,
+        **ale_kwargs,
+    )
+
+
+def wrapper_vector_env(
+    gym_id: str,
+    n_envs: int,
+    *,
+    vectorization: Literal["sync", "async"] = "sync",
+    noop_max: int = 30,
+    frame_skip: int = 4,
+    screen_size: int = 84,
+    stack_num: int = 4,
+    repeat_action_probability: float = 0.0,
+) -> VectorEnv:
+    """The same preprocessing from gymnasium's wrappers (the fallback and test reference).
+
+    ``AtariPreprocessing`` (no-op starts, frame skip with max-pool, grey, resize) and
+    ``FrameStackObservation``, in a gymnasium vector env. It has no fire-on-reset; the
+    fast path fires on reset by default (``use_fire_reset``).
+    """
+    def make_one(env: gym.Env) -> gym.Env:
+        env = AtariPreprocessing(
+            env, noop_max=noop_max, frame_skip=frame_skip, screen_size=screen_size
+        )
+        return FrameStackObservation(env, stack_num)
+
+    return gym.make_vec(
+        gym_id,
+        n_envs,
+        vectorization_mode=vectorization,
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+        wrappers=[make_one],
+        frameskip=1,
+        repeat_action_probability=repeat_action_probability,
+    )
 
 
 class AtariVecEnv(GymnasiumVecEnv):
-    """SB3 ``VecEnv`` over ale-py's ``AtariVectorEnv`` (see the module docstring).
+    """SB3 ``VecEnv`` over an Atari vector env reporting ``lives`` (see the module docstring).
 
     Args:
-        game: ale-py ROM id, e.g. ``"breakout"``.
+        env: from :func:`ale_vector_env` (fast) or :func:`wrapper_vector_env`.
         seeds: one seed per environment.
         episodic_life: end training episodes at every life loss (not the game).
         clip_rewards: return ``sign(r)`` as the reward.
-        num_threads: emulator threads (0: one per environment, up to the core count).
-        ale_kwargs: further ``AtariVectorEnv`` options (``frameskip``, ``stack_num``,
-            ``noop_max``, ``repeat_action_probability``, ``full_action_space``, …).
     """
 
     def __init__(
         self,
-        game: str,
+        env: VectorEnv,
         seeds: list[int] | tuple[int, ...],
         *,
         episodic_life: bool = True,
         clip_rewards: bool = True,
-        num_threads: int = 0,
-        **ale_kwargs: Any,
     ) -> None:
-        env = AtariVectorEnv(
-            game,
-            len(seeds),
-            num_threads=num_threads,
-            autoreset_mode="SameStep",
-            episodic_life=False,
-            reward_clipping=False,
-            **ale_kwargs,
-        )
         super().__init__(env, seeds)
         self.episodic_life = episodic_life
         self.clip_rewards = clip_rewards
         self._lives = np.zeros(self.num_envs, dtype=np.int64)
 
-    def _reset_seeds(self, seeds: list[int]) -> np.ndarray:
-        return np.asarray(seeds, dtype=np.int64)  # ale-py takes an array, not a list
+    def _reset_seeds(self, seeds: list[int]) -> Any:
+        if isinstance(self.env, AtariVectorEnv):
+            return np.asarray(seeds, dtype=np.int64)  # ale-py takes an array, not a list
+        return seeds
 
     def reset(self) -> np.ndarray:
         obs = super().reset()

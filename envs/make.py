@@ -9,7 +9,7 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
-from envs.atari import AtariVecEnv
+from envs.atari import AtariVecEnv, ale_vector_env, wrapper_vector_env
 from envs.names import resolve
 from envs.ranks import rank_info, shard
 from envs.sb3_adapter import GymnasiumVecEnv
@@ -28,6 +28,7 @@ def make_vec_env(
     world_size: int | None = None,
     vectorization: Vectorization = "auto",
     normalize: bool = False,
+    atari_backend: Literal["ale", "wrappers"] = "ale",
     **env_kwargs: Any,
 ) -> VecEnv:
     """This rank's share of ``n_envs`` environments called ``name``, as an SB3 ``VecEnv``.
@@ -42,12 +43,17 @@ def make_vec_env(
             machine with more than 2 cores, sync otherwise (see docs/benchmarks.md).
         normalize: wrap in SB3's ``VecNormalize`` (running observation and reward
             normalisation, as the MuJoCo recipes use).
-        env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari, to
-            :class:`envs.atari.AtariVecEnv` (``episodic_life``, ``clip_rewards``,
-            ``num_threads``, ale-py options). Atari always runs in ale-py's C++ threads,
-            whatever ``vectorization`` says.
+        atari_backend: ``"ale"`` (ale-py's C++ vector env, threads) or ``"wrappers"``
+            (gymnasium's AtariPreprocessing and frame stack: the fallback and the test
+            reference; ``vectorization`` applies to it).
+        env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari,
+            ``episodic_life`` and ``clip_rewards`` (:class:`envs.atari.AtariVecEnv`) and
+            the backend's options (:func:`envs.atari.ale_vector_env`,
+            :func:`envs.atari.wrapper_vector_env`).
     """
     spec = resolve(name)
+    if atari_backend not in ("ale", "wrappers"):
+        raise ValueError(f"Invalid atari_backend value: {atari_backend!r} (use 'ale' or 'wrappers')")
     if vectorization not in ("auto", "sync", "async"):
         raise ValueError(
             f"Invalid vectorization value: {vectorization!r} (use 'auto', 'sync' or 'async')"
@@ -61,7 +67,13 @@ def make_vec_env(
     )
     if spec.family == "atari":
         assert spec.game is not None
-        atari: VecEnv = AtariVecEnv(spec.game, part.seeds, **env_kwargs)
+        life = {k: env_kwargs.pop(k) for k in ("episodic_life", "clip_rewards") if k in env_kwargs}
+        if atari_backend == "ale":
+            vector = ale_vector_env(spec.game, part.n_envs, **env_kwargs)
+        else:
+            mode = "sync" if vectorization == "auto" else vectorization
+            vector = wrapper_vector_env(spec.gym_id, part.n_envs, vectorization=mode, **env_kwargs)
+        atari: VecEnv = AtariVecEnv(vector, part.seeds, **life)
         return VecNormalize(atari, norm_obs=False) if normalize else atari
     if vectorization == "auto":
         # Measured (docs/benchmarks.md): subprocesses only pay off for environments that

@@ -106,9 +106,9 @@ def gym_rows(name: str, gym_id: str, n: int) -> dict[str, Callable[[], VecEnv | 
 
 
 def raw_emulator() -> Callable[[], VecEnv]:
-    from envs.atari import AtariVecEnv
+    from envs.atari import AtariVecEnv, ale_vector_env
 
-    return lambda: AtariVecEnv("breakout", [0], num_threads=1)
+    return lambda: AtariVecEnv(ale_vector_env("breakout", 1, num_threads=1), [0])
 
 
 def main() -> None:

@@ -74,3 +74,37 @@ def test_seeds_follow_the_global_env_index() -> None:
         np.testing.assert_array_equal(sliced.step(actions)[0], alone.step(actions)[0])
     sliced.close()
     alone.close()
+
+
+def test_fast_path_matches_the_gymnasium_wrapper_reference() -> None:
+    """Same seeds and actions through ale-py's C++ preprocessing and through gymnasium's
+    AtariPreprocessing + FrameStackObservation (no-op starts and fire-on-reset off, as the
+    wrappers have no fire reset): identical rewards, dones, life losses and scores, and
+    identical frames once the stack holds only frames of the current episode. The one
+    documented difference is how the stack is padded right after a reset."""
+    kwargs = dict(noop_max=0, clip_rewards=False)
+    fast = make_vec_env("Breakout", 2, seed=4, use_fire_reset=False, **kwargs)
+    reference = make_vec_env("Breakout", 2, seed=4, atari_backend="wrappers", **kwargs)
+    rng = np.random.default_rng(0)
+    fast_obs, ref_obs = fast.reset(), reference.reset()
+    np.testing.assert_array_equal(fast_obs[:, -1], ref_obs[:, -1])  # the newest frame
+    since_reset = np.zeros(2, dtype=int)
+    games = 0
+    for _ in range(600):
+        actions = rng.integers(0, 4, 2)
+        fast_obs, fast_r, fast_d, fast_i = fast.step(actions)
+        ref_obs, ref_r, ref_d, ref_i = reference.step(actions)
+        np.testing.assert_array_equal(fast_r, ref_r)
+        np.testing.assert_array_equal(fast_d, ref_d)
+        np.testing.assert_array_equal(fast_obs[:, -1], ref_obs[:, -1])
+        since_reset += 1
+        for i in range(2):
+            if "episode" in fast_i[i]:
+                assert fast_i[i]["episode"]["r"] == ref_i[i]["episode"]["r"]
+                since_reset[i] = 0
+                games += 1
+            elif since_reset[i] >= 4:
+                np.testing.assert_array_equal(fast_obs[i], ref_obs[i])
+    assert games >= 2
+    fast.close()
+    reference.close()

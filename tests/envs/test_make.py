@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from stable_baselines3 import A2C
@@ -72,3 +73,42 @@ def test_mujoco_steps_and_sb3_learns_on_it() -> None:
 def test_bad_vectorization_is_named() -> None:
     with pytest.raises(ValueError, match="Invalid vectorization"):
         make_vec_env("CartPole", 2, vectorization="threads")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "n_envs"), [("Breakout", 16), ("HalfCheetah", 8), ("CartPole", 8)])
+def test_the_documented_calls_return_working_vec_envs(name: str, n_envs: int) -> None:
+    env = make_vec_env(name, n_envs, 0)
+    obs = env.reset()
+    assert obs.shape[0] == n_envs
+    actions = np.array([env.action_space.sample() for _ in range(n_envs)])
+    _, rewards, dones, infos = env.step(actions)
+    assert rewards.shape == dones.shape == (n_envs,) and len(infos) == n_envs
+    env.close()
+
+
+class CrashingEnv(gym.Env):
+    """Steps fine twice, then raises: a worker that dies must not hang the learner."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        self.steps = 0
+        return np.zeros(2, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple:
+        self.steps += 1
+        if self.steps > 2:
+            raise RuntimeError("the simulator crashed")
+        return np.zeros(2, dtype=np.float32), 0.0, False, False, {}
+
+
+def test_a_crashing_subprocess_env_raises_instead_of_hanging() -> None:
+    gym.register("ngrl-test/Crashing-v0", entry_point=CrashingEnv)
+    env = make_vec_env("ngrl-test/Crashing-v0", 2, seed=0, vectorization="async")
+    env.reset()
+    with pytest.raises(Exception, match="crashed|RuntimeError"):
+        for _ in range(5):
+            env.step(np.zeros(2, dtype=np.int64))
+    env.close()
