@@ -104,6 +104,7 @@ class CrashingEnv(gym.Env):
         return np.zeros(2, dtype=np.float32), 0.0, False, False, {}
 
 
+@pytest.mark.filterwarnings("ignore:.*(Worker|error|Raising).*:UserWarning")
 def test_a_crashing_subprocess_env_raises_instead_of_hanging() -> None:
     gym.register("ngrl-test/Crashing-v0", entry_point=CrashingEnv)
     env = make_vec_env("ngrl-test/Crashing-v0", 2, seed=0, vectorization="async")
