@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ngrl import KFAC, fisher_loss
 from ngrl.capture import Layer
+from ngrl.curvature import KFACBlock
 
 
 # --- workloads -------------------------------------------------------------------------
@@ -244,13 +245,12 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
 
             rows.append((f"statistics {layer.name} {tuple(layer.shape)} {sharing}", median_time(stats, repeats)))
     for layer in opt.layers:
-        block = opt.blocks[layer.name]
-        grad = torch.randn(layer.shape)
-        if not hasattr(block, "damping_rule"):
+        if not isinstance(opt.blocks[layer.name], KFACBlock):
             continue
+        grad = torch.randn(layer.shape)
         for rule in ("exact", "factored"):
-            block.damping_rule = rule
-            block._eigen = block._inverses = None
+            block = KFACBlock(layer.shape, damping_rule=rule)  # same factors, other rule
+            block.load_state_dict(opt.blocks[layer.name].state_dict())
             label = "eigendecomposition" if rule == "exact" else "Cholesky inverses"
             big = max(layer.shape) > 1024  # one eigendecomposition of a big factor is enough
             rows.append((f"{label} {layer.name} {tuple(layer.shape)}",
