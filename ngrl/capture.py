@@ -213,7 +213,10 @@ def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer
     name and its class name; matching modules are left out (their parameters get plain
     gradient steps from the optimizer).
     """
-    patterns = [re.compile(p) for p in skip_layers]
+    try:
+        patterns = [re.compile(p) for p in skip_layers]
+    except re.error as error:
+        raise ValueError(f"Invalid skip_layers pattern: {error.pattern!r} ({error})") from None
     layers = []
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):

@@ -172,6 +172,11 @@ def test_a_schedule_that_returns_a_bad_value_raises_at_step() -> None:
         train_step(model, opt, 0)
 
 
+def test_a_bad_skip_layers_pattern_is_named() -> None:
+    with pytest.raises(ValueError, match="Invalid skip_layers pattern: '\\['"):
+        KFAC(nn.Linear(2, 2), skip_layers=["["])
+
+
 def test_unknown_curvature_lists_the_valid_names() -> None:
     with pytest.raises(ValueError, match="available: .*kfac"):
         KFAC(nn.Linear(2, 2), curvature="kfca")

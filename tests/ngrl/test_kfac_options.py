@@ -139,7 +139,7 @@ def test_stats_batch_size_takes_the_first_examples() -> None:
         torch.testing.assert_close(sub.blocks[name].g_factor, full.blocks[name].g_factor)
 
 
-def test_factored_step_is_the_per_layer_solve_for_a_diagonal_rule_too() -> None:
+def test_diag_curvature_step_is_the_damped_solve_with_the_exact_diagonal() -> None:
     model = nn.Linear(3, 2)
     x = torch.randn(1, 3).expand(6, 3).contiguous()
     targets = sample_classes(model(x))
