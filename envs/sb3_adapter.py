@@ -33,8 +33,9 @@ def _unpack(infos: dict[str, Any], n_envs: int) -> list[dict[str, Any]]:
         if key.startswith("_") or key in _PACKED_KEYS:
             continue
         mask = infos.get(f"_{key}", np.ones(n_envs, dtype=bool))
+        per_env = _unpack(values, n_envs) if isinstance(values, dict) else values
         for i in np.flatnonzero(mask):
-            out[i][key] = _unpack(values, n_envs)[i] if isinstance(values, dict) else values[i]
+            out[i][key] = per_env[i]
     return out
 
 
