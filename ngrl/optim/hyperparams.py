@@ -16,6 +16,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "damping": (lambda v: v > 0.0, "> 0"),
     "kl_clip": (lambda v: v > 0.0, "> 0 (or None to disable the trust region)"),
     "momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "dampening": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "weight_decay": (lambda v: v >= 0.0, ">= 0"),
     "factor_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),

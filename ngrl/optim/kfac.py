@@ -25,6 +25,7 @@ _SCHEDULED = (
     "damping",
     "kl_clip",
     "momentum",
+    "dampening",
     "weight_decay",
     "factor_decay",
     "factor_update_steps",
@@ -44,7 +45,9 @@ class KFAC(torch.optim.Optimizer):
         X  = (F̂ + λI)⁻¹ ∇Ŵ                          (for K-FAC: G X A + λX = ∇Ŵ)
         ν  = min(1, sqrt(kl_clip / (lr² Σ_layers ⟨X, ∇Ŵ⟩)))
         d  = ν X + weight_decay · Ŵ
-        m ← momentum · m + d;   Ŵ ← Ŵ − lr · m
+        m ← momentum · m + (1 − dampening) · d;   Ŵ ← Ŵ − lr · m
+
+    (momentum and dampening as in ``torch.optim.SGD``: the first step sets ``m = d``).
 
     Statistics come only from backward passes run inside ``with opt.capture():``, usually
     of :func:`ngrl.fisher_loss` (sampled targets give the true Fisher). Factors are
@@ -57,6 +60,10 @@ class KFAC(torch.optim.Optimizer):
         damping: Tikhonov damping λ added to the whole curvature block.
         kl_clip: trust-region radius δ of the predicted KL; ``None`` disables it.
         momentum: heavy-ball momentum on the (clipped) natural gradient.
+        dampening: ``torch.optim.SGD``'s dampening of the momentum. ACKTR's update
+            (``MomentumOptimizer(lr·(1−μ), μ)`` in openai/baselines) is
+            ``dampening=momentum``: the momentum buffer becomes an average of the
+            directions, so the trust region bounds the steady-state step.
         weight_decay: L2 coefficient added to the step direction.
         factor_decay: EMA decay ``d`` of the curvature statistics.
         factor_update_steps: capture statistics every this many steps.
@@ -89,6 +96,7 @@ class KFAC(torch.optim.Optimizer):
         damping: Schedule = 1e-2,
         kl_clip: Schedule | None = 1e-3,
         momentum: Schedule = 0.9,
+        dampening: Schedule = 0.0,
         weight_decay: Schedule = 0.0,
         factor_decay: Schedule = 0.95,
         factor_update_steps: int | Callable[[int], int] = 1,
@@ -109,6 +117,7 @@ class KFAC(torch.optim.Optimizer):
             damping=damping,
             kl_clip=kl_clip,
             momentum=momentum,
+            dampening=dampening,
             weight_decay=weight_decay,
             factor_decay=factor_decay,
             factor_update_steps=factor_update_steps,
@@ -309,6 +318,7 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         lr = float(self.hyperparameter("lr"))
         momentum = float(self.hyperparameter("momentum"))
+        dampening = float(self.hyperparameter("dampening"))
         weight_decay = float(self.hyperparameter("weight_decay"))
         directions = self._clipped_directions(lr)
         if directions is None:
@@ -325,7 +335,7 @@ class KFAC(torch.optim.Optimizer):
                 if buffer is None:
                     buffer = state["momentum_buffer"] = d.detach().clone()
                 else:
-                    buffer.mul_(momentum).add_(d)
+                    buffer.mul_(momentum).add_(d, alpha=1.0 - dampening)
                 d = buffer
             param.add_(d, alpha=-lr)
         self.param_groups[0]["step"] += 1

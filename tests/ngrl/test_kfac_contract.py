@@ -149,6 +149,7 @@ def test_factor_update_steps_sets_capture_due() -> None:
         ("damping", float("nan")),
         ("kl_clip", -1e-3),
         ("momentum", 1.0),
+        ("dampening", 1.5),
         ("weight_decay", -0.1),
         ("factor_decay", 1.0),
         ("factor_update_steps", 0),

@@ -282,3 +282,27 @@ def test_momentum_and_weight_decay_follow_sgd_on_the_clipped_direction() -> None
         buffer = 0.9 * buffer + d
         opt.step()
         torch.testing.assert_close(flat_parameters(model)[idx], params - 0.1 * buffer)
+
+
+def test_dampened_momentum_equals_torch_sgd_on_the_preconditioned_direction() -> None:
+    """ACKTR's update (``dampening == momentum``) is torch's SGD fed with ``(F̂+λI)⁻¹∇``."""
+    model = nn.Linear(3, 2)
+    twin = nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3).expand(5, 3).contiguous()
+    opt = plain_kfac(model, lr=0.1, damping=1e-2, momentum=0.9, dampening=0.9)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, dampening=0.9)
+    capture_batch(opt, model, x, sample_classes(model(x)))
+    block = opt.blocks[""].to_dense()
+    target = torch.tensor([0, 1, 0, 1, 1])
+    for _ in range(3):
+        for net in (model, twin):
+            net.zero_grad()
+            F.cross_entropy(net(x), target).backward()
+        direction = damped_solve(block, layer_gradient(twin, ""), 1e-2).reshape(2, 4)
+        twin.weight.grad.copy_(direction[:, :-1])  # Ŵ = [W | b], flattened row-major
+        twin.bias.grad.copy_(direction[:, -1])
+        opt.step()
+        sgd.step()
+        torch.testing.assert_close(model.weight, twin.weight)
+        torch.testing.assert_close(model.bias, twin.bias)
