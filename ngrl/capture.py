@@ -260,6 +260,10 @@ class Capture:
         self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._handles: list[RemovableHandle] = []
         self._generic_batch: dict[str, int] = {}
+        # Batch size seen by the Kronecker layers in this capture: the fallback for a
+        # generic layer whose own forward never runs (a bare parameter such as SB3's
+        # `log_std`, read by the parent module's methods rather than its forward).
+        self._kronecker_batch: int | None = None
         self._generic_grads: dict[str, list[Tensor | None]] = {}
         for layer in self.layers:
             if isinstance(layer, LinearLayer):
@@ -283,6 +287,8 @@ class Capture:
             self.is_active = False
             self._outputs.clear()
             self._flush_generic()
+            self._generic_batch.clear()
+            self._kronecker_batch = None
 
     def gradient_targets(self) -> list[Tensor] | None:
         """Tensors whose gradients feed the statistics of the latest forward pass.
@@ -331,6 +337,7 @@ class Capture:
         if x.dim() == layer.unbatched_dim:  # one example without a batch dimension
             x, grad = x[None], grad[None]
         n = x.shape[0]
+        self._kronecker_batch = n
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         if self.batch_size is not None and self.batch_size < n:
             x, grad = x[: self.batch_size], grad[: self.batch_size]
@@ -360,7 +367,7 @@ class Capture:
         by_name = {layer.name: layer for layer in self.layers}
         for name, grads in self._generic_grads.items():
             layer = by_name[name]
-            n = self._generic_batch.get(name, 1)
+            n = self._generic_batch.get(name, self._kronecker_batch or 1)
             # The batch gradient of a sampled-target loss: n·E[∇L∇Lᵀ] is the Fisher (mean
             # reduction); for a summed loss, E[∇L∇Lᵀ]/n is.
             scale = math.sqrt(n) if self.loss_reduction == "mean" else 1.0 / math.sqrt(n)

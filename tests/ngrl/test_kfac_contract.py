@@ -253,6 +253,31 @@ def test_other_layers_get_a_diagonal_block_exact_for_one_example() -> None:
     torch.testing.assert_close(opt.blocks["1"].to_dense(), torch.diag(exact.diagonal()))
 
 
+class ScaledLogits(nn.Module):
+    """A bare parameter read outside ``forward`` (like SB3's ``log_std``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.log_scale = nn.Parameter(torch.tensor([0.3, -0.2]))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.log_scale.exp()
+
+
+def test_a_bare_parameter_outside_forward_is_scaled_by_the_batch_size() -> None:
+    """Its gradient sample is ``sqrt(N)·∇L`` with N the batch of the captured pass."""
+    model = ScaledLogits()
+    opt = KFAC(model)
+    x = torch.randn(6, 3)
+    logits = model.logits(x)
+    targets = sample_classes(logits)
+    with opt.capture():
+        F.cross_entropy(logits, targets).backward()
+    (grad,) = torch.autograd.grad(F.cross_entropy(model.logits(x), targets), [model.log_scale])
+    torch.testing.assert_close(opt.blocks[""].to_dense(), torch.diag(6 * grad.square()))
+
+
 @pytest.mark.usefixtures("float64")
 def test_diag_curvature_is_the_exact_fisher_diagonal() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))

@@ -1,0 +1,71 @@
+"""Conjugate gradient on Fisher-vector products, for natural policy gradient and TRPO."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["conjugate_gradient", "fisher_vector_product", "flat_grad"]
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+def flat_grad(
+    output: Tensor,
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+) -> Tensor:
+    """``∂output/∂params`` as one flat vector (zeros for parameters it does not reach)."""
+    grads = torch.autograd.grad(
+        output, params, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
+    )
+    return torch.cat(
+        [torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for g, p in zip(grads, params, strict=True)]
+    )
+
+
+def fisher_vector_product(kl: Tensor, params: Sequence[Tensor], damping: float = 0.0) -> MatVec:
+    """``v ↦ (F + damping·I) v`` with ``F = ∇²KL`` by double backpropagation.
+
+    ``kl`` is the mean ``KL(π_old ‖ π_θ)`` with ``π_old`` a detached copy of the current
+    policy: its Hessian at ``θ = θ_old`` is the Fisher information matrix (Schulman et
+    al. 2015, TRPO, appendix C), and each product costs two backward passes, never the
+    matrix itself.
+    """
+    grad_kl = flat_grad(kl, params, create_graph=True)
+
+    def product(vector: Tensor) -> Tensor:
+        hvp = flat_grad(grad_kl @ vector, params, retain_graph=True)
+        return hvp + damping * vector if damping else hvp
+
+    return product
+
+
+def conjugate_gradient(
+    matvec: MatVec, b: Tensor, max_iterations: int = 10, tolerance: float = 1e-10
+) -> Tensor:
+    """Approximate ``A⁻¹ b`` for a symmetric positive-definite ``A`` given as ``matvec``.
+
+    Hestenes & Stiefel (1952), started from zero; stops after ``max_iterations`` products
+    or when the squared residual falls below ``tolerance``. With ``max_iterations`` at
+    least the dimension it is exact up to rounding.
+    """
+    x = torch.zeros_like(b)
+    residual = b.clone()
+    direction = b.clone()
+    residual_sq = residual @ residual
+    for _ in range(max_iterations):
+        if residual_sq <= tolerance:
+            break
+        a_direction = matvec(direction)
+        alpha = residual_sq / (direction @ a_direction)
+        x += alpha * direction
+        residual -= alpha * a_direction
+        new_residual_sq = residual @ residual
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+    return x
