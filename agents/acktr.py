@@ -1,0 +1,293 @@
+"""ACKTR: actor-critic with K-FAC trust-region steps, as a Stable-Baselines3 algorithm."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import LinearSchedule, explained_variance
+
+from agents.policies import (
+    CnnPolicy,
+    KFACActorCriticPolicy,
+    MlpPolicy,
+    MultiInputPolicy,
+)
+
+__all__ = ["ACKTR"]
+
+SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
+
+
+class ACKTR(OnPolicyAlgorithm):
+    r"""Actor Critic using Kronecker-Factored Trust Region (Wu et al. 2017, arXiv:1708.05144).
+
+    A2C's loss, minimised by K-FAC natural-gradient steps inside a KL trust region. Per
+    update, on a rollout of ``n_envs × n_steps`` transitions:
+
+    .. code-block:: text
+
+        1. statistics: backward of  −log π(â|s) + c·½(V(s) − v̂)²,  â ~ π(·|s), v̂ ~ N(V(s), 1)
+           inside opt.capture()  (the true Fisher of policy and value, c = vf_fisher_coef)
+        2. gradient:   ∇ of  −Â·log π(a|s) + vf_coef·(R − V(s))² − ent_coef·H[π(·|s)]
+        3. step:       X = (F̂ + λI)⁻¹∇,  ν = min(1, sqrt(kl_clip / (lr² Σ⟨X, ∇⟩))),
+                       m ← μ·m + (1−μ)·ν·X,  θ ← θ − lr·m
+
+    The first ``cold_start_steps`` updates are momentum-SGD steps with gradient-norm
+    clipping at ``max_grad_norm`` while the factors warm up (openai/baselines'
+    ``cold_iter``). The defaults are the baselines Atari settings. With ``target_kl``
+    the learning rate adapts as in the paper's continuous-control recipe: divided by 1.5
+    when the measured KL of an update exceeds ``2·target_kl``, multiplied by 1.5 when it
+    is below ``target_kl / 2``.
+
+    Args:
+        policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a
+            :class:`agents.policies.KFACActorCriticPolicy` subclass.
+        env: an SB3 ``VecEnv``, a gymnasium env or its id.
+        learning_rate: ``lr`` (a float or a schedule of the remaining progress); the
+            default decays linearly from 0.25 to 0.
+        n_steps: steps per environment per update.
+        gamma, gae_lambda: discount and GAE parameter (1.0: n-step returns, as in A2C).
+        ent_coef, vf_coef: entropy and value-loss weights of the A2C loss.
+        vf_fisher_coef: ``c``, the weight of the value head's Gaussian term in the Fisher.
+        max_grad_norm: gradient-norm clip of the cold-start SGD steps.
+        kl_clip, damping, momentum, factor_decay, factor_update_steps, inv_update_steps,
+        curvature: :class:`ngrl.optim.KFAC` hyperparameters (``dampening`` is set to
+            ``momentum``: ACKTR's averaged momentum).
+        kfac_kwargs: other :class:`ngrl.optim.KFAC` options (``weight_sharing``,
+            ``stats_batch_size``, ``curvature_options``, ...).
+        cold_start_steps: momentum-SGD updates before the first K-FAC step.
+        target_kl: KL target of the adaptive learning rate; ``None`` keeps the schedule.
+        normalize_advantage: standardise advantages per batch (off in the paper).
+        The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: KFACActorCriticPolicy
+
+    def __init__(
+        self,
+        policy: str | type[KFACActorCriticPolicy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = LinearSchedule(0.25, 0.0, 1.0),  # noqa: B008
+        n_steps: int = 20,
+        gamma: float = 0.99,
+        gae_lambda: float = 1.0,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.5,
+        vf_fisher_coef: float = 1.0,
+        max_grad_norm: float = 0.5,
+        kl_clip: float | None = 1e-3,
+        damping: float = 1e-2,
+        momentum: float = 0.9,
+        factor_decay: float = 0.99,
+        factor_update_steps: int = 1,
+        inv_update_steps: int = 10,
+        curvature: str = "kfac",
+        kfac_kwargs: dict[str, Any] | None = None,
+        cold_start_steps: int = 10,
+        target_kl: float | None = None,
+        normalize_advantage: bool = False,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if policy_kwargs and "kfac_kwargs" in policy_kwargs:
+            raise ValueError(
+                "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "
+                "named arguments, not to policy_kwargs['kfac_kwargs']"
+            )
+        if isinstance(cold_start_steps, bool) or not (
+            isinstance(cold_start_steps, int) and cold_start_steps >= 0
+        ):
+            raise ValueError(f"Invalid cold_start_steps value: {cold_start_steps!r} (an integer >= 0)")
+        if target_kl is not None and not target_kl > 0.0:
+            raise ValueError(f"Invalid target_kl value: {target_kl!r} (> 0, or None)")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            _init_setup_model=False,
+            supported_action_spaces=(
+                spaces.Box,
+                spaces.Discrete,
+                spaces.MultiDiscrete,
+                spaces.MultiBinary,
+            ),
+        )
+        self.vf_fisher_coef = vf_fisher_coef
+        self.kl_clip = kl_clip
+        self.damping = damping
+        self.momentum = momentum
+        self.factor_decay = factor_decay
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.curvature = curvature
+        self.kfac_kwargs = dict(kfac_kwargs or {})
+        self.cold_start_steps = cold_start_steps
+        self.target_kl = target_kl
+        self.normalize_advantage = normalize_advantage
+        self.lr_multiplier = 1.0
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self.policy_kwargs = {
+            **self.policy_kwargs,
+            "kfac_kwargs": {
+                **self.kfac_kwargs,
+                "kl_clip": self.kl_clip,
+                "damping": self.damping,
+                "momentum": self.momentum,
+                "dampening": self.momentum,
+                "factor_decay": self.factor_decay,
+                "factor_update_steps": self.factor_update_steps,
+                "inv_update_steps": self.inv_update_steps,
+                "curvature": self.curvature,
+            },
+            "vf_fisher_coef": self.vf_fisher_coef,
+        }
+        super()._setup_model()
+        if not isinstance(self.policy, KFACActorCriticPolicy):
+            raise ValueError(
+                f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
+                f"{', '.join(self.policy_aliases)}), got {type(self.policy).__name__}"
+            )
+        # The cold-start optimizer: baselines' MomentumOptimizer(lr·(1−μ), μ).
+        self.cold_optimizer = torch.optim.SGD(
+            self.policy.parameters(),
+            lr=self.lr_schedule(1),
+            momentum=self.momentum,
+            dampening=self.momentum,
+        )
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        # "policy.optimizer" (K-FAC) carries the factors; the cold-start momentum too.
+        return ["policy", "policy.optimizer", "cold_optimizer"], []
+
+    def train(self) -> None:
+        """One ACKTR update on the collected rollout."""
+        self.policy.set_training_mode(True)
+        optimizer = self.policy.optimizer
+        self._update_learning_rate([optimizer, self.cold_optimizer])
+        if self.lr_multiplier != 1.0:
+            for group in optimizer.param_groups + self.cold_optimizer.param_groups:
+                group["lr"] *= self.lr_multiplier
+        cold = self._n_updates < self.cold_start_steps
+
+        for rollout_data in self.rollout_buffer.get(batch_size=None):  # one full batch
+            actions = rollout_data.actions
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.long().flatten()
+            distribution, values = self.policy.distribution_and_values(rollout_data.observations)
+            values = values.flatten()
+
+            # 1. Curvature statistics of the true Fisher (sampled actions and values).
+            if optimizer.capture_due:
+                self.policy.capture_fisher(distribution, values, self.vf_fisher_coef)
+
+            # 2. The A2C loss.
+            log_prob = distribution.log_prob(actions)
+            entropy = distribution.entropy()
+            advantages = rollout_data.advantages
+            if self.normalize_advantage:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = -(advantages * log_prob).mean()
+            value_loss = F.mse_loss(rollout_data.returns, values)
+            entropy_loss = -torch.mean(-log_prob if entropy is None else entropy)
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+            optimizer.zero_grad()
+            loss.backward()
+
+            # 3. The step: momentum SGD while cold, K-FAC in the trust region after.
+            if cold:
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.cold_optimizer.step()
+            else:
+                optimizer.step()
+
+            if self.target_kl is not None:
+                self._adapt_learning_rate(rollout_data.observations, actions, log_prob.detach())
+
+        self._n_updates += 1
+        explained_var = explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        )
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/entropy_loss", entropy_loss.item())
+        self.logger.record("train/policy_loss", policy_loss.item())
+        self.logger.record("train/value_loss", value_loss.item())
+        self.logger.record("train/kfac_steps", optimizer.steps)
+        if self.target_kl is not None:
+            self.logger.record("train/lr_multiplier", self.lr_multiplier)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+
+    @torch.no_grad()
+    def _adapt_learning_rate(
+        self, observations: torch.Tensor, actions: torch.Tensor, old_log_prob: torch.Tensor
+    ) -> None:
+        """The continuous-control recipe: keep the measured KL of an update near ``target_kl``."""
+        assert self.target_kl is not None
+        distribution, _ = self.policy.distribution_and_values(observations)
+        log_ratio = distribution.log_prob(actions) - old_log_prob
+        # KL(old ‖ new) from the actions sampled by the old policy (low-variance estimator).
+        kl = float(torch.mean(torch.expm1(log_ratio) - log_ratio))
+        if kl > 2.0 * self.target_kl:
+            self.lr_multiplier = max(self.lr_multiplier / 1.5, 1e-8)
+        elif kl < 0.5 * self.target_kl:
+            self.lr_multiplier = min(self.lr_multiplier * 1.5, 1e8)
+        self.logger.record("train/approx_kl", kl)
+
+    def learn(
+        self: SelfACKTR,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 100,
+        tb_log_name: str = "ACKTR",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfACKTR:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

@@ -1,0 +1,95 @@
+"""Callbacks of the training CLI: a progress bar with the score, an episode log, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from tqdm.auto import tqdm
+
+__all__ = ["EpisodeLog", "PeriodicCheckpoint", "ScoreProgressBar", "recent_score"]
+
+EPISODE_COLUMNS = ("timesteps", "return", "length", "seconds")
+
+
+def recent_score(model: object) -> float | None:
+    """Mean return of the model's recent episodes (SB3's 100-episode window)."""
+    buffer = getattr(model, "ep_info_buffer", None)
+    return float(np.mean([info["r"] for info in buffer])) if buffer else None
+
+
+class ScoreProgressBar(BaseCallback):
+    """A tqdm bar over the run's timesteps, showing the recent mean episode score."""
+
+    def __init__(self, total_timesteps: int) -> None:
+        super().__init__()
+        self.total_timesteps = total_timesteps
+        self.bar: tqdm | None = None
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total_timesteps, initial=self.model.num_timesteps,
+                        unit="step", dynamic_ncols=True, smoothing=0.05)
+
+    def _on_rollout_end(self) -> None:
+        assert self.bar is not None
+        self.bar.update(self.model.num_timesteps - self.bar.n)
+        score = recent_score(self.model)
+        if score is not None:
+            self.bar.set_postfix(score=f"{score:.1f}", refresh=False)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.model.num_timesteps - self.bar.n)
+            self.bar.close()
+
+
+class EpisodeLog(BaseCallback):
+    """Appends every finished episode to a CSV file: timesteps, return, length, seconds."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.start = time.monotonic()
+
+    def _on_training_start(self) -> None:
+        if not self.path.exists():
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerow(EPISODE_COLUMNS)
+        self.start = time.monotonic()
+
+    def _on_step(self) -> bool:
+        rows = [
+            (self.num_timesteps, info["episode"]["r"], info["episode"]["l"],
+             round(time.monotonic() - self.start, 3))
+            for info in self.locals.get("infos", ())
+            if "episode" in info
+        ]
+        if rows:
+            with open(self.path, "a", newline="") as handle:
+                csv.writer(handle).writerows(rows)
+        return True
+
+
+class PeriodicCheckpoint(BaseCallback):
+    """Calls ``save()`` after every ``every`` updates (at the start of the next rollout)."""
+
+    def __init__(self, every: int, save: Callable[[], None]) -> None:
+        super().__init__()
+        self.every = every
+        self.save = save
+        self.rollouts = 0
+
+    def _on_rollout_start(self) -> None:
+        if self.rollouts and self.every and self.rollouts % self.every == 0:
+            self.save()
+        self.rollouts += 1
+
+    def _on_step(self) -> bool:
+        return True

@@ -1,0 +1,162 @@
+"""SB3 actor-critic policies whose optimizer is ngrl's K-FAC.
+
+The policies are Stable-Baselines3 ``ActorCriticPolicy`` subclasses, so they run inside
+ngrl's ACKTR and inside SB3's own A2C and PPO. K-FAC needs the modules (for its hooks), not
+just their parameters, so it is installed in :meth:`KFACActorCriticPolicy._build`.
+
+Inside an algorithm that knows nothing of K-FAC (SB3's A2C and PPO), the curvature
+statistics are taken automatically: :meth:`~KFACActorCriticPolicy.evaluate_actions`, which
+those algorithms call with gradients on right before their loss, captures the sampled
+Fisher loss whenever the optimizer's ``capture_due`` says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import Tensor
+
+from ngrl import KFAC, fisher_loss
+
+__all__ = [
+    "KFACActorCriticCnnPolicy",
+    "KFACActorCriticPolicy",
+    "KFACMultiInputActorCriticPolicy",
+    "CnnPolicy",
+    "MlpPolicy",
+    "MultiInputPolicy",
+]
+
+
+class KFACActorCriticPolicy(ActorCriticPolicy):
+    """SB3's actor-critic policy (MLP features) trained by :class:`ngrl.optim.KFAC`.
+
+    The Fisher is that of the joint model ``p(a, v | s) = π(a | s) · N(v; V(s), 1/c²)``
+    (ACKTR, Wu et al. 2017): its statistics come from the backward pass of
+    ``fisher_loss(π(·|s)) + c · fisher_loss(V(s), "gaussian")``, with actions sampled from
+    the current policy and ``c = vf_fisher_coef``. Continuous actions use SB3's diagonal
+    Gaussian with a state-independent log standard deviation (a parameter of the policy,
+    which gets a diagonal curvature block).
+
+    Args:
+        observation_space, action_space, lr_schedule: as for ``ActorCriticPolicy``.
+        kfac_kwargs: keyword arguments of :class:`ngrl.optim.KFAC` (everything but the
+            model and ``lr``, which follows ``lr_schedule`` and the algorithm).
+        vf_fisher_coef: weight ``c`` of the value head's Gaussian term in the Fisher loss
+            captured by :meth:`evaluate_actions`.
+        **kwargs: the other ``ActorCriticPolicy`` arguments. ``optimizer_class`` and
+            ``optimizer_kwargs`` are ignored with a warning: K-FAC is this policy's
+            optimizer (SB3's A2C passes RMSprop unless ``use_rms_prop=False``).
+    """
+
+    optimizer: KFAC
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        *args: Any,
+        kfac_kwargs: dict[str, Any] | None = None,
+        vf_fisher_coef: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        ignored = kwargs.pop("optimizer_class", None)
+        ignored_kwargs = kwargs.pop("optimizer_kwargs", None)
+        if (ignored is not None and ignored is not KFAC) or ignored_kwargs:
+            name = getattr(ignored, "__name__", ignored)
+            warnings.warn(
+                f"{type(self).__name__}: optimizer_class={name} and optimizer_kwargs="
+                f"{ignored_kwargs} are ignored; K-FAC is this policy's optimizer (set its "
+                "options with kfac_kwargs; with SB3's A2C pass use_rms_prop=False)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.kfac_kwargs = dict(kfac_kwargs or {})
+        self.vf_fisher_coef = float(vf_fisher_coef)
+        super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        # SB3 builds `optimizer_class(self.parameters(), ...)` at the end of `_build`; K-FAC
+        # needs the module itself, so a throw-away SGD (no state) stands in and is replaced.
+        self.optimizer_class, self.optimizer_kwargs = torch.optim.SGD, {}
+        super()._build(lr_schedule)
+        self.optimizer = KFAC(self, lr=lr_schedule(1), **self.kfac_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.pop("optimizer_class", None)
+        data.pop("optimizer_kwargs", None)
+        data.update(kfac_kwargs=self.kfac_kwargs, vf_fisher_coef=self.vf_fisher_coef)
+        return data
+
+    # --- one forward pass for everything a training step needs ----------------------------
+    def distribution_and_values(self, obs: PyTorchObs) -> tuple[Distribution, Tensor]:
+        """The action distribution and the values ``V(s)`` (shape ``(N, 1)``) in one pass."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
+        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
+
+    def capture_fisher(
+        self, distribution: Distribution, values: Tensor, vf_fisher_coef: float | None = None
+    ) -> None:
+        """Feed K-FAC the statistics of the sampled Fisher loss of this forward pass.
+
+        The graph is kept, so the training loss can be backpropagated afterwards.
+        """
+        coef = self.vf_fisher_coef if vf_fisher_coef is None else vf_fisher_coef
+        torch_distribution = distribution.distribution
+        if isinstance(torch_distribution, list):  # MultiDiscrete: independent categoricals
+            loss = sum(fisher_loss(d) for d in torch_distribution)
+        else:
+            loss = fisher_loss(torch_distribution)
+        if coef != 0.0:
+            loss = loss + coef * fisher_loss(values, kind="gaussian")
+        self.optimizer.capture_backward(loss)
+
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """SB3's ``evaluate_actions``; also captures K-FAC statistics when they are due.
+
+        SB3's A2C and PPO call this with gradients enabled right before their loss, so the
+        statistics come from the same forward pass as the gradient, as in ACKTR.
+        """
+        distribution, values = self.distribution_and_values(obs)
+        if torch.is_grad_enabled() and self.optimizer.capture_due:
+            self.capture_fisher(distribution, values)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+
+class KFACActorCriticCnnPolicy(KFACActorCriticPolicy):
+    """:class:`KFACActorCriticPolicy` with SB3's Nature CNN features (images)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", NatureCNN)
+        super().__init__(*args, **kwargs)
+
+
+class KFACMultiInputActorCriticPolicy(KFACActorCriticPolicy):
+    """:class:`KFACActorCriticPolicy` for dict observations (SB3's combined extractor)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("features_extractor_class", CombinedExtractor)
+        super().__init__(*args, **kwargs)
+
+
+# The names SB3 users type.
+MlpPolicy = KFACActorCriticPolicy
+CnnPolicy = KFACActorCriticCnnPolicy
+MultiInputPolicy = KFACMultiInputActorCriticPolicy

@@ -1,0 +1,180 @@
+"""The algorithms the CLI knows, their presets (``presets.toml``) and ``--set`` overrides."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.utils import LinearSchedule
+
+from agents.acktr import ACKTR
+from agents.npg import NPG
+from envs import EnvSpec
+
+__all__ = [
+    "ALGORITHMS",
+    "RunConfig",
+    "algorithm_class",
+    "hyperparameter_defaults",
+    "parse_override",
+    "resolve_config",
+]
+
+#: CLI name -> algorithm class. ``trpo`` is NPG with the line search (see presets.toml).
+ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
+    "acktr": ACKTR,
+    "npg": NPG,
+    "trpo": NPG,
+    "a2c": A2C,
+    "ppo": PPO,
+}
+#: Keys of a run that are not arguments of the algorithm, with their types.
+RUN_KEYS: dict[str, type] = {"n_envs": int, "timesteps": int, "policy": str, "normalize": bool}
+#: Arguments the CLI sets itself (from its own flags), never from presets or ``--set``.
+_MANAGED = {"policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model"}
+_RUN_DEFAULTS: dict[str, Any] = {"n_envs": 8, "timesteps": 1_000_000, "policy": "MlpPolicy", "normalize": False}
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run is made from, after presets and overrides."""
+
+    algo: str
+    env: EnvSpec
+    n_envs: int
+    timesteps: int
+    policy: str
+    normalize: bool
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        """The hyperparameters as algorithm arguments (``"lin_X"`` strings become schedules)."""
+        return {key: _schedule(value) for key, value in self.hyperparameters.items()}
+
+
+def algorithm_class(algo: str) -> type[BaseAlgorithm]:
+    """The class of a CLI algorithm name; an unknown name lists the valid ones."""
+    try:
+        return ALGORITHMS[algo]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {algo!r}; choose one of: {', '.join(ALGORITHMS)}"
+        ) from None
+
+
+def hyperparameter_defaults(algo: str) -> dict[str, Any]:
+    """Every argument of the algorithm a run may set, with its default."""
+    signature = inspect.signature(algorithm_class(algo).__init__)
+    return {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name not in _MANAGED and name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+    }
+
+
+@cache
+def _presets() -> dict[str, Any]:
+    text = resources.files("agents").joinpath("presets.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def _preset_tables(algo: str, spec: EnvSpec) -> dict[str, Any]:
+    table = _presets().get(algo, {})
+    merged = _preset_tables(table["inherit"], spec) if "inherit" in table else {}
+    scalars = {k: v for k, v in table.items() if k != "inherit" and not _is_section(k, v)}
+    merged.update(scalars)
+    short = spec.name.split("/")[-1].split("-v")[0]
+    for key in (spec.family, short):
+        merged.update(table.get(key, {}))
+    return merged
+
+
+def _is_section(key: str, value: Any) -> bool:
+    # Sub-tables of an algorithm are families or env names; dict-valued hyperparameters
+    # (kfac_kwargs, policy_kwargs) are written inline and are never capitalised families.
+    return isinstance(value, dict) and (key in ("atari", "mujoco", "classic", "gym") or key[:1].isupper())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` with the value read as a TOML literal (a bare word is a string)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set takes key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def _check_type(key: str, value: Any, reference: Any) -> None:
+    def fail(expected: str) -> None:
+        raise ValueError(f"hyperparameter {key!r} takes {expected}, got {value!r}")
+
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    schedule = isinstance(value, str) and value.startswith("lin_")
+    if reference is None:
+        return
+    if isinstance(reference, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif isinstance(reference, int):
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            fail("an integer")
+    elif isinstance(reference, float) or callable(reference):
+        if not (number or (schedule and key in ("learning_rate", "clip_range", "clip_range_vf"))):
+            fail("a number" + (" or lin_X" if key == "learning_rate" else ""))
+    elif isinstance(reference, str):
+        if not isinstance(value, str):
+            fail("a string")
+    elif isinstance(reference, dict) and not isinstance(value, dict):
+        fail("a table, e.g. {a = 1}")
+
+
+def resolve_config(algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]]) -> RunConfig:
+    """The run's settings: defaults, then the presets for ``spec``, then ``overrides``."""
+    defaults = hyperparameter_defaults(algo)
+    settings: dict[str, Any] = {**_RUN_DEFAULTS, **_preset_tables(algo, spec)}
+    for key, value in overrides:
+        top, _, rest = key.partition(".")
+        if top not in defaults and top not in RUN_KEYS:
+            close = difflib.get_close_matches(top, [*defaults, *RUN_KEYS], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"{algo} has no hyperparameter {top!r}{hint} (see --help for the list)"
+            )
+        if rest:  # a key inside a dict-valued argument: kfac_kwargs.weight_sharing=reduce
+            reference = settings.get(top, defaults.get(top))
+            if reference is not None and not isinstance(reference, dict):
+                raise ValueError(f"hyperparameter {top!r} is not a table; {key!r} is invalid")
+            table = dict(reference or {})
+            node = table
+            *parents, leaf = rest.split(".")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+            settings[top] = table
+            continue
+        if top in RUN_KEYS:
+            _check_type(top, value, RUN_KEYS[top]())
+        else:
+            _check_type(top, value, settings.get(top, defaults[top]))
+        settings[top] = value
+    run = {key: settings.pop(key) for key in RUN_KEYS}
+    for key in run:
+        _check_type(key, run[key], RUN_KEYS[key]())
+    return RunConfig(algo=algo, env=spec, hyperparameters=settings, **run)
+
+
+def _schedule(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("lin_"):
+        return LinearSchedule(float(value[4:]), 0.0, 1.0)
+    return value

@@ -1,0 +1,259 @@
+"""``python -m ngrl.train ALGO --env NAME``: train an agent with its published settings.
+
+The only module of ``ngrl`` that imports ``agents`` and ``envs`` (DESIGN.md). A run writes,
+into its own folder: ``config.json``, ``progress.csv`` and TensorBoard events (SB3's
+logger), ``episodes.csv`` (every episode), ``checkpoint.zip`` (every
+``--checkpoint-every`` updates, written atomically), ``model.zip``, ``eval.json`` and
+``learning_curve.png``. Bad input ends the command with one line on stderr and exit
+status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Input the user can fix: reported in one line, exit status 2."""
+
+
+def _hyperparameter_help(algo: str) -> str:
+    from agents.presets import hyperparameter_defaults
+
+    lines = [f"hyperparameters of {algo} (set with --set key=value; presets may change them):"]
+    for name, default in hyperparameter_defaults(algo).items():
+        lines.append(f"  {name} = {default!r}")
+    return "\n".join(lines)
+
+
+def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
+    from agents.presets import ALGORITHMS
+
+    epilog = (
+        _hyperparameter_help(algo_hint)
+        if algo_hint in ALGORITHMS
+        else "`python -m ngrl.train ALGO --help` lists ALGO's hyperparameters and defaults."
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m ngrl.train",
+        description=(
+            "Train an RL agent with its published settings (agents/presets.toml). "
+            "Example: python -m ngrl.train acktr --env Breakout"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog,
+    )
+    parser.add_argument("algo", metavar="ALGO", help=f"one of: {', '.join(ALGORITHMS)}")
+    parser.add_argument("--env", required=True, metavar="NAME",
+                        help="short name (Breakout, HalfCheetah, CartPole) or a gymnasium id")
+    parser.add_argument("--timesteps", type=int, metavar="N",
+                        help="total environment steps of the run (default: the preset's)")
+    parser.add_argument("--n-envs", type=int, metavar="N",
+                        help="parallel environments (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the networks run (default: auto, the GPU if there is one)")
+    parser.add_argument("--log-dir", type=Path, metavar="DIR",
+                        help="run folder; must not exist or be empty "
+                             "(default: runs/ALGO-ENV-sSEED-TIME)")
+    parser.add_argument("--resume", type=Path, metavar="PATH",
+                        help="continue from a checkpoint.zip or model.zip of an earlier run "
+                             "(same ALGO and env); --timesteps counts the earlier steps too")
+    parser.add_argument("--eval-episodes", type=int, default=10, metavar="N",
+                        help="episodes to evaluate the final policy on (default: 10; 0: none)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="UPDATES",
+                        help="save checkpoint.zip every this many updates (default: 100)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a hyperparameter (a TOML value: 0.1, true, \"x\", "
+                             "{a = 1}); KEY.SUB sets one entry of a table, e.g. "
+                             "--set kfac_kwargs.weight_sharing=reduce; repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
+    if args.log_dir is not None:
+        run_dir: Path = args.log_dir
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise UsageError(
+                f"--log-dir {str(run_dir)!r} exists and is not empty; choose a new folder"
+            )
+        return run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = gym_id.split("/")[-1]
+    base = Path("runs") / f"{args.algo}-{name}-s{args.seed}-{stamp}"
+    run_dir, suffix = base, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+    return run_dir
+
+
+def _make_env(config: Any, seed: int, resume: Path | None, n_envs: int | None = None) -> Any:
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from agents.checkpoints import normalizer_path
+    from envs import make_vec_env
+
+    env = make_vec_env(config.env.gym_id, n_envs or config.n_envs, seed=seed)
+    if not config.normalize:
+        return env
+    saved = normalizer_path(resume) if resume is not None else None
+    if saved is not None and saved.is_file():
+        return VecNormalize.load(str(saved), env)
+    return VecNormalize(env)
+
+
+def _evaluate(model: Any, config: Any, seed: int, episodes: int) -> dict[str, Any]:
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env = _make_env(config, seed + 10_000, None, n_envs=min(episodes, 8))
+    train_env = model.get_env()
+    if isinstance(env, VecNormalize) and isinstance(train_env, VecNormalize):
+        env.obs_rms = train_env.obs_rms
+        env.training = False
+        env.norm_reward = False
+    # Atari agents are scored with the stochastic policy (rl-zoo3's convention).
+    deterministic = config.env.family != "atari"
+    returns, lengths = evaluate_policy(
+        model, env, n_eval_episodes=episodes, deterministic=deterministic,
+        return_episode_rewards=True,
+    )
+    env.close()
+    return {
+        "episodes": episodes,
+        "deterministic": deterministic,
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns)),
+        "returns": [float(r) for r in returns],
+        "lengths": [int(n) for n in lengths],
+    }
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """Everything that can fail on bad input, before a file is written: (config, model, dir)."""
+    from agents.checkpoints import read_run_metadata
+    from agents.presets import algorithm_class, parse_override, resolve_config
+    from envs import resolve
+
+    cls = algorithm_class(args.algo)
+    spec = resolve(args.env)
+    overrides = [parse_override(text) for text in args.overrides]
+    for name, value in (("--timesteps", args.timesteps), ("--n-envs", args.n_envs),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        _check_positive(name, value)
+    _check_positive("--eval-episodes", args.eval_episodes, minimum=0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.resume is not None:
+        metadata = read_run_metadata(args.resume)
+        if (metadata.get("algo"), metadata.get("env")) != (args.algo, spec.gym_id):
+            raise UsageError(
+                f"checkpoint {str(args.resume)!r} is a {metadata.get('algo')} run on "
+                f"{metadata.get('env')}, not {args.algo} on {spec.gym_id}"
+            )
+    config = resolve_config(args.algo, spec, overrides)
+    if args.timesteps is not None:
+        config.timesteps = args.timesteps
+    if args.n_envs is not None:
+        config.n_envs = args.n_envs
+    _check_positive("n_envs", config.n_envs)
+    run_dir = _run_dir(args, spec.gym_id)
+    env = _make_env(config, args.seed, args.resume)
+    try:
+        if args.resume is not None:
+            model = cls.load(args.resume, env=env, device=args.device)
+        else:
+            model = cls(config.policy, env, seed=args.seed, device=args.device,
+                        **config.algorithm_kwargs())
+    except BaseException:
+        env.close()
+        raise
+    return config, model, run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
+    try:
+        config, model, run_dir = _prepare(args)
+    except (UsageError, ValueError, TypeError) as error:
+        print(f"ngrl.train: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from stable_baselines3.common.callbacks import CallbackList
+    from stable_baselines3.common.logger import configure
+
+    from agents.callbacks import EpisodeLog, PeriodicCheckpoint, ScoreProgressBar
+    from agents.checkpoints import save_checkpoint
+    from agents.plots import plot_learning_curve
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"algo": args.algo, "env": config.env.gym_id}
+    (run_dir / "config.json").write_text(json.dumps({
+        **metadata, "seed": args.seed, "n_envs": config.n_envs, "timesteps": config.timesteps,
+        "policy": config.policy, "normalize": config.normalize, "device": str(model.device),
+        "resumed_from": str(args.resume) if args.resume else None,
+        "hyperparameters": config.hyperparameters, "command": sys.argv,
+    }, indent=2, default=repr))
+    episodes = run_dir / "episodes.csv"
+    if args.resume is not None and (args.resume.parent / "episodes.csv").is_file():
+        shutil.copyfile(args.resume.parent / "episodes.csv", episodes)  # one continuous curve
+    model.set_logger(configure(str(run_dir), ["csv", "tensorboard"]))
+    checkpoint = run_dir / "checkpoint.zip"
+    callbacks = [EpisodeLog(episodes),
+                 PeriodicCheckpoint(args.checkpoint_every,
+                                    lambda: save_checkpoint(model, checkpoint, metadata))]
+    if not args.no_progress:
+        callbacks.insert(0, ScoreProgressBar(config.timesteps))
+    remaining = config.timesteps - model.num_timesteps
+    print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
+          f"{config.timesteps:,} timesteps, device {model.device}; run folder {run_dir}")
+    try:
+        if remaining > 0:
+            model.learn(remaining, callback=CallbackList(callbacks),
+                        reset_num_timesteps=args.resume is None)
+    except KeyboardInterrupt:
+        save_checkpoint(model, checkpoint, metadata)
+        print(f"\nngrl.train: interrupted at {model.num_timesteps:,} timesteps; resume with "
+              f"--resume {checkpoint}", file=sys.stderr)
+        return 130
+    save_checkpoint(model, run_dir / "model.zip", metadata)
+    print(f"model: {run_dir / 'model.zip'}")
+    if episodes.is_file():
+        curve = run_dir / "learning_curve.png"
+        plot_learning_curve([episodes], curve, f"{args.algo} on {config.env.gym_id}")
+        print(f"curve: {curve}")
+    if args.eval_episodes:
+        result = _evaluate(model, config, args.seed, args.eval_episodes)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        print(f"eval: {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
+              f"{args.eval_episodes} episodes")
+    model.get_env().close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
