@@ -1,0 +1,220 @@
+"""ACKTR against SB3's A2C and PPO and sb3-contrib's TRPO: sample efficiency and wall-clock.
+
+Every algorithm runs with its preset (agents/presets.toml; TRPO with rl-zoo3's settings
+for sb3-contrib), the same timesteps, the same number of environments and the same seeds,
+in this one process, one after the other. Reported per environment and algorithm: the
+timesteps until the mean return of the last 20 training episodes first reaches the
+threshold, the final return (20 evaluation episodes), and the wall-clock per 1000
+timesteps; medians over seeds. Writes a JSON file, a Markdown table and a PNG of the
+learning curves.
+
+    python scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic
+    python scripts/compare_rl.py --suite breakout --seeds 1 --timesteps 400000 \
+        --out docs/compare_rl_breakout
+
+Needs the bench extra for TRPO (`pip install -e .[bench]`); without it TRPO is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
+from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from agents.callbacks import EpisodeLog  # noqa: E402
+from agents.plots import read_episodes, rolling_mean  # noqa: E402
+from agents.presets import algorithm_class, resolve_config  # noqa: E402
+from envs import make_vec_env, resolve  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Task:
+    env: str
+    timesteps: int
+    n_envs: int
+    threshold: float
+
+
+SUITES: dict[str, list[Task]] = {
+    "classic": [
+        Task("CartPole", 100_000, 8, 475.0),
+        Task("InvertedPendulum", 100_000, 8, 950.0),
+    ],
+    "breakout": [Task("Breakout", 400_000, 32, 10.0)],
+}
+ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c"]}
+WINDOW = 20
+
+
+def build(algo: str, task: Task, seed: int) -> Any:
+    """The model of ``algo`` for ``task``, with its preset and the shared budget."""
+    spec = resolve(task.env)
+    config = resolve_config("trpo" if algo == "trpo-sb3" else algo, spec, [])
+    env = make_vec_env(spec.gym_id, task.n_envs, seed=seed)
+    if config.normalize:
+        env = VecNormalize(env)
+    if algo == "trpo-sb3":
+        from sb3_contrib import TRPO
+
+        # sb3-contrib's TRPO with the preset's rollout and critic settings.
+        keys = ("n_steps", "batch_size", "gamma", "gae_lambda", "target_kl", "cg_max_steps",
+                "n_critic_updates", "learning_rate")
+        kwargs = {k: v for k, v in config.algorithm_kwargs().items() if k in keys}
+        return TRPO(config.policy, env, seed=seed, device="cpu", **kwargs)
+    return algorithm_class(algo)(config.policy, env, seed=seed, device="cpu",
+                                 **config.algorithm_kwargs())
+
+
+def evaluate(model: Any, task: Task, seed: int) -> float:
+    spec = resolve(task.env)
+    env = make_vec_env(spec.gym_id, 4, seed=seed + 10_000)
+    train_env = model.get_env()
+    if isinstance(train_env, VecNormalize):
+        env = VecNormalize(env, training=False, norm_reward=False)
+        env.obs_rms = train_env.obs_rms
+    returns, _ = evaluate_policy(model, env, n_eval_episodes=20,
+                                 deterministic=spec.family != "atari",
+                                 return_episode_rewards=True)
+    env.close()
+    return float(np.mean(returns))
+
+
+def steps_to_threshold(steps: np.ndarray, returns: np.ndarray, threshold: float) -> float | None:
+    if len(returns) == 0:
+        return None
+    reached = np.nonzero(rolling_mean(returns, WINDOW) >= threshold)[0]
+    return float(steps[reached[0]]) if len(reached) else None
+
+
+def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
+    model = build(algo, task, seed)
+    log = folder / f"{algo}-{task.env}-s{seed}.csv"
+    start = time.perf_counter()
+    model.learn(task.timesteps, callback=EpisodeLog(log))
+    seconds = time.perf_counter() - start
+    steps, returns = read_episodes(log)
+    result = {
+        "algo": algo, "env": task.env, "seed": seed, "timesteps": task.timesteps,
+        "n_envs": task.n_envs, "seconds": seconds,
+        "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
+        "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
+        "final_return": evaluate(model, task, seed),
+        "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
+    }
+    model.get_env().close()
+    return result
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median over seeds; a seed that never reached the threshold counts as infinity."""
+    numbers = [np.inf if v is None else v for v in values]
+    value = float(np.median(numbers))
+    return None if not np.isfinite(value) else value
+
+
+def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> str:
+    lines = ["| env | algorithm | seeds | steps to threshold (median) | final return (median) "
+             "| ms per 1000 steps (median) | ÷ A2C wall-clock | ÷ A2C steps to threshold |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for task in tasks:
+        rows = {a: [r for r in results if r["algo"] == a and r["env"] == task.env] for a in algos}
+        a2c_ms = _median([r["ms_per_1000_steps"] for r in rows.get("a2c", [])])
+        a2c_steps = _median([r["steps_to_threshold"] for r in rows.get("a2c", [])])
+        for algo in algos:
+            if not rows[algo]:
+                continue
+            ms = _median([r["ms_per_1000_steps"] for r in rows[algo]])
+            steps = _median([r["steps_to_threshold"] for r in rows[algo]])
+            final = _median([r["final_return"] for r in rows[algo]])
+            reached = sum(r["steps_to_threshold"] is not None for r in rows[algo])
+            ratio_ms = f"{ms / a2c_ms:.2f}" if ms and a2c_ms else "—"
+            ratio_steps = f"{steps / a2c_steps:.2f}" if steps and a2c_steps else "—"
+            steps_text = f"{steps:,.0f}" if steps is not None else "not reached"
+            lines.append(
+                f"| {task.env} (≥ {task.threshold:g}) | {algo} | {reached}/{len(rows[algo])} reached "
+                f"| {steps_text} | {final:.1f} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png: Path) -> None:
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        grid = np.linspace(0, task.timesteps, 200)
+        for index, algo in enumerate(algos):
+            curves = []
+            for r in results:
+                if r["algo"] == algo and r["env"] == task.env and r["curve_steps"]:
+                    smooth = rolling_mean(np.array(r["curve_returns"]), WINDOW)
+                    curves.append(np.interp(grid, r["curve_steps"], smooth, left=np.nan))
+            if not curves:
+                continue
+            stack = np.array(curves)
+            ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
+            if len(curves) > 1:
+                ax.fill_between(grid, np.nanmin(stack, 0), np.nanmax(stack, 0),
+                                color=f"C{index}", alpha=0.15)
+        ax.axhline(task.threshold, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(f"{task.env} ({task.n_envs} envs)")
+        ax.set_xlabel("timesteps")
+        ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="classic",
+                        help="classic: CartPole and InvertedPendulum; breakout: Breakout")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
+    parser.add_argument("--timesteps", type=int, help="override every task's budget")
+    parser.add_argument("--algos", help="comma-separated subset of the suite's algorithms")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output prefix: writes OUT.json, OUT.md and OUT.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    tasks = [Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold)
+             for t in SUITES[args.suite]]
+    algos = args.algos.split(",") if args.algos else ALGOS[args.suite]
+    if "trpo-sb3" in algos:
+        try:
+            import sb3_contrib  # noqa: F401
+        except ImportError:
+            print("compare_rl: sb3-contrib is not installed (pip install -e .[bench]); "
+                  "skipping TRPO", file=sys.stderr)
+            algos.remove("trpo-sb3")
+    jobs = [(a, t, s) for t in tasks for s in range(args.seeds) for a in algos]
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for algo, task, seed in tqdm(jobs, desc="runs", unit="run"):
+            results.append(run(algo, task, seed, Path(folder)))
+    table = summarise(results, tasks, algos)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"command": sys.argv, "torch_threads": 1, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(results, tasks, algos, args.out.with_suffix(".png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

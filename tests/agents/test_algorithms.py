@@ -1,0 +1,113 @@
+"""ACKTR and NPG as SB3 users use them: learn, callbacks, evaluate_policy, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+
+from agents import ACKTR, NPG
+from envs import make_vec_env
+
+# Budgets: ACKTR 100k steps (8 envs × 20 steps, the SB2 zoo CartPole setting) and NPG
+# 100k steps (8 envs × 256 steps) each take 8–12 s on one core of the development VM.
+SOLVED = 475.0
+
+
+def evaluate(model: object, episodes: int = 20) -> float:
+    env = make_vec_env("CartPole", 4, seed=1000)
+    mean, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=True)
+    return float(mean)
+
+
+def test_acktr_solves_cartpole() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 8, seed=0), ent_coef=0.0, seed=0)
+    model.learn(100_000)
+    assert evaluate(model) >= SOLVED
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"line_search": True}, {"preconditioner": "kfac"}],
+    ids=["npg", "trpo", "npg-kfac"],
+)
+def test_npg_solves_cartpole(options: dict) -> None:
+    model = NPG("MlpPolicy", make_vec_env("CartPole", 8, seed=0), n_steps=256, seed=0, **options)
+    model.learn(100_000)
+    assert evaluate(model) >= SOLVED
+
+
+@pytest.mark.slow
+def test_npg_with_a_kfac_critic_solves_cartpole() -> None:
+    model = NPG("MlpPolicy", make_vec_env("CartPole", 8, seed=0), n_steps=256, seed=0, critic="kfac")
+    model.learn(100_000)
+    assert evaluate(model) >= SOLVED
+
+
+def test_acktr_improves_a_continuous_task() -> None:
+    """InvertedPendulum with the continuous recipe: the return rises within 30k steps."""
+    env = make_vec_env("InvertedPendulum", 4, seed=0)
+    model = ACKTR("MlpPolicy", env, n_steps=64, learning_rate=0.03, target_kl=0.002,
+                  kl_clip=0.01, gae_lambda=0.97, ent_coef=0.0, normalize_advantage=True,
+                  cold_start_steps=1, seed=0)
+    before = evaluate_policy(model, make_vec_env("InvertedPendulum", 4, seed=99), 8)[0]
+    model.learn(30_000)
+    after = evaluate_policy(model, make_vec_env("InvertedPendulum", 4, seed=99), 8)[0]
+    assert after > 3 * before
+
+
+def test_callbacks_are_called_like_in_sb3() -> None:
+    class Count(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps = self.rollouts = 0
+
+        def _on_step(self) -> bool:
+            self.steps += 1
+            return True
+
+        def _on_rollout_end(self) -> None:
+            self.rollouts += 1
+
+    callback = Count()
+    ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=5).learn(100, callback=callback)
+    assert (callback.steps, callback.rollouts) == (50, 10)
+
+
+@pytest.mark.parametrize("algorithm", [ACKTR, NPG])
+def test_same_seed_gives_identical_parameters(algorithm: type) -> None:
+    def train() -> list[torch.Tensor]:
+        kwargs = {"n_steps": 32} if algorithm is NPG else {}
+        model = algorithm("MlpPolicy", make_vec_env("CartPole", 2, seed=3), seed=3, **kwargs)
+        model.learn(640)
+        return [p.detach().clone() for p in model.policy.parameters()]
+
+    for a, b in zip(train(), train(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kwargs", "match"),
+    [
+        (ACKTR, {"kl_clip": -1.0}, "Invalid kl_clip"),
+        (ACKTR, {"cold_start_steps": -1}, "Invalid cold_start_steps"),
+        (ACKTR, {"target_kl": 0.0}, "Invalid target_kl"),
+        (ACKTR, {"curvature": "nope"}, "Invalid curvature.*kfac"),
+        (ACKTR, {"policy_kwargs": {"kfac_kwargs": {}}}, "Invalid policy_kwargs"),
+        (NPG, {"critic": "sgd"}, "Invalid critic"),
+        (NPG, {"preconditioner": "lbfgs"}, "Invalid preconditioner"),
+        (NPG, {"target_kl": -0.1}, "Invalid target_kl"),
+    ],
+)
+def test_bad_arguments_are_value_errors_naming_them(algorithm: type, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        algorithm("MlpPolicy", make_vec_env("CartPole", 1, seed=0), **kwargs)
+
+
+def test_cold_start_then_kfac_steps() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=5, cold_start_steps=3)
+    model.learn(50)  # 5 updates
+    assert model.policy.optimizer.steps == 2
+    assert np.isfinite([p.detach().sum().item() for p in model.policy.parameters()]).all()

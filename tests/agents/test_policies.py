@@ -1,0 +1,68 @@
+"""The K-FAC policies inside SB3's own algorithms, and their checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO
+
+from agents import ACKTR
+from agents.policies import KFACActorCriticPolicy
+from envs import make_vec_env
+from ngrl import KFAC
+
+
+@pytest.mark.parametrize("algorithm", [A2C, PPO])
+def test_policy_runs_inside_sb3_and_captures_statistics(algorithm: type) -> None:
+    env = make_vec_env("CartPole", 2, seed=0)
+    kwargs = {"use_rms_prop": False} if algorithm is A2C else {"n_steps": 64, "batch_size": 64, "n_epochs": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no optimizer_class warning, no uncaptured warning
+        model = algorithm(KFACActorCriticPolicy, env, seed=0, **kwargs)
+        before = [p.detach().clone() for p in model.policy.parameters()]
+        model.learn(256)
+    optimizer = model.policy.optimizer
+    assert isinstance(optimizer, KFAC)
+    assert optimizer.steps > 0
+    assert all(block.initialized for block in optimizer.blocks.values())
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_a2c_optimizer_choice_is_reported_not_silently_dropped() -> None:
+    env = make_vec_env("CartPole", 1, seed=0)
+    with pytest.warns(UserWarning, match="RMSprop"):
+        A2C(KFACActorCriticPolicy, env)  # A2C hands its RMSprop to the policy
+
+
+def test_continuous_policy_gives_log_std_a_diagonal_block() -> None:
+    env = make_vec_env("Pendulum", 2, seed=0)
+    model = ACKTR("MlpPolicy", env, n_steps=8, seed=0, cold_start_steps=0)
+    model.learn(64)
+    block = model.policy.optimizer.blocks[""]  # the policy module itself owns log_std
+    assert block.shape == (1,)
+    assert block.initialized
+
+
+def test_save_load_round_trip_keeps_predictions_and_kfac_factors(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole", 2, seed=0)
+    model = ACKTR("MlpPolicy", env, seed=0, cold_start_steps=2)
+    model.learn(400)
+    model.save(tmp_path / "model.zip")
+    loaded = ACKTR.load(tmp_path / "model.zip", env=env)
+
+    obs = env.reset()
+    np.testing.assert_array_equal(
+        model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0]
+    )
+    saved_state = model.policy.optimizer.state_dict()
+    loaded_state = loaded.policy.optimizer.state_dict()
+    assert saved_state["param_groups"][0]["step"] == loaded_state["param_groups"][0]["step"] > 0
+    for index, entry in saved_state["state"].items():
+        for key in ("a_factor", "g_factor", "momentum_buffer"):
+            if key in entry:
+                torch.testing.assert_close(loaded_state["state"][index][key], entry[key], rtol=0, atol=0)
+    assert loaded.kl_clip == model.kl_clip and loaded._n_updates == model._n_updates

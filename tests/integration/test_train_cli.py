@@ -1,0 +1,154 @@
+"""`python -m ngrl.train`: every algorithm runs, resumes, and rejects bad input cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents import ACKTR
+from ngrl.train import main
+
+SMALL = ["--n-envs", "2", "--no-progress", "--eval-episodes", "2"]
+# Enough for a few updates of every algorithm on 2 environments.
+ALGO_SETTINGS = {
+    "acktr": ["--set", "n_steps=8"],
+    "npg": ["--set", "n_steps=64", "--set", "batch_size=64"],
+    "trpo": ["--set", "n_steps=64", "--set", "batch_size=64"],
+    "a2c": [],
+    "ppo": ["--set", "n_steps=64", "--set", "batch_size=64", "--set", "n_epochs=1"],
+}
+
+
+def train(tmp_path: Path, name: str, *args: str) -> tuple[int, Path]:
+    run_dir = tmp_path / name
+    return main([*args, "--log-dir", str(run_dir)]), run_dir
+
+
+@pytest.mark.parametrize("algo", sorted(ALGO_SETTINGS))
+def test_every_algorithm_trains_and_writes_its_run_folder(algo: str, tmp_path: Path) -> None:
+    code, run_dir = train(tmp_path, algo, algo, "--env", "CartPole", "--timesteps", "384",
+                          *SMALL, *ALGO_SETTINGS[algo])
+    assert code == 0
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "progress.csv", "episodes.csv", "model.zip", "eval.json",
+            "learning_curve.png"} <= files
+    assert any(name.startswith("events.out.tfevents") for name in files)
+    assert not any(name.endswith(".part") for name in files)
+    assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["algo"] == algo
+
+
+def test_acktr_on_atari_through_the_cli(tmp_path: Path) -> None:
+    code, run_dir = train(tmp_path, "atari", "acktr", "--env", "Breakout", "--timesteps", "160",
+                          "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
+                          "--set", "n_steps=8")
+    assert code == 0
+    model = ACKTR.load(run_dir / "model.zip")
+    assert type(model.policy).__name__ == "KFACActorCriticCnnPolicy"
+    assert model.policy.optimizer.blocks["features_extractor.cnn.0"].initialized
+
+
+def test_set_reaches_kfac_options(tmp_path: Path) -> None:
+    code, run_dir = train(tmp_path, "set", "acktr", "--env", "CartPole", "--timesteps", "64",
+                          *SMALL, "--set", "n_steps=8", "--set", "curvature=diag",
+                          "--set", "kfac_kwargs.stats_batch_size=4")
+    assert code == 0
+    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    assert optimizer.curvature == "diag"
+    assert optimizer._capture.batch_size == 4
+
+
+def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> None:
+    args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--set",
+            "cold_start_steps=1"]
+    assert train(tmp_path, "first", *args, "--timesteps", "160")[0] == 0
+    first = ACKTR.load(tmp_path / "first" / "model.zip")
+    code, second_dir = train(tmp_path, "second", *args, "--timesteps", "320",
+                             "--resume", str(tmp_path / "first" / "model.zip"))
+    assert code == 0
+    second = ACKTR.load(second_dir / "model.zip")
+    assert (first.num_timesteps, second.num_timesteps) == (160, 320)
+    assert second._n_updates == 2 * first._n_updates
+    # Cold start is not repeated: every resumed update was a K-FAC step.
+    assert second.policy.optimizer.steps == first.policy.optimizer.steps + first._n_updates
+    # The curve continues the first run's episodes.
+    first_rows = (tmp_path / "first" / "episodes.csv").read_text().splitlines()
+    assert (second_dir / "episodes.csv").read_text().splitlines()[: len(first_rows)] == first_rows
+    # Resumed with no steps left, the saved factors come back bit for bit.
+    code, same_dir = train(tmp_path, "same", *args, "--timesteps", "160",
+                           "--resume", str(tmp_path / "first" / "model.zip"))
+    assert code == 0
+    same = ACKTR.load(same_dir / "model.zip").policy.optimizer.state_dict()["state"]
+    for index, entry in first.policy.optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(same[index][key], value), key
+
+
+def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    run_dir = tmp_path / "bad"
+    code = main([*args, "--log-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("ngrl.train: error:")
+    assert not run_dir.exists()
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["acktrr", "--env", "CartPole"], "unknown algorithm 'acktrr'; choose one of: acktr"),
+        (["acktr", "--env", "CartPoel"], "CartPole"),
+        (["acktr", "--env", "CartPole", "--set", "kl_clipp=0.1"], "no hyperparameter 'kl_clipp'; did you mean kl_clip"),
+        (["acktr", "--env", "CartPole", "--set", "n_steps=2.5"], "'n_steps' takes an integer"),
+        (["acktr", "--env", "CartPole", "--set", "normalize_advantage=1"], "true or false"),
+        (["acktr", "--env", "CartPole", "--set", "kl_clip=-1"], "Invalid kl_clip"),
+        (["acktr", "--env", "CartPole", "--set", "kfac_kwargs.weight_sharing=x"], "Invalid weight_sharing"),
+        (["acktr", "--env", "CartPole", "--timesteps", "0"], "--timesteps must be >= 1"),
+        (["acktr", "--env", "CartPole", "--resume", "missing.zip"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in run_bad(tmp_path, capsys, *args)
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a model")
+    assert "not a saved model" in run_bad(tmp_path, capsys, "acktr", "--env", "CartPole",
+                                           "--resume", str(corrupt))
+    assert train(tmp_path, "a2c", "a2c", "--env", "CartPole", "--timesteps", "40", *SMALL)[0] == 0
+    capsys.readouterr()
+    a2c_model = str(tmp_path / "a2c" / "model.zip")
+    assert "is a a2c run on CartPole-v1, not acktr" in run_bad(
+        tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model)
+    assert "not a2c on Acrobot" in run_bad(
+        tmp_path, capsys, "a2c", "--env", "Acrobot", "--resume", a2c_model)
+
+
+def test_an_existing_run_folder_is_never_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "model.zip").write_text("precious")
+    code = main(["acktr", "--env", "CartPole", "--log-dir", str(run_dir), "--no-progress"])
+    assert code == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (run_dir / "model.zip").read_text() == "precious"
+
+
+def test_help_lists_hyperparameters_with_defaults() -> None:
+    out = subprocess.run([sys.executable, "-m", "ngrl.train", "acktr", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for text in ("--env", "--resume", "--set", "kl_clip = 0.001", "vf_fisher_coef = 1.0"):
+        assert text in out
