@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# K-FAC vs SGD vs Adam on a small classifier (seconds), then ACKTR on Breakout through
+# the CLI with a budget of a few minutes on 2 cores; the CLI prints where the learning
+# curve and the model are.
+DEMO_TIMESTEPS ?= 150000
 demo: $(STAMP)
 	$(PY) scripts/demo_kfac_vs_sgd.py
+	$(PY) -m ngrl.train acktr --env Breakout --timesteps $(DEMO_TIMESTEPS) --eval-episodes 5
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow and not gpu and not benchmark" -q
@@ -26,8 +31,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_optimizer.py
 	$(PY) scripts/bench_envs.py
+	$(PY) scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -22,3 +22,15 @@ def test_readme_example_runs_and_lowers_the_loss() -> None:
         final = F.cross_entropy(model(x), y)
     assert namespace["opt"].steps == 20
     assert float(final) < 1.09  # labels are random: chance-level loss is log(3) ≈ 1.0986
+
+
+def test_readme_acktr_example_solves_cartpole(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    code = re.search(
+        r"## ACKTR for Stable-Baselines3 users\n\n```python\n(.*?)```", README.read_text(), re.S
+    )
+    assert code is not None, "README lost its ACKTR example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.group(1), str(README), "exec"), namespace)
+    assert (tmp_path / "acktr_cartpole.zip").is_file()
+    assert namespace["mean_return"] >= 475
