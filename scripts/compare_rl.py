@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,10 +166,12 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
             if not curves:
                 continue
             stack = np.array(curves)
-            ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
-            if len(curves) > 1:
-                ax.fill_between(grid, np.nanmin(stack, 0), np.nanmax(stack, 0),
-                                color=f"C{index}", alpha=0.15)
+            with warnings.catch_warnings():  # grid points before any seed's first episode
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
+                if len(curves) > 1:
+                    ax.fill_between(grid, np.nanmin(stack, 0), np.nanmax(stack, 0),
+                                    color=f"C{index}", alpha=0.15)
         ax.axhline(task.threshold, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"{task.env} ({task.n_envs} envs)")
         ax.set_xlabel("timesteps")

@@ -39,7 +39,6 @@ def test_npg_solves_cartpole(options: dict) -> None:
     assert evaluate(model) >= SOLVED
 
 
-@pytest.mark.slow
 def test_npg_with_a_kfac_critic_solves_cartpole() -> None:
     model = NPG("MlpPolicy", make_vec_env("CartPole", 8, seed=0), n_steps=256, seed=0, critic="kfac")
     model.learn(100_000)
