@@ -121,6 +121,11 @@ def _check_type(key: str, value: Any, reference: Any) -> None:
 
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     schedule = isinstance(value, str) and value.startswith("lin_")
+    if schedule:
+        try:
+            float(value[4:])
+        except ValueError:
+            fail("lin_X with X a number")
     if reference is None:
         return
     if isinstance(reference, bool):

@@ -108,6 +108,7 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
         (["acktr", "--env", "CartPole", "--set", "n_steps=2.5"], "'n_steps' takes an integer"),
         (["acktr", "--env", "CartPole", "--set", "normalize_advantage=1"], "true or false"),
         (["acktr", "--env", "CartPole", "--set", "kl_clip=-1"], "Invalid kl_clip"),
+        (["acktr", "--env", "CartPole", "--set", "learning_rate=lin_fast"], "'learning_rate' takes lin_X"),
         (["acktr", "--env", "CartPole", "--set", "kfac_kwargs.weight_sharing=x"], "Invalid weight_sharing"),
         (["acktr", "--env", "CartPole", "--timesteps", "0"], "--timesteps must be >= 1"),
         (["acktr", "--env", "CartPole", "--resume", "missing.zip"], "does not exist"),
