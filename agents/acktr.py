@@ -33,7 +33,7 @@ class ACKTR(OnPolicyAlgorithm):
 
     .. code-block:: text
 
-        1. statistics: backward of  −log π(â|s) + c·½(V(s) − v̂)²,  â ~ π(·|s), v̂ ~ N(V(s), 1)
+        1. statistics: backward of  −log π(â|s) + c·(V(s) − v̂)²,  â ~ π(·|s), v̂ ~ N(V(s), 1)
            inside opt.capture()  (the true Fisher of policy and value, c = vf_fisher_coef)
         2. gradient:   ∇ of  −Â·log π(a|s) + vf_coef·(R − V(s))² − ent_coef·H[π(·|s)]
         3. step:       X = (F̂ + λI)⁻¹∇,  ν = min(1, sqrt(kl_clip / (lr² Σ⟨X, ∇⟩))),

@@ -38,10 +38,11 @@ __all__ = [
 class KFACActorCriticPolicy(ActorCriticPolicy):
     """SB3's actor-critic policy (MLP features) trained by :class:`ngrl.optim.KFAC`.
 
-    The Fisher is that of the joint model ``p(a, v | s) = π(a | s) · N(v; V(s), 1/c²)``
+    The Fisher is that of the joint model ``p(a, v | s) = π(a | s) · N(v; V(s), 1/(4c²))``
     (ACKTR, Wu et al. 2017): its statistics come from the backward pass of
-    ``fisher_loss(π(·|s)) + c · fisher_loss(V(s), "gaussian")``, with actions sampled from
-    the current policy and ``c = vf_fisher_coef``. Continuous actions use SB3's diagonal
+    ``−log π(â|s) + c·(V(s) − v̂)²`` with ``â ~ π(·|s)``, ``v̂ ~ N(V(s), 1)`` and
+    ``c = vf_fisher_coef``, the value term exactly as openai/baselines and ikostrikov's
+    port write it (so ``c = 1`` gives their value Fisher). Continuous actions use SB3's diagonal
     Gaussian with a state-independent log standard deviation (a parameter of the policy,
     which gets a diagonal curvature block).
 
@@ -123,7 +124,8 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         else:
             loss = fisher_loss(torch_distribution)
         if coef != 0.0:
-            loss = loss + coef * fisher_loss(values, kind="gaussian")
+            # fisher_loss(..., "gaussian") is ½(V − v̂)²; baselines' term is c·(V − v̂)².
+            loss = loss + (2.0 * coef) * fisher_loss(values, kind="gaussian")
         self.optimizer.capture_backward(loss)
 
     def evaluate_actions(
