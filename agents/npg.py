@@ -28,6 +28,7 @@ from agents.policies import (
 )
 from ngrl import KFAC, fisher_loss
 from ngrl.optim import conjugate_gradient, fisher_vector_product, flat_grad
+from ngrl.optim.hyperparams import check_choice
 
 __all__ = ["NPG"]
 
@@ -122,12 +123,8 @@ class NPG(OnPolicyAlgorithm):
         device: torch.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        for name, value, choices in (
-            ("critic", critic, ("adam", "kfac")),
-            ("preconditioner", preconditioner, ("cg", "kfac")),
-        ):
-            if value not in choices:
-                raise ValueError(f"Invalid {name} value: {value!r} (use one of {choices})")
+        check_choice("critic", critic, ("adam", "kfac"))
+        check_choice("preconditioner", preconditioner, ("cg", "kfac"))
         for name, value in (("target_kl", target_kl), ("cg_damping", cg_damping)):
             if not value > 0.0:
                 raise ValueError(f"Invalid {name} value: {value!r} (must be > 0)")
