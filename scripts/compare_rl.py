@@ -153,6 +153,13 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
     return "\n".join(lines)
 
 
+def results_json(command: list[str], results: list[dict[str, Any]]) -> str:
+    """Every run with its curve, one run per line (the curves are long)."""
+    runs = ",\n  ".join(json.dumps(r) for r in results)
+    return (f'{{"command": {json.dumps(command)}, "torch_threads": 1, '
+            f'"results": [\n  {runs}\n]}}\n')
+
+
 def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png: Path) -> None:
     figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -211,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run(algo, task, seed, Path(folder)))
     table = summarise(results, tasks, algos)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": sys.argv, "torch_threads": 1, "results": results}, indent=1))
+    args.out.with_suffix(".json").write_text(results_json(sys.argv, results))
     args.out.with_suffix(".md").write_text(table + "\n")
     plot(results, tasks, algos, args.out.with_suffix(".png"))
     print(table)
