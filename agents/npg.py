@@ -218,9 +218,9 @@ class NPG(OnPolicyAlgorithm):
         kfac = self.actor_kfac
         if kfac.capture_due:
             kfac.capture_backward(fisher_loss(distribution.distribution))
-        offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in self.actor_params]), 0)
-        for param, start, end in zip(self.actor_params, offsets[:-1], offsets[1:], strict=True):
-            param.grad = policy_gradient[start:end].view_as(param).clone()
+        parts = policy_gradient.split([p.numel() for p in self.actor_params])
+        for param, part in zip(self.actor_params, parts, strict=True):
+            param.grad = part.view_as(param).clone()
         if not kfac.precondition_():
             return torch.zeros_like(policy_gradient)
         return torch.cat([p.grad.reshape(-1) for p in self.actor_params])

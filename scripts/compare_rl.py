@@ -33,11 +33,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from agents.callbacks import EpisodeLog  # noqa: E402
+from agents.evaluation import evaluate  # noqa: E402
 from agents.plots import read_episodes, rolling_mean  # noqa: E402
 from agents.presets import algorithm_class, resolve_config  # noqa: E402
 from envs import make_vec_env, resolve  # noqa: E402
@@ -81,20 +81,6 @@ def build(algo: str, task: Task, seed: int) -> Any:
                                  **config.algorithm_kwargs())
 
 
-def evaluate(model: Any, task: Task, seed: int) -> float:
-    spec = resolve(task.env)
-    env = make_vec_env(spec.gym_id, 4, seed=seed + 10_000)
-    train_env = model.get_env()
-    if isinstance(train_env, VecNormalize):
-        env = VecNormalize(env, training=False, norm_reward=False)
-        env.obs_rms = train_env.obs_rms
-    returns, _ = evaluate_policy(model, env, n_eval_episodes=20,
-                                 deterministic=spec.family != "atari",
-                                 return_episode_rewards=True)
-    env.close()
-    return float(np.mean(returns))
-
-
 def steps_to_threshold(steps: np.ndarray, returns: np.ndarray, threshold: float) -> float | None:
     if len(returns) == 0:
         return None
@@ -114,7 +100,7 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
         "n_envs": task.n_envs, "seconds": seconds,
         "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
         "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
-        "final_return": evaluate(model, task, seed),
+        "final_return": evaluate(model, task.env, 20, seed + 10_000)["mean_return"],
         "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
     }
     model.get_env().close()
