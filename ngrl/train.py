@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["main"]
@@ -109,13 +108,13 @@ def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
     return run_dir
 
 
-def _make_env(config: Any, seed: int, resume: Path | None, n_envs: int | None = None) -> Any:
+def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
     from agents.checkpoints import normalizer_path
     from envs import make_vec_env
 
-    env = make_vec_env(config.env.gym_id, n_envs or config.n_envs, seed=seed)
+    env = make_vec_env(config.env.gym_id, config.n_envs, seed=seed)
     if not config.normalize:
         return env
     saved = normalizer_path(resume) if resume is not None else None
@@ -124,36 +123,9 @@ def _make_env(config: Any, seed: int, resume: Path | None, n_envs: int | None = 
     return VecNormalize(env)
 
 
-def _evaluate(model: Any, config: Any, seed: int, episodes: int) -> dict[str, Any]:
-    from stable_baselines3.common.evaluation import evaluate_policy
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    env = _make_env(config, seed + 10_000, None, n_envs=min(episodes, 8))
-    train_env = model.get_env()
-    if isinstance(env, VecNormalize) and isinstance(train_env, VecNormalize):
-        env.obs_rms = train_env.obs_rms
-        env.training = False
-        env.norm_reward = False
-    # Atari agents are scored with the stochastic policy (rl-zoo3's convention).
-    deterministic = config.env.family != "atari"
-    returns, lengths = evaluate_policy(
-        model, env, n_eval_episodes=episodes, deterministic=deterministic,
-        return_episode_rewards=True,
-    )
-    env.close()
-    return {
-        "episodes": episodes,
-        "deterministic": deterministic,
-        "mean_return": float(np.mean(returns)),
-        "std_return": float(np.std(returns)),
-        "returns": [float(r) for r in returns],
-        "lengths": [int(n) for n in lengths],
-    }
-
-
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """Everything that can fail on bad input, before a file is written: (config, model, dir)."""
-    from agents.checkpoints import read_run_metadata
+    from agents.checkpoints import normalizer_path, read_run_metadata
     from agents.presets import algorithm_class, parse_override, resolve_config
     from envs import resolve
 
@@ -167,6 +139,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     if args.resume is not None:
+        if overrides:
+            raise UsageError(
+                "--set cannot change the hyperparameters of a resumed run (they come from "
+                "the checkpoint); start a new run to change them"
+            )
         metadata = read_run_metadata(args.resume)
         if (metadata.get("algo"), metadata.get("env")) != (args.algo, spec.gym_id):
             raise UsageError(
@@ -179,6 +156,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     if args.n_envs is not None:
         config.n_envs = args.n_envs
     _check_positive("n_envs", config.n_envs)
+    if args.resume is not None:  # the checkpoint decides, not today's preset
+        config.normalize = normalizer_path(args.resume).is_file()
     run_dir = _run_dir(args, spec.gym_id)
     env = _make_env(config, args.seed, args.resume)
     try:
@@ -208,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from agents.callbacks import EpisodeLog, PeriodicCheckpoint, ScoreProgressBar
     from agents.checkpoints import save_checkpoint
+    from agents.evaluation import evaluate
     from agents.plots import plot_learning_curve
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         **metadata, "seed": args.seed, "n_envs": config.n_envs, "timesteps": config.timesteps,
         "policy": config.policy, "normalize": config.normalize, "device": str(model.device),
         "resumed_from": str(args.resume) if args.resume else None,
-        "hyperparameters": config.hyperparameters, "command": sys.argv,
+        # A resumed run keeps the hyperparameters saved in its checkpoint.
+        "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
+        "command": sys.argv,
     }, indent=2, default=repr))
     episodes = run_dir / "episodes.csv"
     if args.resume is not None and (args.resume.parent / "episodes.csv").is_file():
@@ -247,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_learning_curve([episodes], curve, f"{args.algo} on {config.env.gym_id}")
         print(f"curve: {curve}")
     if args.eval_episodes:
-        result = _evaluate(model, config, args.seed, args.eval_episodes)
+        result = evaluate(model, config.env.gym_id, args.eval_episodes, args.seed + 10_000)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         print(f"eval: {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
               f"{args.eval_episodes} episodes")

@@ -64,9 +64,9 @@ def test_set_reaches_kfac_options(tmp_path: Path) -> None:
 
 
 def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> None:
-    args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--set",
-            "cold_start_steps=1"]
-    assert train(tmp_path, "first", *args, "--timesteps", "160")[0] == 0
+    args = ["acktr", "--env", "CartPole", *SMALL]  # a resumed run keeps its hyperparameters
+    assert train(tmp_path, "first", *args, "--timesteps", "160", "--set", "n_steps=8",
+                 "--set", "cold_start_steps=1")[0] == 0
     first = ACKTR.load(tmp_path / "first" / "model.zip")
     code, second_dir = train(tmp_path, "second", *args, "--timesteps", "320",
                              "--resume", str(tmp_path / "first" / "model.zip"))
@@ -134,6 +134,17 @@ def test_corrupt_or_foreign_checkpoints_are_refused(
         tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model)
     assert "not a2c on Acrobot" in run_bad(
         tmp_path, capsys, "a2c", "--env", "Acrobot", "--resume", a2c_model)
+
+
+def test_resume_refuses_to_change_hyperparameters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "run", "acktr", "--env", "CartPole", "--timesteps", "32", *SMALL,
+                 "--set", "n_steps=8")[0] == 0
+    capsys.readouterr()
+    message = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--resume",
+                      str(tmp_path / "run" / "model.zip"), "--set", "kl_clip=0.1")
+    assert "cannot change the hyperparameters of a resumed run" in message
 
 
 def test_an_existing_run_folder_is_never_overwritten(
