@@ -33,7 +33,9 @@ __all__ = [
     "GenericLayer",
     "Layer",
     "LinearLayer",
+    "example_gradients",
     "find_layers",
+    "squared_gradient_sum",
 ]
 
 Reduction = Literal["mean", "sum"]
@@ -184,6 +186,27 @@ class Conv2dLayer(LinearLayer):
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
         return grad_output.flatten(2).transpose(1, 2)
+
+
+def example_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """Per-example gradients ``∇Ŵ ℓ_n = Σ_t g_{n,t} ā_{n,t}ᵀ``, shape ``(N, d_out, d_in)``.
+
+    ``a`` and ``g`` are the ``"expand"`` statistics of a Kronecker layer,
+    ``(N, T, d_in)`` and ``(N, T, d_out)``, with ``g`` scaled to per-example losses.
+    """
+    return torch.einsum("nto,nti->noi", g, a)
+
+
+def squared_gradient_sum(a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_n (∇Ŵ ℓ_n)²`` (elementwise), shape ``(d_out, d_in)``.
+
+    With one position per example (``T = 1``, any dense layer) this is
+    ``(g²)ᵀ(ā²)``, one matrix product and no per-example tensor; convolutions form the
+    per-example gradients first (no loop over examples either).
+    """
+    if a.shape[1] == 1:
+        return g[:, 0].square().T @ a[:, 0].square()
+    return example_gradients(a, g).square().sum(0)
 
 
 class GenericLayer(Layer):

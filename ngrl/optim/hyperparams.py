@@ -22,6 +22,15 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "inv_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "stats_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    # Variational inference (bayes): a Gaussian posterior over the weights.
+    "dataset_size": (lambda v: v > 0, "> 0"),
+    "prior_precision": (lambda v: v > 0.0, "> 0"),
+    "mc_samples": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "kl_weight": (lambda v: v > 0.0, "> 0"),
+    "hess_init": (lambda v: v > 0.0, "> 0"),
+    "beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
 }
 
 

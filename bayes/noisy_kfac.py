@@ -1,0 +1,186 @@
+"""Noisy K-FAC: a matrix-variate Gaussian posterior per layer from the K-FAC factors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayes.base import VariationalOptimizer
+from bayes.posterior import KroneckerFactors, KroneckerPosterior
+from ngrl.capture import Layer
+from ngrl.curvature import KFACBlock
+from ngrl.curvature.base import symmetric_eigh
+
+__all__ = ["NoisyKFAC"]
+
+# (Q_G, damped eigenvalues of G, Q_A, damped eigenvalues of A) of one layer.
+Eigen = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class NoisyKFAC(VariationalOptimizer):
+    r"""Noisy natural gradient with K-FAC (Zhang, Sun, Duvenaud & Grosse 2018,
+    arXiv:1712.02390): per layer, a matrix-variate Gaussian over ``Ŵ = [W | b]``.
+
+    With ``N = dataset_size / kl_weight`` (the paper's KL weighting), the K-FAC factors
+    ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]`` of ngrl's capture hooks (running averages with
+    ``factor_decay``), and the prior entering as damping, ``γ = prior_precision/N +
+    damping`` split between the factors by the trace rule (π-damping):
+
+    .. code-block:: text
+
+        A_γ = A + π√γ·I,   G_γ = G + (√γ/π)·I,   π² = (tr A / d_in) / (tr G / d_out)
+        q(Ŵ) = MN(M, G_γ⁻¹/N, A_γ⁻¹):  precision N·(G_γ ⊗ A_γ)
+        sample:  Ŵ = M + N^{-1/2}·G_γ^{-1/2} E A_γ^{-1/2},   E ~ N(0, I)
+        m ← (1 − w)·m + w·(ĝ + (prior_precision/N)·M)     w = (1 − μ)/(1 − μᵗ)
+        M ← M − lr · G_γ⁻¹ m A_γ⁻¹
+
+    (the paper writes ``W = M + A^{-1/2} E G^{-1/2}`` for the transposed layout). The
+    statistics are the per-example gradients of the training loss at the sampled weights
+    (the empirical Fisher, as VOGN and SLANG use), taken every ``factor_update_steps``
+    steps; the eigendecompositions are refreshed every ``inv_update_steps`` steps. Before
+    the first statistics the posterior is ``N(M, I/(N·hess_init + prior_precision))``.
+
+    Args:
+        model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
+        dataset_size: number of training examples.
+        lr: step size of the mean.
+        prior_precision: precision of the Gaussian prior ``N(0, I/prior_precision)``.
+        mc_samples: samples per step when :meth:`step` is given a closure.
+        momentum: decay of the (bias-corrected) gradient momentum.
+        damping: extra damping added to the prior's, for stability.
+        factor_decay, factor_update_steps, inv_update_steps: as in :class:`ngrl.optim.KFAC`.
+        hess_init: sets the posterior before the first statistics.
+        kl_weight: the KL weighting (``< 1`` sharpens the posterior).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset_size: float,
+        lr: float = 1e-3,
+        prior_precision: float = 1.0,
+        mc_samples: int = 1,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        factor_decay: float = 0.99,
+        factor_update_steps: int = 1,
+        inv_update_steps: int = 10,
+        hess_init: float = 1.0,
+        kl_weight: float = 1.0,
+    ) -> None:
+        super().__init__(
+            model,
+            dataset_size=dataset_size,
+            lr=lr,
+            prior_precision=prior_precision,
+            mc_samples=mc_samples,
+            kl_weight=kl_weight,
+            hess_init=hess_init,
+            momentum=momentum,
+            damping=damping,
+            factor_decay=factor_decay,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+        )
+        self.blocks: dict[str, KFACBlock] = {
+            layer.name: KFACBlock(layer.shape) for layer in self.layers
+        }
+        self._eigen: dict[str, Eigen] = {}
+
+    # --- statistics ---------------------------------------------------------------------
+    def _capture_due(self) -> bool:
+        return self.steps % int(self.hyperparameter("factor_update_steps")) == 0
+
+    def _record(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
+        self.blocks[layer.name].accumulate(a, g)
+        self._recorded = True
+
+    def _reset_samples(self) -> None:
+        super()._reset_samples()
+        self._recorded = False
+
+    def _statistics_finite(self) -> bool:
+        return all(block.pending_is_finite() for block in self.blocks.values())
+
+    def _discard_step(self) -> None:
+        for block in self.blocks.values():
+            block.discard()
+
+    def _discard_sample(self) -> None:
+        # Statistics go straight into the blocks; a failed sample spoils the whole step's.
+        self._discard_step()
+
+    # --- the posterior ------------------------------------------------------------------
+    @property
+    def total_damping(self) -> float:
+        """``γ = prior_precision / N + damping``: the product of the two factor dampings."""
+        return self.damping + self.hyperparameter("damping")
+
+    def _refresh(self) -> None:
+        gamma = self.total_damping
+        for name, block in self.blocks.items():
+            if not block.initialized:
+                continue
+            assert block.a_factor is not None and block.g_factor is not None
+            a_damping, g_damping = block.factored_damping(gamma)
+            a_values, a_vectors = symmetric_eigh(block.a_factor)
+            g_values, g_vectors = symmetric_eigh(block.g_factor)
+            self._eigen[name] = (g_vectors, g_values + g_damping, a_vectors, a_values + a_damping)
+
+    def _update(self, grad: Tensor, samples: int) -> None:
+        if self._recorded:
+            for block in self.blocks.values():
+                block.commit(self.hyperparameter("factor_decay"))
+            refresh_due = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
+            if refresh_due or len(self._eigen) < len(self.blocks):
+                self._refresh()
+        momentum = self._momentum_direction(grad, self.hyperparameter("momentum"))
+        step = momentum / (self.hyperparameter("hess_init") + self.damping)
+        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+            index = self._index[name]
+            rotated = g_vectors.T @ momentum[index] @ a_vectors
+            rotated /= torch.outer(g_values, a_values)
+            step[index] = g_vectors @ rotated @ a_vectors.T
+        self._add_to_params(step, alpha=-self.hyperparameter("lr"))
+
+    def _noise(self) -> Tensor:
+        noise = torch.randn_like(self.vi_state["momentum"]) * self._isotropic_precision() ** -0.5
+        scale = self.effective_size**-0.5
+        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+            index = self._index[name]
+            # Q_G Z Q_Aᵀ with Z ~ N(0, diag(1/(d_G d_Aᵀ))) has covariance G_γ⁻¹ ⊗ A_γ⁻¹.
+            z = torch.randn_like(index, dtype=noise.dtype) * torch.outer(g_values, a_values).rsqrt()
+            noise[index] = (g_vectors @ z @ a_vectors.T) * scale
+        return noise
+
+    def posterior(self) -> KroneckerPosterior:
+        """Per layer, the factors with their damping, in the eigenbases now in use."""
+        layers = {}
+        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+            layers[name] = KroneckerFactors(
+                g_factor=(g_vectors * g_values) @ g_vectors.T,
+                a_factor=(a_vectors * a_values) @ a_vectors.T,
+                scale=self.effective_size,
+                index=self._index[name].reshape(-1),
+            )
+        return KroneckerPosterior(mean=self.flat_mean(), layers=layers)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def _variational_state(self) -> dict[str, Any]:
+        state = super()._variational_state()
+        for name, block in self.blocks.items():
+            for key, value in block.state_dict().items():
+                state[f"{key}/{name}"] = value
+        return state
+
+    def _load_variational_state(self, state: dict[str, Any]) -> None:
+        own = {k: v for k, v in state.items() if "/" not in k}
+        super()._load_variational_state(own)
+        for name, block in self.blocks.items():
+            keys = [f"{key}/{name}" for key in KFACBlock.state_keys]
+            saved = all(key in state for key in keys)
+            block.load_state_dict({key.split("/")[0]: state[key] for key in keys} if saved else {})
+        self._eigen.clear()
+        self._refresh()
