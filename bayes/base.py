@@ -256,8 +256,10 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
             losses = []
             for _ in range(int(self.hyperparameter("mc_samples"))):
                 with self.sampled_params(train=True), torch.enable_grad():
-                    losses.append(closure().detach())
-            loss = torch.stack(losses).mean()
+                    value = closure()
+                if isinstance(value, Tensor):
+                    losses.append(value.detach())
+            loss = torch.stack(losses).mean() if losses else None
         if self._samples == 0 or self._grad_sum is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs at least one backward pass inside "

@@ -17,6 +17,7 @@ __all__ = ["NoisyKFAC"]
 
 # (Q_G, damped eigenvalues of G, Q_A, damped eigenvalues of A) of one layer.
 Eigen = tuple[Tensor, Tensor, Tensor, Tensor]
+EIGEN_KEYS = ("g_vectors", "g_values", "a_vectors", "a_values")
 
 
 class NoisyKFAC(VariationalOptimizer):
@@ -169,18 +170,26 @@ class NoisyKFAC(VariationalOptimizer):
 
     # --- checkpoints -------------------------------------------------------------------
     def _variational_state(self) -> dict[str, Any]:
+        # The factors, and the decompositions in use: they define the posterior, which
+        # must survive a round trip even between two refreshes.
         state = super()._variational_state()
         for name, block in self.blocks.items():
             for key, value in block.state_dict().items():
                 state[f"{key}/{name}"] = value
+        for name, eigen in self._eigen.items():
+            for key, value in zip(EIGEN_KEYS, eigen, strict=True):
+                state[f"{key}/{name}"] = value
         return state
 
     def _load_variational_state(self, state: dict[str, Any]) -> None:
-        own = {k: v for k, v in state.items() if "/" not in k}
-        super()._load_variational_state(own)
-        for name, block in self.blocks.items():
-            keys = [f"{key}/{name}" for key in KFACBlock.state_keys]
-            saved = all(key in state for key in keys)
-            block.load_state_dict({key.split("/")[0]: state[key] for key in keys} if saved else {})
+        super()._load_variational_state({k: v for k, v in state.items() if "/" not in k})
         self._eigen.clear()
-        self._refresh()
+        for name, block in self.blocks.items():
+            factors = [f"{key}/{name}" for key in KFACBlock.state_keys]
+            saved = all(key in state for key in factors)
+            block.load_state_dict({key.split("/")[0]: state[key] for key in factors} if saved else {})
+            eigen = [f"{key}/{name}" for key in EIGEN_KEYS]
+            if saved and all(key in state for key in eigen):
+                self._eigen[name] = tuple(state[key].clone() for key in eigen)  # type: ignore[assignment]
+        if len(self._eigen) < sum(block.initialized for block in self.blocks.values()):
+            self._refresh()

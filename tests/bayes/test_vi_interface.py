@@ -1,0 +1,192 @@
+"""The VI optimizers' shared contract: sampling blocks, checkpoints, bad input, predict."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
+from bayes.base import VariationalOptimizer
+
+OPTIMIZERS: dict[str, Callable[..., VariationalOptimizer]] = {
+    "vogn": VOGN,
+    "noisy-adam": NoisyAdam,
+    "slang": lambda model, n, **kw: SLANG(model, n, rank=3, **kw),
+    "noisy-kfac": NoisyKFAC,
+}
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def batch() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
+def train(opt: VariationalOptimizer, model: nn.Module, steps: int) -> None:
+    x, y = batch()
+    for _ in range(steps):
+        with opt.sampled_params(train=True):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def snapshot(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_identical(model: nn.Module, params: list[Tensor]) -> None:
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("train_mode", [False, True], ids=["predict", "train"])
+def test_sampled_params_restores_the_mean_exactly(name: str, train_mode: bool) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[name](model, 100, lr=0.05, hess_init=1e-3)  # wide: samples move far
+    train(opt, model, 3)
+    mean = snapshot(model)
+    x, y = batch()
+    with opt.sampled_params(train=train_mode):
+        inside = snapshot(model)
+        if train_mode:
+            F.cross_entropy(model(x), y).backward()
+    assert any(not torch.equal(a, b) for a, b in zip(inside, mean, strict=True))
+    assert_identical(model, mean)
+
+    with pytest.raises(ZeroDivisionError), opt.sampled_params(train=train_mode):
+        F.cross_entropy(model(x), y).backward()
+        raise ZeroDivisionError
+    assert_identical(model, mean)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_round_trip_continues_identically(name: str) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[name](model, 100, lr=0.05)
+    train(opt, model, 4)
+    twin = copy.deepcopy(model)
+    twin_opt = OPTIMIZERS[name](twin, 100, lr=0.05)
+    twin_opt.load_state_dict(opt.state_dict())
+    torch.manual_seed(7)
+    train(opt, model, 2)
+    torch.manual_seed(7)
+    train(twin_opt, twin, 2)
+    assert_identical(twin, snapshot(model))
+    assert twin_opt.steps == opt.steps == 6
+    torch.testing.assert_close(twin_opt.posterior().precision(), opt.posterior().precision())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_state_dict_of_another_shape_or_kind_is_refused(name: str) -> None:
+    opt = OPTIMIZERS[name](mlp(), 100)
+    other = OPTIMIZERS[name](nn.Sequential(nn.Linear(4, 2)), 100)
+    with pytest.raises(ValueError, match="Invalid state_dict"):
+        opt.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="Invalid state_dict"):
+        opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_without_a_training_sample_is_an_error(name: str) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[name](model, 100)
+    with pytest.raises(RuntimeError, match="sampled_params"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="backward"), opt.sampled_params(train=True):
+        pass
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_non_finite_gradient_skips_the_step_and_changes_nothing(name: str) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[name](model, 100, lr=0.05)
+    train(opt, model, 2)
+    mean, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    x, y = batch()
+    with opt.sampled_params(train=True):
+        (F.cross_entropy(model(x), y) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert_identical(model, mean)
+    after = opt.state_dict()["variational"]
+    for key, value in state["variational"].items():
+        assert torch.equal(after[key], value) if isinstance(value, Tensor) else after[key] == value
+    train(opt, model, 1)  # and training goes on
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dataset_size": 0}, "dataset_size"),
+        ({"dataset_size": -5}, "dataset_size"),
+        ({"prior_precision": -1.0}, "prior_precision"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"lr": -0.1}, "lr"),
+    ],
+)
+def test_bad_hyperparameters_name_the_argument(name: str, kwargs: dict, message: str) -> None:
+    arguments = {"dataset_size": 100, **kwargs}
+    with pytest.raises(ValueError, match=f"Invalid {message} value"):
+        OPTIMIZERS[name](mlp(), arguments.pop("dataset_size"), **arguments)
+
+
+def test_slang_rank_above_the_number_of_parameters_is_refused() -> None:
+    model = nn.Linear(2, 1)  # 3 parameters
+    with pytest.raises(ValueError, match="Invalid rank value: 4 .*3"):
+        SLANG(model, 100, rank=4)
+    SLANG(model, 100, rank=3)
+
+
+@pytest.mark.parametrize("cls", [VOGN, SLANG, NoisyKFAC])
+def test_layers_without_per_example_gradients_are_refused(cls: type) -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"nn.Linear and nn.Conv2d .*1 \(BatchNorm1d\)"):
+        cls(model, 100, rank=2) if cls is SLANG else cls(model, 100)
+
+
+def test_noisy_adam_takes_any_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    opt = NoisyAdam(model, 100, lr=0.05)
+    train(opt, model, 2)
+    assert opt.steps == 2
+
+
+def test_predict_averages_probabilities_and_regression_moments() -> None:
+    model = mlp()
+    opt = VOGN(model, 100, hess_init=1e-2)
+    x, _ = batch()
+    probs = predict(model, opt, x, samples=5)
+    assert probs.shape == (16, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(16))
+    with torch.no_grad():
+        torch.testing.assert_close(predict(model, opt, x, samples=0), torch.softmax(model(x), -1))
+
+    regressor = nn.Linear(4, 1)
+    opt = VOGN(regressor, 100, hess_init=1e-2)
+    torch.manual_seed(3)
+    mean, variance = predict(regressor, opt, x, samples=4000, likelihood="regression", noise_variance=0.5)
+    # Linear model: the predictive variance is āᵀΣā + noise, exactly, in expectation.
+    a_bar = torch.cat([x, torch.ones(16, 1)], dim=1)
+    covariance = opt.posterior().covariance()
+    expected = (a_bar @ covariance * a_bar).sum(1, keepdim=True) + 0.5
+    torch.testing.assert_close(variance, expected, rtol=0.1, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(mean, regressor(x), atol=0.05, rtol=0)
+    binary = predict(regressor, opt, x, samples=3)
+    assert binary.shape == (16, 2)
+
+    with pytest.raises(ValueError, match="Invalid likelihood value: 'poisson'"):
+        predict(model, opt, x, likelihood="poisson")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="Invalid samples value"):
+        predict(model, opt, x, samples=-1)
