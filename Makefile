@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench_optimizer.py
 	$(PY) scripts/bench_envs.py
+	$(PY) scripts/bench_bayes.py
 	$(PY) scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic_$$(git rev-parse --short HEAD)
 
 lint: $(STAMP)

@@ -51,7 +51,9 @@ class NoisyKFAC(VariationalOptimizer):
         mc_samples: samples per step when :meth:`step` is given a closure.
         momentum: decay of the (bias-corrected) gradient momentum.
         damping: extra damping added to the prior's, for stability.
-        factor_decay, factor_update_steps, inv_update_steps: as in :class:`ngrl.optim.KFAC`.
+        factor_decay, factor_update_steps, inv_update_steps: as in :class:`ngrl.optim.KFAC`;
+            the defaults follow the paper's code (statistics every 10 steps; its
+            eigendecompositions every 200, here 100).
         hess_init: sets the posterior before the first statistics.
         kl_weight: the KL weighting (``< 1`` sharpens the posterior).
     """
@@ -66,8 +68,8 @@ class NoisyKFAC(VariationalOptimizer):
         momentum: float = 0.9,
         damping: float = 1e-3,
         factor_decay: float = 0.99,
-        factor_update_steps: int = 1,
-        inv_update_steps: int = 10,
+        factor_update_steps: int = 10,
+        inv_update_steps: int = 100,
         hess_init: float = 1.0,
         kl_weight: float = 1.0,
     ) -> None:

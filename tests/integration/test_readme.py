@@ -34,3 +34,14 @@ def test_readme_acktr_example_solves_cartpole(tmp_path: Path, monkeypatch) -> No
     exec(compile(code.group(1), str(README), "exec"), namespace)
     assert (tmp_path / "acktr_cartpole.zip").is_file()
     assert namespace["mean_return"] >= 475
+
+
+def test_readme_bayes_example_fits_digits() -> None:
+    code = re.search(r"## Bayesian deep learning\n\n```python\n(.*?)```", README.read_text(), re.S)
+    assert code is not None, "README lost its Bayesian example"
+    namespace: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code.group(1), str(README), "exec"), namespace)
+    probs, y = namespace["probs"], namespace["y"]
+    assert float((probs.argmax(1) == y).float().mean()) > 0.95  # training accuracy
+    assert namespace["posterior"].diagonal.shape == namespace["posterior"].mean.shape

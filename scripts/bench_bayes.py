@@ -1,0 +1,168 @@
+"""Time per training step of ngrl's VI optimizers against Adam and IVON (one MC sample).
+
+    python scripts/bench_bayes.py                       # MLP and CNN, all optimizers
+    python scripts/bench_bayes.py --models mlp --steps 30 --repeats 3 --out bench.json
+
+A step is what a user's loop runs per batch: sample the weights, forward, backward (with
+the optimizer's statistics), update. Adam's step is ``zero_grad``, forward, backward,
+``step``. Each optimizer is warmed up, then timed over ``--steps`` steps, ``--repeats``
+times; the table gives the median milliseconds per step and the ratio to Adam's median.
+IVON (``pip install ivon-opt``) is measured when installed. Synthetic inputs; one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC  # noqa: E402
+from bayes.base import VariationalOptimizer  # noqa: E402
+
+DATASET_SIZE = 50_000
+Step = Callable[[], None]
+
+
+def mlp() -> nn.Module:
+    """784-256-256-10 (270k parameters), MNIST-sized inputs."""
+    return nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def cnn() -> nn.Module:
+    """Two 3×3 convolutions (16, 32 channels) with max-pooling, then a dense layer; 28×28."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (mlp, (784,)),
+    "cnn": (cnn, (1, 28, 28)),
+}
+
+
+def adam_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def vi_step(make: Callable[[nn.Module], VariationalOptimizer]) -> Callable[..., Step]:
+    def build(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+        opt = make(model)
+
+        def step() -> None:
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    return build
+
+
+def ivon_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    import ivon  # the peer: pip install ivon-opt
+
+    opt = ivon.IVON(model.parameters(), lr=0.1, ess=DATASET_SIZE, mc_samples=1)
+
+    def step() -> None:
+        with opt.sampled_params(train=True):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def optimizers(rank: int) -> dict[str, Callable[..., Step]]:
+    found: dict[str, Callable[..., Step]] = {
+        "Adam": adam_step,
+        "VOGN": vi_step(lambda m: VOGN(m, DATASET_SIZE)),
+        "NoisyKFAC": vi_step(lambda m: NoisyKFAC(m, DATASET_SIZE)),
+        f"SLANG (L={rank})": vi_step(lambda m: SLANG(m, DATASET_SIZE, rank=rank)),
+        "NoisyAdam": vi_step(lambda m: NoisyAdam(m, DATASET_SIZE)),
+    }
+    try:
+        import ivon  # noqa: F401
+
+        found["IVON (ivon-opt)"] = ivon_step
+    except ImportError:
+        print("ivon-opt not installed: IVON not measured (pip install ivon-opt)", file=sys.stderr)
+    return found
+
+
+def time_steps(step: Step, steps: int, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        runs.append((time.perf_counter() - start) / steps * 1e3)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per optimizer")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--rank", type=int, default=8, help="SLANG's rank L")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in models:
+        make_model, shape = MODELS[name]
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch_size, *shape, generator=generator)
+        y = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        params = sum(p.numel() for p in make_model().parameters())
+        print(f"\n### {name}: {params:,} parameters, batch {args.batch_size}\n")
+        print("| optimizer | ms per step (median) | ÷ Adam |\n|---|---:|---:|")
+        adam = None
+        for label, build in optimizers(args.rank).items():
+            torch.manual_seed(0)
+            runs = time_steps(build(make_model(), x, y), args.steps, args.repeats, args.warmup)
+            median = statistics.median(runs)
+            adam = median if adam is None else adam
+            print(f"| {label} | {median:.2f} | {median / adam:.2f} |", flush=True)
+            results.append(
+                dict(model=name, optimizer=label, ms_per_step=median, runs=runs,
+                     ratio_to_adam=median / adam, parameters=params, batch=args.batch_size)
+            )  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
