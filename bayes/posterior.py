@@ -8,6 +8,7 @@ models, never for training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,17 +90,15 @@ class KroneckerPosterior(Posterior):
     layers: dict[str, KroneckerFactors]
 
     def precision(self) -> Tensor:
-        size = self.mean.numel()
-        dense = torch.zeros(size, size, dtype=self.mean.dtype, device=self.mean.device)
-        for factors in self.layers.values():
-            idx = factors.index
-            dense[idx[:, None], idx[None, :]] = factors.precision()
-        return dense
+        return self._block_diagonal(KroneckerFactors.precision)
 
     def covariance(self) -> Tensor:
+        return self._block_diagonal(KroneckerFactors.covariance)
+
+    def _block_diagonal(self, block: Callable[[KroneckerFactors], Tensor]) -> Tensor:
         size = self.mean.numel()
         dense = torch.zeros(size, size, dtype=self.mean.dtype, device=self.mean.device)
         for factors in self.layers.values():
             idx = factors.index
-            dense[idx[:, None], idx[None, :]] = factors.covariance()
+            dense[idx[:, None], idx[None, :]] = block(factors)
         return dense
