@@ -91,6 +91,7 @@ class NoisyKFAC(VariationalOptimizer):
             layer.name: KFACBlock(layer.shape) for layer in self.layers
         }
         self._eigen: dict[str, Eigen] = {}
+        self.vi_state["refreshed_at"] = 0  # the step of the last eigendecomposition
 
     # --- statistics ---------------------------------------------------------------------
     def _capture_due(self) -> bool:
@@ -131,13 +132,17 @@ class NoisyKFAC(VariationalOptimizer):
             a_values, a_vectors = symmetric_eigh(block.a_factor)
             g_values, g_vectors = symmetric_eigh(block.g_factor)
             self._eigen[name] = (g_vectors, g_values + g_damping, a_vectors, a_values + a_damping)
+        self.vi_state["refreshed_at"] = self.steps
 
     def _update(self, grad: Tensor, samples: int) -> None:
         if self._recorded:
             for block in self.blocks.values():
                 block.commit(self.hyperparameter("factor_decay"))
-            refresh_due = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
-            if refresh_due or len(self._eigen) < len(self.blocks):
+            # Due by the steps since the last refresh, so that it never depends on
+            # inv_update_steps being a multiple of factor_update_steps.
+            since = self.steps - int(self.vi_state["refreshed_at"])
+            missing = len(self._eigen) < sum(b.initialized for b in self.blocks.values())
+            if missing or since >= int(self.hyperparameter("inv_update_steps")):
                 self._refresh()
         momentum = self._momentum_direction(grad, self.hyperparameter("momentum"))
         step = momentum / (self.hyperparameter("hess_init") + self.damping)

@@ -190,3 +190,27 @@ def test_predict_averages_probabilities_and_regression_moments() -> None:
         predict(model, opt, x, likelihood="poisson")  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="Invalid samples value"):
         predict(model, opt, x, samples=-1)
+
+
+@pytest.mark.parametrize(("factor_steps", "inv_steps"), [(10, 100), (3, 5)])
+def test_noisy_kfac_posterior_follows_the_factors_at_each_refresh(
+    factor_steps: int, inv_steps: int
+) -> None:
+    model = mlp()
+    opt = NoisyKFAC(
+        model, 100, lr=0.05, factor_update_steps=factor_steps, inv_update_steps=inv_steps
+    )
+    refreshes = []
+    for _ in range(3 * inv_steps + 1):
+        train(opt, model, 1)
+        if opt.vi_state["refreshed_at"] == opt.steps:
+            refreshes.append(opt.steps)
+            layer = opt.posterior().layers["0"]
+            block = opt.blocks["0"]
+            a_damping, _ = block.factored_damping(opt.total_damping)
+            expected = block.a_factor + a_damping * torch.eye(block.a_factor.shape[0])
+            torch.testing.assert_close(layer.a_factor, expected, rtol=1e-4, atol=1e-6)
+    # The first statistics, then every inv_steps steps at the next statistics.
+    assert len(refreshes) >= 3, refreshes
+    gaps = [b - a for a, b in zip(refreshes, refreshes[1:], strict=False)]
+    assert all(inv_steps <= gap < inv_steps + factor_steps for gap in gaps), refreshes
