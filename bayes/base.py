@@ -221,9 +221,9 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
                     "no gradient in sampled_params(train=True): call loss.backward() "
                     "inside the block"
                 )
+            self._end_sample(grad)  # may refuse the sample: count it only afterwards
             self._grad_sum = grad.clone() if self._grad_sum is None else self._grad_sum.add_(grad)
             self._samples += 1
-            self._end_sample(grad)
         finally:
             with torch.no_grad():
                 for p, m in zip(self.params, mean, strict=True):
@@ -320,28 +320,40 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
             key: value.clone() if isinstance(value, Tensor) else value
             for key, value in self._variational_state().items()
         }
+        state["variational_kind"] = type(self).__name__
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of the same optimizer class and model; a state that does not fit
+        raises ``ValueError`` and leaves this optimizer as it was."""
         state = dict(state_dict)
         variational = state.pop("variational", None)
+        kind = state.pop("variational_kind", None)
         if not isinstance(variational, dict):
             raise ValueError(
                 f"Invalid state_dict: not from a variational optimizer ({type(self).__name__} "
                 "expects a 'variational' entry)"
             )
+        if kind != type(self).__name__:
+            raise ValueError(f"Invalid state_dict: from {kind}, not {type(self).__name__}")
         for key, value in variational.items():
             if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"Invalid state_dict: {key!r} is not finite")
-        self._load_variational_state(variational)
-        super().load_state_dict(state)
+        backup = self.state_dict()
+        try:
+            self._load_variational_state(variational)
+            super().load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError):
+            self.load_state_dict(backup)
+            raise
         self._reset_samples()
 
     def _variational_state(self) -> dict[str, Any]:
         return dict(self.vi_state)
 
     def _load_variational_state(self, state: dict[str, Any]) -> None:
-        current = self._variational_state()
+        """Load :attr:`vi_state` (subclasses load what they keep elsewhere, then call this)."""
+        current = self.vi_state
         missing = sorted(set(current) - set(state))
         if missing:
             raise ValueError(f"Invalid state_dict: missing {', '.join(missing)}")

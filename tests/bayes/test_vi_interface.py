@@ -93,6 +93,26 @@ def test_a_state_dict_of_another_shape_or_kind_is_refused(name: str) -> None:
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="Invalid state_dict"):
         opt.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+    kinds = [k for k in OPTIMIZERS if k != name]
+    stranger = OPTIMIZERS[kinds[0]](mlp(), 100)
+    with pytest.raises(ValueError, match="Invalid state_dict: from"):
+        opt.load_state_dict(stranger.state_dict())
+
+
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was() -> None:
+    model = mlp()
+    opt = NoisyKFAC(model, 100, lr=0.05)
+    train(opt, model, 3)
+    before = copy.deepcopy(opt.state_dict())
+    broken = copy.deepcopy(before)
+    broken["variational"]["a_factor/2"] = torch.eye(2)  # the second layer's, wrong shape
+    broken["variational"]["step"] = 99
+    with pytest.raises(ValueError, match="do not fit"):
+        opt.load_state_dict(broken)
+    after = opt.state_dict()
+    assert after["variational"]["step"] == 3
+    for key, value in before["variational"].items():
+        assert torch.equal(after["variational"][key], value) if isinstance(value, Tensor) else True
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
