@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench peers calibration lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,24 @@ bench: $(STAMP)
 	$(PY) scripts/bench_envs.py
 	$(PY) scripts/bench_bayes.py
 	$(PY) scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic_$$(git rev-parse --short HEAD)
+
+# The calibration peers (IVON, laplace-torch) with torch held at the installed version.
+# laplace-torch never imports torchvision, but torchmetrics does when it is installed, and
+# a PyPI torchvision built for CUDA cannot load its operators with a CPU-only torch: it is
+# removed when it fails to import.
+peers: $(STAMP)
+	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-constraint.txt -e ".[peers]"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall --quiet -y torchvision
+	$(PY) -c "import ivon, laplace; print('peers ready: ivon-opt, laplace-torch')"
+
+# The calibration tables of docs/benchmarks.md (about N minutes on 2 cores).
+CALIBRATION_METHODS ?= adam,vogn,noisy-kfac,slang,noisy-adam,ivon,laplace,ensemble
+calibration: peers
+	for d in digits breast_cancer mnist1d; do \
+		$(PY) scripts/evaluate_calibration.py --dataset $$d --methods $(CALIBRATION_METHODS) \
+			--seeds 3 --out results/calibration/$$d || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -23,6 +23,7 @@ targets are standardised too. MNIST-1D keeps its own 4,000/1,000 split (generati
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -158,12 +159,14 @@ def _table(loader: Callable[[], Any], name: str) -> Callable[[int], Dataset]:
 def mnist1d(seed: int) -> Dataset:
     from mnist1d.data import get_dataset_args, make_dataset
 
-    # make_dataset seeds NumPy's global generator; keep the caller's stream untouched.
-    state = np.random.get_state()
+    # make_dataset seeds the global generators of NumPy and of `random`; keep the caller's
+    # streams untouched.
+    numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
         data = make_dataset(get_dataset_args())
     finally:
-        np.random.set_state(state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
     permutation = np.random.default_rng(42).permutation(data["x_test"].shape[1])
     xs = _tensors(data["x"], data["x_test"], data["x_test"][:, permutation])
     return Dataset(
