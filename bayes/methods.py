@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -111,6 +112,22 @@ TUNED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "slang": {"lr": 1e-2, "kl_weight": 0.3},
         "noisy-kfac": {"lr": 3e-3, "kl_weight": 0.3},
         "ivon": {"lr": 1.0, "hess_init": 0.1},
+    },
+    "breast_cancer": {
+        "adam": {"lr": 1e-3},
+        "vogn": {"lr": 3e-3, "kl_weight": 0.1},
+        "noisy-adam": {"lr": 1e-2, "kl_weight": 0.01},
+        "slang": {"lr": 1e-2, "kl_weight": 0.3},
+        "noisy-kfac": {"lr": 3e-3, "kl_weight": 1.0},
+        "ivon": {"lr": 0.3, "hess_init": 1.0},
+    },
+    "mnist1d": {
+        "adam": {"lr": 1e-3},
+        "vogn": {"lr": 1e-2, "kl_weight": 0.3},
+        "noisy-adam": {"lr": 1e-2, "kl_weight": 0.01},
+        "slang": {"lr": 3e-3, "kl_weight": 0.3},
+        "noisy-kfac": {"lr": 1e-3, "kl_weight": 0.1},
+        "ivon": {"lr": 0.3, "hess_init": 0.1},
     },
 }
 
@@ -348,7 +365,9 @@ def _laplace(run: Run) -> Predictive:
         sigma_noise=math.sqrt(run.dataset.noise_variance) if regression else 1.0,
     )
     la.fit(loader)
-    la.optimize_prior_precision(method="marglik")
+    with warnings.catch_warnings():  # a reminder, always given, to predict with the probit
+        warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+        la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
 
     @torch.no_grad()
     def predictive(x: Tensor) -> Prediction:

@@ -48,6 +48,8 @@ from bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
 from bayes.methods import (  # noqa: E402
     METHOD_OPTIONS,
     METHODS,
+    SETTINGS,
+    TUNED_OPTIONS,
     Run,
     Settings,
     options_for,
@@ -70,16 +72,26 @@ class UsageError(Exception):
     """Input the user can fix: reported in one line, exit status 2."""
 
 
+def _epilog() -> str:
+    default = Settings()
+    lines = ["settings (--set KEY=VALUE), defaults:"]
+    lines.append("  " + ", ".join(f"{f}={v!r}" for f, v in vars(default).items()))
+    for dataset, settings in SETTINGS.items():
+        changed = {f: v for f, v in vars(settings).items() if getattr(default, f) != v}
+        lines.append(f"  on {dataset}: " + ", ".join(f"{f}={v!r}" for f, v in changed.items()))
+    lines.append("method options (--set METHOD.KEY=VALUE), defaults:")
+    lines += [f"  {m}: {o}" for m, o in METHOD_OPTIONS.items() if o]
+    lines.append("chosen on the validation split (replace the defaults):")
+    for dataset, chosen in TUNED_OPTIONS.items():
+        lines.append(f"  on {dataset}: " + "; ".join(f"{m} {o}" for m, o in chosen.items()))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    settings_help = ", ".join(f"{f}={v!r}" for f, v in vars(Settings()).items())
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            f"settings (--set KEY=VALUE; defaults, some datasets differ): {settings_help}\n"
-            "method options (--set METHOD.KEY=VALUE):\n"
-            + "\n".join(f"  {m}: {o}" for m, o in METHOD_OPTIONS.items() if o)
-        ),
+        epilog=_epilog(),
     )
     parser.add_argument(
         "--dataset", default="digits", help=f"one of: {', '.join(DATASETS)} (default: digits)"
@@ -246,15 +258,25 @@ def _save_figure(fig: Any, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def _panels(plt: Any, n: int, height: float) -> tuple[Any, list[Any]]:
+    """A grid of ``n`` panels, four to a row; the unused ones are hidden."""
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat
+
+
 def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(raw)
-    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), squeeze=False, sharey=True)
-    for ax, (method, runs) in zip(axes[0], raw.items(), strict=True):
+    fig, axes = _panels(plt, len(raw), height=3.2)
+    for ax, (method, runs) in zip(axes, raw.items(), strict=False):
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
         if task == "classification":
             probs = np.concatenate([r["test"] for r in runs])
@@ -269,7 +291,7 @@ def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
                    bottom=diagram.accuracy[filled], width=width, color="tab:red", alpha=0.35,
                    label="gap")
             ece = calibration.ece(probs, labels, 15)
-            ax.set_title(f"{method}\nECE {ece:.3f}")
+            ax.set_title(f"{method}\nECE {ece:.3f} (seeds pooled)", fontsize=9)
             ax.set_xlabel("confidence")
         else:
             levels = np.linspace(0.05, 0.95, 19)
@@ -282,9 +304,9 @@ def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
             ax.set_xlabel("nominal coverage")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("accuracy" if task == "classification" else "observed coverage")
+    axes[0].set_ylabel("accuracy" if task == "classification" else "observed coverage")
     if task == "classification":
-        axes[0][0].legend(loc="upper left", fontsize=8)
+        axes[0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -296,9 +318,8 @@ def plot_spread(task: str, raw: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(raw)
-    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 2.8), squeeze=False, sharey=False)
-    for ax, (method, runs) in zip(axes[0], raw.items(), strict=True):
+    fig, axes = _panels(plt, len(raw), height=2.8)
+    for ax, (method, runs) in zip(axes, raw.items(), strict=False):
         sets = runs[0]["spread"].keys()
         pooled = {s: np.concatenate([r["spread"][s] for r in runs]) for s in sets}
         top = max(float(v.max()) for v in pooled.values()) or 1.0
@@ -308,7 +329,7 @@ def plot_spread(task: str, raw: dict[str, list[dict]], path: Path) -> None:
             ax.hist(values, bins=bins, alpha=0.5, density=True, label=label)
         ax.set_title(method)
         ax.set_xlabel("predictive entropy (nats)" if task == "classification" else "predictive std")
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
