@@ -113,13 +113,13 @@ TUNED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "noisy-kfac": {"lr": 3e-3, "kl_weight": 0.3},
         "ivon": {"lr": 1.0, "hess_init": 0.1},
     },
-    "breast_cancer": {
+    "breast_cancer": {  # 91 validation examples: the mean over the three seeds' splits
         "adam": {"lr": 1e-3},
-        "vogn": {"lr": 3e-3, "kl_weight": 0.1},
-        "noisy-adam": {"lr": 1e-2, "kl_weight": 0.01},
-        "slang": {"lr": 1e-2, "kl_weight": 0.3},
-        "noisy-kfac": {"lr": 3e-3, "kl_weight": 1.0},
-        "ivon": {"lr": 0.3, "hess_init": 1.0},
+        "vogn": {"lr": 1e-2, "kl_weight": 0.3},
+        "noisy-adam": {"lr": 1e-2, "kl_weight": 0.03},
+        "slang": {"lr": 3e-3, "kl_weight": 0.1},
+        "noisy-kfac": {"lr": 1e-3, "kl_weight": 0.1},
+        "ivon": {"lr": 0.3, "hess_init": 0.1},
     },
     "mnist1d": {
         "adam": {"lr": 1e-3},
