@@ -283,7 +283,7 @@ def _variational(method: str, cls: type[VariationalOptimizer]) -> Callable[[Run]
         likelihood = run.dataset.task
 
         def predictive(x: Tensor) -> Prediction:
-            return predict(
+            prediction = predict(
                 model,
                 opt,
                 x.to(run.device),
@@ -291,6 +291,9 @@ def _variational(method: str, cls: type[VariationalOptimizer]) -> Callable[[Run]
                 likelihood=likelihood,  # type: ignore[arg-type]
                 noise_variance=run.dataset.noise_variance,
             )
+            if isinstance(prediction, tuple):  # one output column: (N, 1) → (N,)
+                return prediction[0].reshape(-1), prediction[1].reshape(-1)
+            return prediction
 
         return predictive
 

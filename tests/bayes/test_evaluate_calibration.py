@@ -56,11 +56,13 @@ def test_classification_run_writes_every_output(script, tmp_path: Path) -> None:
 
 def test_regression_run_reports_coverage_and_gap_uncertainty(script, tmp_path: Path) -> None:
     out = tmp_path / "gap"
-    argv = ["--dataset", "gap", "--methods", "adam,ensemble", "--seeds", "1", "--out", str(out)]
+    methods = "adam,vogn,ensemble"
+    argv = ["--dataset", "gap", "--methods", methods, "--seeds", "1", "--out", str(out)]
     assert script.main(argv + TINY) == 0
-    metrics = json.loads((out / "results.json").read_text())["methods"]["ensemble"]["metrics"]
-    assert {"nll", "rmse", "coverage_50", "coverage_90", "coverage_95", "std_ratio_gap",
-            "auroc_ood_gap"} == set(metrics)
+    results = json.loads((out / "results.json").read_text())["methods"]
+    for method in methods.split(","):
+        assert {"nll", "rmse", "coverage_50", "coverage_90", "coverage_95", "std_ratio_gap",
+                "auroc_ood_gap"} == set(results[method]["metrics"])
     assert (out / "reliability.png").stat().st_size > 0
 
 
