@@ -42,7 +42,7 @@ from bayes.base import VariationalOptimizer
 from bayes.datasets import Dataset
 from bayes.noisy_adam import NoisyAdam
 from bayes.noisy_kfac import NoisyKFAC
-from bayes.predict import predict
+from bayes.predict import WeightSampler, mix, sample_outputs
 from bayes.slang import SLANG
 from bayes.vogn import VOGN
 
@@ -206,24 +206,37 @@ class Run:
             return F.cross_entropy(outputs, targets)
         return 0.5 * (outputs.squeeze(-1) - targets).pow(2).mean() / self.dataset.noise_variance
 
-    def point_predictive(self, model: nn.Module) -> Predictive:
+    def mixture_predictive(self, outputs: Callable[[Tensor], Tensor]) -> Predictive:
+        """The predictive of an equal mixture, from a function giving the stacked outputs
+        ``(S, N, D)`` of its networks (:func:`bayes.predict.mix`); regression gives
+        ``(N,)`` means and variances, like the targets."""
+
         @torch.no_grad()
         def predictive(x: Tensor) -> Prediction:
-            outputs = model(x.to(self.device))
-            if self.dataset.task == "classification":
-                return torch.softmax(outputs, dim=-1)
-            mean = outputs.squeeze(-1)
-            return mean, torch.full_like(mean, self.dataset.noise_variance)
+            prediction = mix(
+                outputs(x.to(self.device)),
+                self.dataset.task,  # type: ignore[arg-type]
+                self.dataset.noise_variance,
+            )
+            if isinstance(prediction, tuple):
+                return prediction[0].reshape(-1), prediction[1].reshape(-1)
+            return prediction
 
         return predictive
+
+    def posterior_predictive(self, model: nn.Module, optimizer: WeightSampler) -> Predictive:
+        """Monte Carlo over ``test_samples`` weight samples of a VI optimizer (or IVON)."""
+        samples = self.settings.test_samples
+        return self.mixture_predictive(lambda x: sample_outputs(model, optimizer, x, samples))
 
     def map_network(self, member: int = 0) -> nn.Module:
         """The ``adam`` MAP network of ensemble member ``member`` (trained once, cached)."""
         if member not in self._map_networks:
-            self._map_networks[member] = self._train_map("adam", member)
+            self._map_networks[member] = self.train_map("adam", member)
         return self._map_networks[member]
 
-    def _train_map(self, method: str, member: int = 0) -> nn.Module:
+    def train_map(self, method: str, member: int = 0) -> nn.Module:
+        """A MAP network trained by ``method`` (``adam`` or ``sgd``), weight decay ``λ/N``."""
         model = self.network(member)
         decay = self.settings.prior_precision / self.size
         lr = self.option(method, "lr")
@@ -264,8 +277,8 @@ class Method:
 
 def _map(method: str) -> Callable[[Run], Predictive]:
     def train(run: Run) -> Predictive:
-        model = run.map_network() if method == "adam" else run._train_map(method)
-        return run.point_predictive(model)
+        model = run.map_network() if method == "adam" else run.train_map(method)
+        return run.mixture_predictive(lambda x: model(x).unsqueeze(0))
 
     return train
 
@@ -280,40 +293,9 @@ def _variational(method: str, cls: type[VariationalOptimizer]) -> Callable[[Run]
             with opt.sampled_params(train=True):
                 run.loss(model(x), y).backward()
             opt.step()
-        likelihood = run.dataset.task
-
-        def predictive(x: Tensor) -> Prediction:
-            prediction = predict(
-                model,
-                opt,
-                x.to(run.device),
-                samples=run.settings.test_samples,
-                likelihood=likelihood,  # type: ignore[arg-type]
-                noise_variance=run.dataset.noise_variance,
-            )
-            if isinstance(prediction, tuple):  # one output column: (N, 1) → (N,)
-                return prediction[0].reshape(-1), prediction[1].reshape(-1)
-            return prediction
-
-        return predictive
+        return run.posterior_predictive(model, opt)
 
     return train
-
-
-def _sample_average(
-    run: Run, sample_outputs: Callable[[Tensor], list[Tensor]]
-) -> Predictive:
-    """A Monte-Carlo predictive from a function giving one output tensor per sample."""
-
-    @torch.no_grad()
-    def predictive(x: Tensor) -> Prediction:
-        outputs = torch.stack(sample_outputs(x.to(run.device)))
-        if run.dataset.task == "classification":
-            return torch.softmax(outputs, dim=-1).mean(0)
-        means = outputs.squeeze(-1)
-        return means.mean(0), means.var(0, correction=0) + run.dataset.noise_variance
-
-    return predictive
 
 
 def _ivon(run: Run) -> Predictive:
@@ -333,20 +315,12 @@ def _ivon(run: Run) -> Predictive:
             opt.zero_grad()
             run.loss(model(x), y).backward()
         opt.step()
-
-    def samples(x: Tensor) -> list[Tensor]:
-        outputs = []
-        for _ in range(run.settings.test_samples):
-            with opt.sampled_params(train=False):
-                outputs.append(model(x))
-        return outputs
-
-    return _sample_average(run, samples)
+    return run.posterior_predictive(model, opt)
 
 
 def _ensemble(run: Run) -> Predictive:
     members = [run.map_network(i) for i in range(run.settings.ensemble_size)]
-    return _sample_average(run, lambda x: [member(x) for member in members])
+    return run.mixture_predictive(lambda x: torch.stack([member(x) for member in members]))
 
 
 def _laplace(run: Run) -> Predictive:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from contextlib import AbstractContextManager
+from typing import Literal, Protocol, overload
 
 import torch
 from torch import Tensor, nn
 
-from bayes.base import VariationalOptimizer
 from ngrl.optim.hyperparams import check_choice
 
-__all__ = ["predict"]
+__all__ = ["WeightSampler", "mix", "predict", "sample_outputs"]
 
 Likelihood = Literal["classification", "regression"]
+
+
+class WeightSampler(Protocol):
+    """What prediction needs of an optimizer: IVON's ``sampled_params`` context."""
+
+    def sampled_params(self, train: bool = False) -> AbstractContextManager[None]: ...
 
 
 @overload
 def predict(
     model: nn.Module,
-    optimizer: VariationalOptimizer,
+    optimizer: WeightSampler,
     inputs: Tensor,
     samples: int = ...,
     likelihood: Literal["classification"] = ...,
@@ -29,7 +35,7 @@ def predict(
 @overload
 def predict(
     model: nn.Module,
-    optimizer: VariationalOptimizer,
+    optimizer: WeightSampler,
     inputs: Tensor,
     samples: int = ...,
     likelihood: Literal["regression"] = ...,
@@ -40,7 +46,7 @@ def predict(
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    optimizer: VariationalOptimizer,
+    optimizer: WeightSampler,
     inputs: Tensor,
     samples: int = 32,
     likelihood: Likelihood = "classification",
@@ -52,23 +58,46 @@ def predict(
     ``(N, K)``; a single output column is a binary logit, returned as ``(N, 2)``
     probabilities ``[1 − p, p]``. ``"regression"``: ``(mean, variance)`` of the outputs
     over the samples, plus ``noise_variance`` (the likelihood's). ``samples=0`` predicts
-    with the posterior mean alone.
+    with the posterior mean alone. Any optimizer with IVON's ``sampled_params`` serves.
     """
     check_choice("likelihood", likelihood, ("classification", "regression"))
+    return mix(sample_outputs(model, optimizer, inputs, samples), likelihood, noise_variance)
+
+
+@torch.no_grad()
+def sample_outputs(
+    model: nn.Module, optimizer: WeightSampler, inputs: Tensor, samples: int
+) -> Tensor:
+    """The model's outputs under ``samples`` weight samples, stacked: ``(S, N, D)``.
+
+    ``samples=0`` gives the outputs at the posterior mean, ``(1, N, D)``.
+    """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"Invalid samples value: {samples!r} (an integer >= 0)")
-    if noise_variance < 0.0:
-        raise ValueError(f"Invalid noise_variance value: {noise_variance} (must be >= 0)")
-    outputs = []
     if samples == 0:
-        outputs.append(model(inputs))
+        return model(inputs).unsqueeze(0)
+    outputs = []
     for _ in range(samples):
         with optimizer.sampled_params(train=False):
             outputs.append(model(inputs))
-    stacked = torch.stack(outputs)
+    return torch.stack(outputs)
+
+
+def mix(
+    outputs: Tensor, likelihood: Likelihood = "classification", noise_variance: float = 0.0
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The predictive of an equal mixture of the networks whose outputs are stacked in
+    ``outputs`` (``(S, N, D)``: weight samples, ensemble members, or one network).
+
+    The same reductions as :func:`predict`: mean class probabilities, or the mean and
+    variance of the outputs plus ``noise_variance``.
+    """
+    check_choice("likelihood", likelihood, ("classification", "regression"))
+    if noise_variance < 0.0:
+        raise ValueError(f"Invalid noise_variance value: {noise_variance} (must be >= 0)")
     if likelihood == "regression":
-        return stacked.mean(0), stacked.var(0, correction=0) + noise_variance
-    if stacked.shape[-1] == 1:
-        p = torch.sigmoid(stacked)
+        return outputs.mean(0), outputs.var(0, correction=0) + noise_variance
+    if outputs.shape[-1] == 1:
+        p = torch.sigmoid(outputs)
         return torch.cat([1.0 - p, p], dim=-1).mean(0)
-    return torch.softmax(stacked, dim=-1).mean(0)
+    return torch.softmax(outputs, dim=-1).mean(0)
