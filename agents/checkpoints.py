@@ -12,7 +12,13 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import VecNormalize
 
-__all__ = ["CheckpointError", "normalizer_path", "read_run_metadata", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "normalizer_path",
+    "read_run_metadata",
+    "save_checkpoint",
+    "write_atomically",
+]
 
 #: Attribute of the model (saved in its zip) naming the CLI algorithm and the environment.
 METADATA = "ngrl_run"
@@ -22,7 +28,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or made for another run."""
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write`` to a temporary file beside ``path``, then rename it over ``path``.
 
     A crash leaves either the old file or the new one, never half of one.
@@ -54,10 +60,10 @@ def save_checkpoint(model: BaseAlgorithm, path: Path, metadata: dict[str, Any]) 
         with open(target, "wb") as handle:
             model.save(handle)
 
-    _write_atomically(path, write_model)
+    write_atomically(path, write_model)
     env = model.get_env()
     if isinstance(env, VecNormalize):
-        _write_atomically(normalizer_path(path), lambda target: env.save(str(target)))
+        write_atomically(normalizer_path(path), lambda target: env.save(str(target)))
 
 
 def read_run_metadata(path: Path) -> dict[str, Any]:

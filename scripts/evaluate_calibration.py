@@ -30,18 +30,22 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 from tqdm import tqdm
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.checkpoints import write_atomically  # noqa: E402
 from agents.presets import parse_override  # noqa: E402
 from bayes import calibration  # noqa: E402
 from bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
@@ -246,19 +250,15 @@ def markdown_table(task: str, results: dict[str, Any]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
+    write_atomically(path, lambda target: target.write_text(text))
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    temporary = path.with_suffix(".tmp.png")
-    fig.savefig(temporary, dpi=120, bbox_inches="tight")
-    os.replace(temporary, path)
+    write_atomically(path, lambda target: fig.savefig(target, format="png", dpi=120,
+                                                      bbox_inches="tight"))
 
 
-def _panels(plt: Any, n: int, height: float) -> tuple[Any, list[Any]]:
+def _panels(n: int, height: float) -> tuple[Any, list[Any]]:
     """A grid of ``n`` panels, four to a row; the unused ones are hidden."""
     cols = min(4, n)
     rows = -(-n // cols)
@@ -270,12 +270,7 @@ def _panels(plt: Any, n: int, height: float) -> tuple[Any, list[Any]]:
 
 
 def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = _panels(plt, len(raw), height=3.2)
+    fig, axes = _panels(len(raw), height=3.2)
     for ax, (method, runs) in zip(axes, raw.items(), strict=False):
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
         if task == "classification":
@@ -313,12 +308,7 @@ def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_spread(task: str, raw: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = _panels(plt, len(raw), height=2.8)
+    fig, axes = _panels(len(raw), height=2.8)
     for ax, (method, runs) in zip(axes, raw.items(), strict=False):
         sets = runs[0]["spread"].keys()
         pooled = {s: np.concatenate([r["spread"][s] for r in runs]) for s in sets}
