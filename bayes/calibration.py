@@ -31,6 +31,7 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "ReliabilityDiagram",
@@ -164,26 +165,16 @@ def adaptive_ece(probs: Any, labels: Any, bins: int = 15) -> float:
 def auroc(scores: Any, positives: Any) -> float:
     """The area under the ROC curve: P(score of a positive > score of a negative).
 
-    Ties count one half (the Mann–Whitney statistic from average ranks).
+    Ties count one half (scikit-learn's ``roc_auc_score``); NaN when only one class is
+    present (no mistakes at all, say), where the area is undefined.
     """
     s = _array(scores, "scores", 1)
     is_positive = _array(positives, "positives", 1).astype(bool)
     if len(s) != len(is_positive):
         raise ValueError(f"scores ({len(s)}) and positives ({len(is_positive)}) must match")
-    n_pos = int(is_positive.sum())
-    n_neg = len(s) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")  # undefined with one class only (e.g. no mistakes at all)
-    order = np.argsort(s, kind="stable")
-    sorted_scores = s[order]
-    ranks = np.empty(len(s))
-    ranks[order] = np.arange(1, len(s) + 1)
-    # Average ranks within groups of tied scores.
-    _, starts, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, count in zip(starts, counts, strict=True):
-        if count > 1:
-            ranks[order[start : start + count]] = start + (count + 1) / 2
-    return float((ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if is_positive.all() or not is_positive.any():
+        return float("nan")
+    return float(roc_auc_score(is_positive, s))
 
 
 def auroc_misclassification(probs: Any, labels: Any) -> float:
