@@ -45,6 +45,7 @@ from bayes.noisy_kfac import NoisyKFAC
 from bayes.predict import WeightSampler, mix, sample_outputs
 from bayes.slang import SLANG
 from bayes.vogn import VOGN
+from ngrl.optim.hyperparams import check
 
 __all__ = [
     "METHODS",
@@ -75,11 +76,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "test_samples", "ensemble_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name} value: {value!r} (an integer >= 1)")
-        if not self.prior_precision > 0:
-            raise ValueError(f"Invalid prior_precision value: {self.prior_precision} (> 0)")
+            _check_count(name, getattr(self, name))
+        if not isinstance(self.hidden, tuple) or not self.hidden:
+            raise ValueError(f"Invalid hidden value: {self.hidden!r} (a non-empty list of sizes)")
+        for size in self.hidden:
+            _check_count("hidden", size)
+        check("prior_precision", self.prior_precision)
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= 1)")
 
 
 SETTINGS: dict[str, Settings] = {
@@ -144,6 +151,11 @@ def options_for(
         if unknown:
             valid = ", ".join(defaults) or "none"
             raise ValueError(f"{method} has no option(s) {unknown}; valid: {valid}")
+        for name, value in given.items():
+            try:
+                check(name, value)  # every option has a rule in ngrl.optim.hyperparams
+            except ValueError as error:
+                raise ValueError(f"{method}: {error}") from None
         resolved[method] = {**defaults, **TUNED_OPTIONS.get(dataset, {}).get(method, {}), **given}
     return resolved
 
@@ -155,7 +167,7 @@ def settings_for(dataset: str, overrides: dict[str, Any] | None = None) -> Setti
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"Unknown setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
-    if "hidden" in overrides:
+    if isinstance(overrides.get("hidden"), list):
         overrides["hidden"] = tuple(overrides["hidden"])
     return replace(SETTINGS.get(dataset, Settings()), **overrides)
 

@@ -333,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"evaluate_calibration.py: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("results/calibration") / args.dataset
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any training, so that a bad --out costs nothing
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"evaluate_calibration.py: error: --out {out}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     device = torch.device(args.device)
 
     results: dict[str, Any] = {}

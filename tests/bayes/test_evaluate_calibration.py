@@ -88,6 +88,8 @@ def test_ensemble_reuses_the_adam_network_as_its_first_member() -> None:
         (["--set", "vogn.momentum=0.9"], "vogn has no option(s) ['momentum']; valid: lr"),
         (["--set", "bbb.lr=0.1"], "unknown method 'bbb'"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--set", "vogn.lr=-1"], "vogn: Invalid lr value: -1"),
+        (["--set", "hidden=32"], "Invalid hidden value: 32"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(script, tmp_path, capsys, argv, message) -> None:
@@ -96,6 +98,15 @@ def test_bad_input_is_one_line_and_exit_2(script, tmp_path, capsys, argv, messag
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_training(script, tmp_path, capsys) -> None:
+    taken = tmp_path / "results"
+    taken.write_text("keep me")
+    assert script.main(["--dataset", "iris", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken}" in err and err.count("\n") == 1
+    assert taken.read_text() == "keep me"
 
 
 def test_a_missing_peer_names_the_extra(script, tmp_path, capsys, monkeypatch) -> None:
