@@ -23,6 +23,7 @@ targets are standardised too. MNIST-1D keeps its own 4,000/1,000 split (generati
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -156,26 +157,32 @@ def _table(loader: Callable[[], Any], name: str) -> Callable[[int], Dataset]:
     return load_table
 
 
-def mnist1d(seed: int) -> Dataset:
+@functools.cache
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """The published MNIST-1D, generated once per process (seconds; it ignores the seed)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     # make_dataset seeds the global generators of NumPy and of `random`; keep the caller's
     # streams untouched.
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        data = make_dataset(get_dataset_args())
+        return make_dataset(get_dataset_args())
     finally:
         np.random.set_state(numpy_state)
         random.setstate(python_state)
+
+
+def mnist1d(seed: int) -> Dataset:
+    data = _mnist1d_arrays()
     permutation = np.random.default_rng(42).permutation(data["x_test"].shape[1])
     xs = _tensors(data["x"], data["x_test"], data["x_test"][:, permutation])
     return Dataset(
         "mnist1d",
         "classification",
         xs[0],
-        torch.as_tensor(data["y"], dtype=torch.int64),
+        torch.tensor(data["y"], dtype=torch.int64),  # copies: the arrays are cached
         xs[1],
-        torch.as_tensor(data["y_test"], dtype=torch.int64),
+        torch.tensor(data["y_test"], dtype=torch.int64),
         num_classes=10,
         ood={"shuffled": xs[2]},
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes.datasets import DATASETS, load
+from bayes.datasets import DATASETS, _mnist1d_arrays, load
 
 
 @pytest.mark.parametrize("name", sorted(set(DATASETS) - {"mnist1d"}))
@@ -45,6 +45,7 @@ def test_digits_ood_pairs() -> None:
 
 def test_mnist1d_is_generated_locally_and_leaves_numpy_alone(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the package's download path would write a pickle here
+    _mnist1d_arrays.cache_clear()  # generate here, not in an earlier test
     np.random.seed(123)
     random.seed(123)
     expected = np.random.rand(), random.random()
