@@ -14,6 +14,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
 from agents.policies import (
+    ACTION_SPACES,
     CnnPolicy,
     KFACActorCriticPolicy,
     MlpPolicy,
@@ -142,12 +143,7 @@ class ACKTR(OnPolicyAlgorithm):
             device=device,
             seed=seed,
             _init_setup_model=False,
-            supported_action_spaces=(
-                spaces.Box,
-                spaces.Discrete,
-                spaces.MultiDiscrete,
-                spaces.MultiBinary,
-            ),
+            supported_action_spaces=ACTION_SPACES,
         )
         self.vf_fisher_coef = vf_fisher_coef
         self.kl_clip = kl_clip

@@ -22,6 +22,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch import Tensor
 
 from agents.policies import (
+    ACTION_SPACES,
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
@@ -155,12 +156,7 @@ class NPG(OnPolicyAlgorithm):
             device=device,
             seed=seed,
             _init_setup_model=False,
-            supported_action_spaces=(
-                spaces.Box,
-                spaces.Discrete,
-                spaces.MultiDiscrete,
-                spaces.MultiBinary,
-            ),
+            supported_action_spaces=ACTION_SPACES,
         )
         self.batch_size = batch_size
         self.target_kl = target_kl

@@ -26,6 +26,7 @@ from torch import Tensor
 from ngrl import KFAC, fisher_loss
 
 __all__ = [
+    "ACTION_SPACES",
     "KFACActorCriticCnnPolicy",
     "KFACActorCriticPolicy",
     "KFACMultiInputActorCriticPolicy",
@@ -33,6 +34,14 @@ __all__ = [
     "MlpPolicy",
     "MultiInputPolicy",
 ]
+
+#: The action spaces of SB3's distributions, which the policies and algorithms support.
+ACTION_SPACES: tuple[type[spaces.Space], ...] = (
+    spaces.Box,
+    spaces.Discrete,
+    spaces.MultiDiscrete,
+    spaces.MultiBinary,
+)
 
 
 class KFACActorCriticPolicy(ActorCriticPolicy):
