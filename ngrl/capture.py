@@ -35,6 +35,7 @@ __all__ = [
     "LinearLayer",
     "example_gradients",
     "find_layers",
+    "squared_gradient_norm_sum",
     "squared_gradient_sum",
 ]
 
@@ -207,6 +208,16 @@ def squared_gradient_sum(a: Tensor, g: Tensor) -> Tensor:
     if a.shape[1] == 1:
         return g[:, 0].square().T @ a[:, 0].square()
     return example_gradients(a, g).square().sum(0)
+
+
+def squared_gradient_norm_sum(a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_n ‖∇Ŵ ℓ_n‖²_F``, a scalar: ``N`` times the trace of the exact Fisher block.
+
+    Dense layers (``T = 1``) need only the norms, ``‖g_n‖²‖ā_n‖²``.
+    """
+    if a.shape[1] == 1:
+        return (g[:, 0].square().sum(1) * a[:, 0].square().sum(1)).sum()
+    return example_gradients(a, g).square().sum()
 
 
 class GenericLayer(Layer):

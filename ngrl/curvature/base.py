@@ -27,11 +27,16 @@ from torch import Tensor
 
 __all__ = [
     "CurvatureBlock",
+    "PendingStatistics",
     "available",
     "blend",
+    "checked_state",
     "get_block_class",
     "register",
     "damped_inverse",
+    "eigenbasis_solve",
+    "kronecker_dense",
+    "pi_split",
     "symmetric_eigh",
 ]
 
@@ -99,6 +104,15 @@ class CurvatureBlock(ABC):
     def to_dense(self) -> Tensor:
         """The approximate Fisher block as a dense matrix, in the vector order above."""
 
+    def damped_dense(self, damping: float) -> Tensor:
+        """The dense matrix that :meth:`precondition` inverts at this ``damping``.
+
+        ``to_dense() + damping·I`` for exact Tikhonov damping (the default); blocks with a
+        cheaper damping rule (factored damping) override it with the matrix they invert.
+        """
+        dense = self.to_dense()
+        return dense + damping * torch.eye(dense.shape[0], dtype=dense.dtype, device=dense.device)
+
     @abstractmethod
     def state_dict(self) -> dict[str, Tensor]:
         """The running statistics (never derived quantities, which are recomputed)."""
@@ -108,11 +122,59 @@ class CurvatureBlock(ABC):
         """Restore the running statistics written by :meth:`state_dict`."""
 
 
+class PendingStatistics:
+    """The ``(a, g)`` pairs of the captured passes not yet committed, for blocks that need
+    every example (per-example gradients, power iterations) rather than running sums."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, a: Tensor | None, g: Tensor, block: str) -> None:
+        if a is None:
+            raise ValueError(f"{block} needs the layer inputs `a` (a dense or conv layer)")
+        self._pairs.append((a, g))
+
+    def is_finite(self) -> bool:
+        return all(bool(a.isfinite().all() and g.isfinite().all()) for a, g in self._pairs)
+
+    def batch(self) -> tuple[Tensor, Tensor] | None:
+        """All pending pairs as one batch ``(a, g)`` (concatenated examples), or ``None``."""
+        if not self._pairs:
+            return None
+        if len(self._pairs) == 1:
+            return self._pairs[0]
+        return torch.cat([a for a, _ in self._pairs]), torch.cat([g for _, g in self._pairs])
+
+    def clear(self) -> None:
+        self._pairs = []
+
+
 def blend(running: Tensor | None, batch: Tensor, factor_decay: float) -> Tensor:
     """Exponential moving average ``d·running + (1−d)·batch``; the first batch is taken as is."""
     if running is None:
         return batch.clone()
     return running.mul_(factor_decay).add_(batch, alpha=1.0 - factor_decay)
+
+
+def checked_state(
+    state: dict[str, Tensor], key: str, shape: tuple[int, ...], block: str
+) -> Tensor:
+    """A copy of ``state[key]`` after checking its shape and that it is finite.
+
+    Used by every block's ``load_state_dict`` so that a checkpoint that does not fit, or
+    holds NaNs, is refused with a ``ValueError`` naming the statistic and the block.
+    """
+    if key not in state:
+        raise ValueError(f"{block} checkpoint has no {key!r}")
+    value = state[key]
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{block} statistic {key!r} of shape {tuple(value.shape)} does not fit a "
+            f"layer that needs {tuple(shape)}"
+        )
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"{block} statistic {key!r} in the checkpoint is not finite")
+    return value.clone()
 
 
 _REGISTRY: dict[str, Callable[..., CurvatureBlock]] = {}
@@ -146,14 +208,15 @@ def get_block_class(name: str) -> Callable[..., CurvatureBlock]:
 
 
 def symmetric_eigh(
-    matrix: Tensor, float64_max_dim: int = 1024, max_tries: int = 4
+    matrix: Tensor, float64_max_dim: int = 1024, max_tries: int = 4, psd: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD factor that does not fail on bad conditioning.
+    """Eigendecomposition of a symmetric (PSD) factor that does not fail on bad conditioning.
 
     Small factors (``dim <= float64_max_dim``) are decomposed in float64. When ``eigh``
     fails to converge, the factor is retried in float64 with a growing jitter on the
     diagonal (``1e-10, 1e-8, …`` times its mean eigenvalue). Eigenvalues are clamped at
-    zero: a PSD factor has no negative ones, only rounding makes them.
+    zero when ``psd`` (a PSD factor has no negative ones, only rounding makes them); pass
+    ``psd=False`` for an indefinite matrix.
     Returns ``(eigenvalues, eigenvectors)`` in the factor's dtype.
     """
     dtype = matrix.dtype
@@ -167,7 +230,9 @@ def symmetric_eigh(
         try:
             jittered = work if attempt == 0 else work + (scale * 10.0 ** (2 * attempt - 12)) * eye
             values, vectors = torch.linalg.eigh(jittered)
-            return values.clamp_(min=0.0).to(dtype), vectors.to(dtype)
+            if psd:
+                values = values.clamp_(min=0.0)
+            return values.to(dtype), vectors.to(dtype)
         except RuntimeError as err:  # torch raises LinAlgError (a RuntimeError)
             error = err
             work = work.double()
@@ -191,3 +256,36 @@ def damped_inverse(matrix: Tensor, damping: float, float64_max_dim: int = 1024) 
         return torch.cholesky_inverse(factor).to(dtype)
     values, vectors = symmetric_eigh(matrix, float64_max_dim)
     return (vectors / (values + damping)) @ vectors.T
+
+
+def eigenbasis_solve(
+    grad: Tensor, g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor, damping: float
+) -> Tensor:
+    """``X`` with ``vec(X) = ((Q_G⊗Q_A) diag(vec S) (Q_G⊗Q_A)ᵀ + λI)⁻¹ vec(∇)``.
+
+    The damped solve of every block that is diagonal in a Kronecker eigenbasis (K-FAC,
+    TKFAC, EKFAC, KPSVD, Shampoo): rotate into the basis, divide by ``S + λ``, rotate back,
+    ``X = Q_G [(Q_Gᵀ ∇ Q_A) / (S + λ)] Q_Aᵀ``. ``eigenvalues`` is ``S``, ``(d_out, d_in)``.
+    """
+    rotated = g_vectors.T @ grad @ a_vectors
+    rotated /= eigenvalues + damping
+    return g_vectors @ rotated @ a_vectors.T
+
+
+def kronecker_dense(g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor) -> Tensor:
+    """``(Q_G⊗Q_A) diag(vec S) (Q_G⊗Q_A)ᵀ`` as a dense matrix (for :meth:`to_dense`)."""
+    basis = torch.kron(g_vectors, a_vectors)
+    return (basis * eigenvalues.reshape(-1)) @ basis.T
+
+
+def pi_split(a_factor: Tensor, g_factor: Tensor, damping: float) -> tuple[float, float]:
+    """``(γ_A, γ_G)`` of factored damping: ``γ_A γ_G = λ``, split by the factors' traces.
+
+    Martens & Grosse 2015, §6.3: ``γ_A = π√λ``, ``γ_G = √λ/π`` with
+    ``π² = (tr A / d_in) / (tr G / d_out)``; ``π = 1`` when a trace is not positive.
+    """
+    a_mean = float(a_factor.diagonal().mean())
+    g_mean = float(g_factor.diagonal().mean())
+    pi = (a_mean / g_mean) ** 0.5 if a_mean > 0.0 and g_mean > 0.0 else 1.0
+    root = damping**0.5
+    return pi * root, root / pi

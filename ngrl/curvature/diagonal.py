@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ngrl.capture import squared_gradient_sum
 from ngrl.curvature.base import CurvatureBlock, blend, register
 
 __all__ = ["DiagonalBlock"]
@@ -40,17 +41,17 @@ class DiagonalBlock(CurvatureBlock):
         self._count = 0
 
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        if a is None:
-            samples = g.reshape(g.shape[0], -1)
+        if a is not None:
+            total = squared_gradient_sum(a, g).reshape(-1)
         else:
-            samples = torch.einsum("nto,nti->noi", g, a).reshape(g.shape[0], -1)
-        if samples.shape[1] != self.numel:
+            samples = g.reshape(g.shape[0], -1)
+            total = samples.square().sum(0)
+        if total.shape[0] != self.numel:
             raise ValueError(
-                f"diagonal block of {self.numel} entries got gradients of {samples.shape[1]}"
+                f"diagonal block of {self.numel} entries got gradients of {total.shape[0]}"
             )
-        total = samples.square().sum(0)
         self._sum = total if self._sum is None else self._sum.add_(total)
-        self._count += samples.shape[0]
+        self._count += g.shape[0]
 
     def pending_is_finite(self) -> bool:
         return self._sum is None or bool(torch.isfinite(self._sum).all())

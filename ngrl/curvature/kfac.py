@@ -10,7 +10,10 @@ from torch import Tensor
 from ngrl.curvature.base import (
     CurvatureBlock,
     blend,
+    checked_state,
     damped_inverse,
+    eigenbasis_solve,
+    pi_split,
     register,
     symmetric_eigh,
 )
@@ -109,28 +112,32 @@ class KFACBlock(CurvatureBlock):
         return self.a_factor is not None and self.g_factor is not None
 
     # --- inverse ----------------------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(G, A)`` of the Kronecker product this block stands for, ``F̂ = G ⊗ A``.
+
+        The running factors themselves; subclasses that rescale them (TKFAC) override this.
+        """
+        assert self.a_factor is not None and self.g_factor is not None
+        return self.g_factor, self.a_factor
+
     def factored_damping(self, damping: float) -> tuple[float, float]:
         """``(γ_A, γ_G)`` of the factored rule: ``γ_A γ_G = λ``, split by the traces."""
-        assert self.a_factor is not None and self.g_factor is not None
-        a_mean = float(self.a_factor.diagonal().mean())
-        g_mean = float(self.g_factor.diagonal().mean())
-        pi = (a_mean / g_mean) ** 0.5 if a_mean > 0.0 and g_mean > 0.0 else 1.0
-        root = damping**0.5
-        return pi * root, root / pi
+        g_factor, a_factor = self.factors()
+        return pi_split(a_factor, g_factor, damping)
 
     def refresh(self, damping: float) -> None:
         if not self.initialized:
             return
-        assert self.a_factor is not None and self.g_factor is not None
+        g_factor, a_factor = self.factors()
         if self.damping_rule == "factored":
             a_damping, g_damping = self.factored_damping(damping)
             self._inverses = (
-                damped_inverse(self.a_factor, a_damping, self.float64_max_dim),
-                damped_inverse(self.g_factor, g_damping, self.float64_max_dim),
+                damped_inverse(a_factor, a_damping, self.float64_max_dim),
+                damped_inverse(g_factor, g_damping, self.float64_max_dim),
             )
             return
-        a_values, a_vectors = symmetric_eigh(self.a_factor, self.float64_max_dim)
-        g_values, g_vectors = symmetric_eigh(self.g_factor, self.float64_max_dim)
+        a_values, a_vectors = symmetric_eigh(a_factor, self.float64_max_dim)
+        g_values, g_vectors = symmetric_eigh(g_factor, self.float64_max_dim)
         self._eigen = (a_values, a_vectors, g_values, g_vectors)
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
@@ -141,14 +148,20 @@ class KFACBlock(CurvatureBlock):
             return g_inverse @ grad @ a_inverse
         assert self._eigen is not None, "precondition() before any statistics"
         a_values, a_vectors, g_values, g_vectors = self._eigen
-        rotated = g_vectors.T @ grad @ a_vectors
-        rotated /= torch.outer(g_values, a_values).add_(damping)
-        return g_vectors @ rotated @ a_vectors.T
+        return eigenbasis_solve(grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping)
+
+    def damped_dense(self, damping: float) -> Tensor:
+        if self.damping_rule == "exact":
+            return super().damped_dense(damping)
+        g_factor, a_factor = self.factors()
+        a_damping, g_damping = self.factored_damping(damping)
+        eye_a = torch.eye(a_factor.shape[0], dtype=a_factor.dtype, device=a_factor.device)
+        eye_g = torch.eye(g_factor.shape[0], dtype=g_factor.dtype, device=g_factor.device)
+        return torch.kron(g_factor + g_damping * eye_g, a_factor + a_damping * eye_a)
 
     # --- inspection and checkpoints ---------------------------------------------------
     def to_dense(self) -> Tensor:
-        assert self.a_factor is not None and self.g_factor is not None
-        return torch.kron(self.g_factor, self.a_factor)
+        return torch.kron(*self.factors())
 
     def state_dict(self) -> dict[str, Tensor]:
         if not self.initialized:
@@ -162,14 +175,8 @@ class KFACBlock(CurvatureBlock):
         if not state:
             self.a_factor = self.g_factor = None
             return
-        a_factor, g_factor = state["a_factor"], state["g_factor"]
         d_out, d_in = self.shape
-        if a_factor.shape != (d_in, d_in) or g_factor.shape != (d_out, d_out):
-            raise ValueError(
-                f"K-FAC factors of shape {tuple(a_factor.shape)}, {tuple(g_factor.shape)} "
-                f"do not fit a layer of shape {self.shape}"
-            )
-        if not (torch.isfinite(a_factor).all() and torch.isfinite(g_factor).all()):
-            raise ValueError("K-FAC factors in the checkpoint are not finite")
-        self.a_factor = a_factor.clone()
-        self.g_factor = g_factor.clone()
+        name = type(self).__name__
+        a_factor = checked_state(state, "a_factor", (d_in, d_in), name)
+        g_factor = checked_state(state, "g_factor", (d_out, d_out), name)
+        self.a_factor, self.g_factor = a_factor, g_factor

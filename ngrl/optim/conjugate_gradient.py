@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient", "fisher_vector_product", "flat_grad"]
+from ngrl.linalg import MatVec, conjugate_gradient
 
-MatVec = Callable[[Tensor], Tensor]
+__all__ = ["conjugate_gradient", "fisher_vector_product", "flat_grad"]
 
 
 def flat_grad(
@@ -43,29 +43,3 @@ def fisher_vector_product(kl: Tensor, params: Sequence[Tensor], damping: float =
         return hvp + damping * vector if damping else hvp
 
     return product
-
-
-def conjugate_gradient(
-    matvec: MatVec, b: Tensor, max_iterations: int = 10, tolerance: float = 1e-10
-) -> Tensor:
-    """Approximate ``A⁻¹ b`` for a symmetric positive-definite ``A`` given as ``matvec``.
-
-    Hestenes & Stiefel (1952), started from zero; stops after ``max_iterations`` products
-    or when the squared residual falls below ``tolerance``. With ``max_iterations`` at
-    least the dimension it is exact up to rounding.
-    """
-    x = torch.zeros_like(b)
-    residual = b.clone()
-    direction = b.clone()
-    residual_sq = residual @ residual
-    for _ in range(max_iterations):
-        if residual_sq <= tolerance:
-            break
-        a_direction = matvec(direction)
-        alpha = residual_sq / (direction @ a_direction)
-        x += alpha * direction
-        residual -= alpha * a_direction
-        new_residual_sq = residual @ residual
-        direction = residual + (new_residual_sq / residual_sq) * direction
-        residual_sq = new_residual_sq
-    return x

@@ -107,7 +107,7 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was() -> None:
     broken = copy.deepcopy(before)
     broken["variational"]["a_factor/2"] = torch.eye(2)  # the second layer's, wrong shape
     broken["variational"]["step"] = 99
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         opt.load_state_dict(broken)
     after = opt.state_dict()
     assert after["variational"]["step"] == 3

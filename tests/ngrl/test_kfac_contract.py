@@ -67,7 +67,7 @@ def test_load_state_dict_rejects_a_checkpoint_that_does_not_fit_and_keeps_its_st
     good = copy.deepcopy(opt.state_dict())
     bad = copy.deepcopy(good)
     bad["state"][0]["a_factor"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="does not fit"):
         opt.load_state_dict(bad)
     corrupt = copy.deepcopy(good)
     corrupt["state"][2]["g_factor"][0, 0] = float("nan")

@@ -1,0 +1,144 @@
+"""M-FAC: the damped empirical Fisher of a sliding window of gradients, inverted matrix-free."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ngrl.capture import example_gradients
+from ngrl.curvature.base import CurvatureBlock, checked_state, register
+
+__all__ = ["MFACBlock"]
+
+
+@register("mfac")
+class MFACBlock(CurvatureBlock):
+    """Dynamic M-FAC (Frantar, Kurtic & Alistarh 2021, arXiv:2107.03356), per layer.
+
+    The block keeps the last ``m = window`` per-example gradients ``∇ℓ_i`` of the
+    captured passes (a ring buffer ``Γ``, ``k ≤ m`` rows filled) and their Gram matrix
+    ``ΓΓᵀ``, and approximates the Fisher by their empirical second moment::
+
+        F̂ = (1/k) Σ_i ∇ℓ_i ∇ℓ_iᵀ = Γᵀ Γ / k,
+        (F̂ + λI)⁻¹ v = (v − Γᵀ (kλ I + ΓΓᵀ)⁻¹ Γ v) / λ        (Woodbury).
+
+    A product costs ``O(dm + m²)`` given the Cholesky factor of ``kλI + ΓΓᵀ``; adding
+    ``b`` gradients costs ``O(dmb)`` for the Gram rows plus ``O(m³)`` for the new
+    factor. The window replaces the exponential average: ``factor_decay`` is not used.
+    A captured batch larger than the window contributes its last ``m`` examples.
+
+    Args:
+        shape: shape of the gradient this block preconditions.
+        window: ``m``, the number of gradients kept.
+    """
+
+    state_keys = ("window", "cursor")
+
+    def __init__(self, shape: tuple[int, ...], *, window: int = 32) -> None:
+        if not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"Invalid window: {window!r} (a number of gradients >= 1)")
+        self.shape = tuple(int(s) for s in shape)
+        self.numel = math.prod(self.shape)
+        self.window = window
+        self.gradients: Tensor | None = None  # (m, d) ring buffer
+        self.gram: Tensor | None = None
+        self.filled = 0
+        self.cursor = 0
+        self._pending: list[Tensor] = []
+        self._cholesky: tuple[float, Tensor] | None = None
+
+    # --- statistics -------------------------------------------------------------------
+    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
+        rows = g.reshape(g.shape[0], -1) if a is None else example_gradients(a, g).flatten(1)
+        if rows.shape[1] != self.numel:
+            raise ValueError(f"M-FAC block of {self.numel} entries got gradients of {rows.shape[1]}")
+        self._pending.append(rows)
+
+    def pending_is_finite(self) -> bool:
+        return all(bool(rows.isfinite().all()) for rows in self._pending)
+
+    def commit(self, factor_decay: float) -> None:
+        if not self._pending:
+            return
+        rows = torch.cat(self._pending)[-self.window :]
+        self.discard()
+        if self.gradients is None:
+            self.gradients = rows.new_zeros(self.window, self.numel)
+            self.gram = rows.new_zeros(self.window, self.window)
+        assert self.gram is not None
+        slots = (self.cursor + torch.arange(rows.shape[0])) % self.window
+        self.gradients[slots] = rows
+        self.cursor = int((self.cursor + rows.shape[0]) % self.window)
+        self.filled = min(self.window, self.filled + rows.shape[0])
+        products = rows @ self.gradients.T  # the new rows of the Gram matrix
+        self.gram[slots] = products
+        self.gram[:, slots] = products.T
+        self._cholesky = None
+
+    def discard(self) -> None:
+        self._pending = []
+
+    @property
+    def initialized(self) -> bool:
+        return self.filled > 0
+
+    # --- inverse ----------------------------------------------------------------------
+    def _filled(self) -> tuple[Tensor, Tensor]:
+        assert self.gradients is not None and self.gram is not None
+        k = self.filled
+        return self.gradients[:k], self.gram[:k, :k]
+
+    def refresh(self, damping: float) -> None:
+        """Cholesky factor of ``kλI + ΓΓᵀ`` (also recomputed whenever the window moves)."""
+        if not self.initialized:
+            return
+        _, gram = self._filled()
+        inner = gram.double().clone()
+        inner.diagonal().add_(self.filled * damping)
+        self._cholesky = (damping, torch.linalg.cholesky(inner))
+
+    def precondition(self, grad: Tensor, damping: float) -> Tensor:
+        assert self.initialized, "precondition() before any statistics"
+        if self._cholesky is None or self._cholesky[0] != damping:
+            self.refresh(damping)
+        assert self._cholesky is not None
+        gradients, _ = self._filled()
+        v = grad.reshape(-1)
+        coefficients = torch.cholesky_solve((gradients @ v).double()[:, None], self._cholesky[1])
+        x = (v - gradients.T @ coefficients[:, 0].to(v.dtype)) / damping
+        return x.reshape(grad.shape)
+
+    # --- inspection and checkpoints ---------------------------------------------------
+    def to_dense(self) -> Tensor:
+        gradients, _ = self._filled()
+        return gradients.T @ gradients / self.filled
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.initialized:
+            return {}
+        gradients, _ = self._filled()
+        return {"window": gradients.clone(), "cursor": torch.tensor(self.cursor)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.discard()
+        self._cholesky = None
+        if not state:
+            self.gradients = self.gram = None
+            self.filled = self.cursor = 0
+            return
+        rows = state.get("window")
+        if rows is None or rows.dim() != 2 or not 1 <= rows.shape[0] <= self.window:
+            raise ValueError(
+                f"M-FAC checkpoint window does not fit a window of {self.window} gradients"
+            )
+        rows = checked_state(state, "window", (rows.shape[0], self.numel), "M-FAC")
+        cursor = int(checked_state(state, "cursor", (), "M-FAC"))
+        if not 0 <= cursor < self.window:
+            raise ValueError(f"M-FAC checkpoint cursor {cursor} is outside the window")
+        self.gradients = rows.new_zeros(self.window, self.numel)
+        self.gradients[: rows.shape[0]] = rows
+        self.gram = rows.new_zeros(self.window, self.window)
+        self.gram[: rows.shape[0], : rows.shape[0]] = rows @ rows.T
+        self.filled, self.cursor = rows.shape[0], cursor
