@@ -147,7 +147,8 @@ def _check_type(key: str, value: Any, reference: Any) -> None:
 def resolve_config(algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]]) -> RunConfig:
     """The run's settings: defaults, then the presets for ``spec``, then ``overrides``."""
     defaults = hyperparameter_defaults(algo)
-    settings: dict[str, Any] = {**_RUN_DEFAULTS, **_preset_tables(algo, spec)}
+    preset = _preset_tables(algo, spec)
+    settings: dict[str, Any] = {**_RUN_DEFAULTS, **preset}
     for key, value in overrides:
         top, _, rest = key.partition(".")
         if top not in defaults and top not in RUN_KEYS:
@@ -173,10 +174,32 @@ def resolve_config(algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]]) -
         else:
             _check_type(top, value, settings.get(top, defaults[top]))
         settings[top] = value
+    _drop_foreign_curvature_options(settings, preset, defaults, overrides)
     run = {key: settings.pop(key) for key in RUN_KEYS}
     for key in run:
         _check_type(key, run[key], RUN_KEYS[key]())
     return RunConfig(algo=algo, env=spec, hyperparameters=settings, **run)
+
+
+def _drop_foreign_curvature_options(
+    settings: dict[str, Any],
+    preset: dict[str, Any],
+    defaults: dict[str, Any],
+    overrides: list[tuple[str, Any]],
+) -> None:
+    """A preset's ``kfac_kwargs.curvature_options`` are written for the preset's
+    curvature (e.g. K-FAC's factored damping on Atari); ``--set curvature=ekfac`` gets
+    that block's own defaults instead, unless the options are also set explicitly."""
+    kfac_kwargs = settings.get("kfac_kwargs")
+    if not isinstance(kfac_kwargs, dict) or "curvature_options" not in kfac_kwargs:
+        return
+    preset_curvature = preset.get("curvature", defaults.get("curvature"))
+    if settings.get("curvature", preset_curvature) == preset_curvature:
+        return
+    if any(key == "kfac_kwargs" or key.startswith("kfac_kwargs.curvature_options")
+           for key, _ in overrides):
+        return
+    settings["kfac_kwargs"] = {k: v for k, v in kfac_kwargs.items() if k != "curvature_options"}
 
 
 def _schedule(value: Any) -> Any:

@@ -50,8 +50,16 @@ class KroneckerSumBlock(CurvatureBlock):
     four matrix products per step like K-FAC. ``damping_rule="exact"`` solves
     ``(F̂ + λI) vec(X) = vec(∇Ŵ)`` by conjugate gradient on Kronecker matrix-vector
     products, preconditioned by the factored solve (a few iterations when λ is small
-    against the factors). The correction can make ``F̂`` indefinite; in the jointly
-    diagonal form eigenvalues ``1 + μν`` are clamped at :data:`EIGENVALUE_FLOOR`.
+    against the factors).
+
+    **Indefiniteness.** Unlike K-FAC, the sum is not guaranteed PSD: the correction term
+    is a best fit, not a covariance, and on small batches ``F̂`` has negative eigenvalues
+    of the order of the correction. The factored rule clamps the jointly diagonal
+    eigenvalues ``1 + μν`` at :data:`EIGENVALUE_FLOOR` (so its inverse stays SPD and
+    every step a descent direction); the exact rule's conjugate gradient stops at the
+    first direction of negative curvature (falling back to the factored solve if that
+    is the first one). Both invert the stated matrix exactly whenever it is positive
+    definite.
 
     Args:
         shape: ``(d_out, d_in)`` of the combined parameter ``Ŵ = [W | b]``.
@@ -183,6 +191,8 @@ class KroneckerSumBlock(CurvatureBlock):
         solution = conjugate_gradient(
             matvec, b, self.cg_iterations, tolerance, preconditioner=preconditioner
         )
+        if not bool(solution.any()):  # negative curvature at once: F̂ + λI is indefinite
+            return self._factored_solve(grad)
         return solution.reshape(shape)
 
     # --- inspection and checkpoints ---------------------------------------------------

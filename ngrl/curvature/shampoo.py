@@ -23,6 +23,9 @@ __all__ = ["ShampooBlock"]
 
 Grafting = Literal["none", "sgd", "adam"]
 
+#: Eigenvalues below this fraction of the largest are taken as zero before the power.
+ROUNDING_LEVEL = 1e-12
+
 
 @register("shampoo")
 class ShampooBlock(CurvatureBlock):
@@ -119,8 +122,14 @@ class ShampooBlock(CurvatureBlock):
         assert self.left is not None and self.right is not None
         l_values, l_vectors = symmetric_eigh(self.left, self.float64_max_dim)
         r_values, r_vectors = symmetric_eigh(self.right, self.float64_max_dim)
-        scale = torch.outer(l_values.pow(self.exponent), r_values.pow(self.exponent))
+        scale = torch.outer(self._power(l_values), self._power(r_values))
         return l_vectors, r_vectors, scale
+
+    def _power(self, values: Tensor) -> Tensor:
+        # Eigenvalues at rounding level count as zero: their p-th roots (1e-17^¼ ≈ 6e-5)
+        # would be noise, e.g. for the output layer of a softmax, whose G is singular.
+        floor = ROUNDING_LEVEL * float(values.max())
+        return torch.where(values > floor, values, torch.zeros_like(values)).pow(self.exponent)
 
     def refresh(self, damping: float) -> None:
         if self.initialized:

@@ -53,6 +53,18 @@ def test_acktr_on_atari_through_the_cli(tmp_path: Path) -> None:
     assert model.policy.optimizer.blocks["features_extractor.cnn.0"].initialized
 
 
+def test_acktr_runs_with_another_curvature_on_atari(tmp_path: Path) -> None:
+    # The Atari preset's K-FAC options (factored damping) do not follow the switch.
+    code, run_dir = train(tmp_path, "ekfac", "acktr", "--env", "Breakout", "--timesteps", "160",
+                          "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
+                          "--set", "n_steps=8", "--set", "curvature=ekfac")
+    assert code == 0
+    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    assert optimizer.curvature == "ekfac"
+    assert type(optimizer.blocks["features_extractor.cnn.0"]).__name__ == "EKFACBlock"
+    assert optimizer.blocks["features_extractor.cnn.0"].initialized
+
+
 def test_set_reaches_kfac_options(tmp_path: Path) -> None:
     code, run_dir = train(tmp_path, "set", "acktr", "--env", "CartPole", "--timesteps", "64",
                           *SMALL, "--set", "n_steps=8", "--set", "curvature=diag",
