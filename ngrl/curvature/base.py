@@ -128,6 +128,7 @@ class PendingStatistics:
 
     def __init__(self) -> None:
         self._pairs: list[tuple[Tensor, Tensor]] = []
+        self._derived: tuple[Tensor, ...] | None = None
 
     def add(self, a: Tensor | None, g: Tensor, block: str) -> None:
         if a is None:
@@ -145,8 +146,28 @@ class PendingStatistics:
             return self._pairs[0]
         return torch.cat([a for a, _ in self._pairs]), torch.cat([g for _, g in self._pairs])
 
+    def derived(
+        self, compute: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, ...] | None:
+        """``compute(a, g)`` of the pending batch, computed once (``None`` if nothing is
+        pending). Blocks whose batch statistics are derived (power iterations) check
+        these for finiteness before the commit, since a finite batch can overflow them."""
+        if self._derived is None:
+            batch = self.batch()
+            if batch is not None:
+                self._derived = compute(*batch)
+        return self._derived
+
+    def derived_is_finite(self, compute: Callable[[Tensor, Tensor], tuple[Tensor, ...]]) -> bool:
+        """Raw pairs and ``compute``'s results all finite (``True`` when nothing is pending)."""
+        if not self.is_finite():
+            return False
+        terms = self.derived(compute)
+        return terms is None or all(bool(t.isfinite().all()) for t in terms)
+
     def clear(self) -> None:
         self._pairs = []
+        self._derived = None
 
 
 def blend(running: Tensor | None, batch: Tensor, factor_decay: float) -> Tensor:

@@ -36,10 +36,15 @@ class RearrangedFisher:
 
     def _sandwich(self, rows: Tensor, middle: Tensor, outer: Tensor) -> Tensor:
         # E_n[outer_nᵀ (rows_n M rows_nᵀ) outer_n] without an (N, d, d) intermediate.
-        inner = torch.bmm(rows @ middle, rows.transpose(1, 2))  # (N, T, T)
-        weighted = torch.bmm(inner, outer)
-        flat = outer.reshape(-1, outer.shape[-1])
-        result = flat.T @ weighted.reshape(-1, outer.shape[-1]) / outer.shape[0]
+        n = outer.shape[0]
+        if rows.shape[1] == 1:  # one position: the middle is a number per example
+            weights = ((rows[:, 0] @ middle) * rows[:, 0]).sum(1, keepdim=True)
+            result = (outer[:, 0] * weights).T @ outer[:, 0] / n
+        else:
+            inner = torch.bmm(rows @ middle, rows.transpose(1, 2))  # (N, T, T)
+            weighted = torch.bmm(inner, outer)
+            flat = outer.reshape(-1, outer.shape[-1])
+            result = flat.T @ weighted.reshape(-1, outer.shape[-1]) / n
         return 0.5 * (result + result.T)
 
     def times(self, a_side: Tensor) -> Tensor:
@@ -61,8 +66,8 @@ def best_kronecker(
     operator: RearrangedFisher,
     start: Tensor,
     *,
-    iterations: int = 50,
-    tolerance: float = 1e-6,
+    iterations: int = 10,
+    tolerance: float = 1e-4,
     reference: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(B, C)`` with ``B ⊗ C`` the best Kronecker approximation, ``‖B‖_F = ‖C‖_F = √σ₁``.
@@ -129,8 +134,8 @@ class KPSVDBlock(KFACBlock):
         shape: tuple[int, ...],
         *,
         damping_rule: Literal["exact", "factored"] = "exact",
-        power_iterations: int = 50,
-        tolerance: float = 1e-6,
+        power_iterations: int = 10,
+        tolerance: float = 1e-4,
         float64_max_dim: int = 1024,
     ) -> None:
         super().__init__(shape, damping_rule=damping_rule, float64_max_dim=float64_max_dim)
@@ -146,18 +151,21 @@ class KPSVDBlock(KFACBlock):
         self._pending.add(a, g, "KPSVD")
 
     def pending_is_finite(self) -> bool:
-        return self._pending.is_finite()
+        return self._pending.derived_is_finite(self.batch_factors)
 
-    def commit(self, factor_decay: float) -> None:
-        batch = self._pending.batch()
-        if batch is None:
-            return
-        a, g = batch
+    def batch_factors(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(G, A)`` of one batch, warm-started from the running ``A``."""
         start = self.a_factor if self.a_factor is not None else torch.einsum("nti,ntj->ij", a, a)
-        g_factor, a_factor = best_kronecker(
+        return best_kronecker(
             RearrangedFisher(a, g), start,
             iterations=self.power_iterations, tolerance=self.tolerance,
         )
+
+    def commit(self, factor_decay: float) -> None:
+        factors = self._pending.derived(self.batch_factors)
+        if factors is None:
+            return
+        g_factor, a_factor = factors
         self.a_factor = blend(self.a_factor, a_factor, factor_decay)
         self.g_factor = blend(self.g_factor, g_factor, factor_decay)
         self.discard()

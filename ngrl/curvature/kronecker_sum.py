@@ -79,8 +79,8 @@ class KroneckerSumBlock(CurvatureBlock):
         shape: tuple[int, ...],
         *,
         damping_rule: Literal["factored", "exact"] = "factored",
-        power_iterations: int = 50,
-        tolerance: float = 1e-6,
+        power_iterations: int = 10,
+        tolerance: float = 1e-4,
         cg_iterations: int = 50,
         cg_tolerance: float = 1e-20,
         float64_max_dim: int = 1024,
@@ -120,13 +120,13 @@ class KroneckerSumBlock(CurvatureBlock):
         self._pending.add(a, g, self.name)
 
     def pending_is_finite(self) -> bool:
-        return self._pending.is_finite()
+        return self._pending.derived_is_finite(self.batch_terms)
 
     def commit(self, factor_decay: float) -> None:
-        batch = self._pending.batch()
-        if batch is None:
+        terms = self._pending.derived(self.batch_terms)
+        if terms is None:
             return
-        g1, a1, g2, a2 = self.batch_terms(*batch)
+        g1, a1, g2, a2 = terms
         self.g_factor = blend(self.g_factor, g1, factor_decay)
         self.a_factor = blend(self.a_factor, a1, factor_decay)
         self.g_correction = blend(self.g_correction, g2, factor_decay)

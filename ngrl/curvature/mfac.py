@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ngrl.capture import example_gradients
-from ngrl.curvature.base import CurvatureBlock, checked_state, register
+from ngrl.curvature.base import CurvatureBlock, PendingStatistics, checked_state, register
 
 __all__ = ["MFACBlock"]
 
@@ -30,7 +30,7 @@ class MFACBlock(CurvatureBlock):
     A captured batch larger than the window contributes its last ``m`` examples.
 
     Args:
-        shape: shape of the gradient this block preconditions.
+        shape: ``(d_out, d_in)`` of the layer's combined parameter ``Ŵ = [W | b]``.
         window: ``m``, the number of gradients kept.
     """
 
@@ -46,23 +46,24 @@ class MFACBlock(CurvatureBlock):
         self.gram: Tensor | None = None
         self.filled = 0
         self.cursor = 0
-        self._pending: list[Tensor] = []
+        self._pending = PendingStatistics()
         self._cholesky: tuple[float, Tensor] | None = None
 
     # --- statistics -------------------------------------------------------------------
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        rows = g.reshape(g.shape[0], -1) if a is None else example_gradients(a, g).flatten(1)
-        if rows.shape[1] != self.numel:
-            raise ValueError(f"M-FAC block of {self.numel} entries got gradients of {rows.shape[1]}")
-        self._pending.append(rows)
+        self._pending.add(a, g, "M-FAC")
 
     def pending_is_finite(self) -> bool:
-        return all(bool(rows.isfinite().all()) for rows in self._pending)
+        return self._pending.is_finite()
 
     def commit(self, factor_decay: float) -> None:
-        if not self._pending:
+        batch = self._pending.batch()
+        if batch is None:
             return
-        rows = torch.cat(self._pending)[-self.window :]
+        a, g = batch
+        rows = example_gradients(a[-self.window :], g[-self.window :]).flatten(1)
+        if rows.shape[1] != self.numel:
+            raise ValueError(f"M-FAC block of {self.numel} entries got gradients of {rows.shape[1]}")
         self.discard()
         if self.gradients is None:
             self.gradients = rows.new_zeros(self.window, self.numel)
@@ -78,7 +79,7 @@ class MFACBlock(CurvatureBlock):
         self._cholesky = None
 
     def discard(self) -> None:
-        self._pending = []
+        self._pending.clear()
 
     @property
     def initialized(self) -> bool:

@@ -382,3 +382,20 @@ def test_every_registered_block_is_built_with_its_shape() -> None:
         block = get_block_class(name)((3, 5), **OPTIONS.get(name, {}))
         assert tuple(block.shape) == (3, 5)
         assert not block.initialized
+
+
+@pytest.mark.parametrize("name", ["kpsvd", "kfac-corrected", "deflation"])
+def test_a_batch_whose_derived_statistics_overflow_is_dropped(name: str) -> None:
+    torch.set_default_dtype(torch.float32)  # where 1e20² overflows
+    model = mlp()
+    opt = KFAC(model, curvature=name)
+    x = torch.randn(8, 4)
+    with opt.capture():
+        F.cross_entropy(model(x), sample_classes(model(x))).backward()
+    before = {k: v.clone() for k, v in opt.blocks["0"].state_dict().items()}
+    huge = 1e20 * torch.randn(8, 4)  # finite inputs whose Kronecker statistics are not
+    with pytest.warns(RuntimeWarning, match="non-finite curvature statistics"):
+        with opt.capture():
+            F.cross_entropy(model(huge), sample_classes(model(huge))).backward()
+    for key, value in opt.blocks["0"].state_dict().items():
+        torch.testing.assert_close(value, before[key])
