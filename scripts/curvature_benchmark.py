@@ -182,7 +182,11 @@ def time_to_reach(run: dict[str, list[float]], target: float) -> float | None:
 
 # --- Frobenius errors -----------------------------------------------------------------
 def frobenius_table(
-    data: Tensor, curvatures: Sequence[str], setup: Setup, progress: bool
+    data: Tensor,
+    curvatures: Sequence[str],
+    setup: Setup,
+    progress: bool,
+    points: Sequence[int] = FROBENIUS_EPOCHS,
 ) -> dict[str, dict[str, float]]:
     """``{"epoch E": {curvature: mean relative error over layers}}`` for a small AE."""
     torch.manual_seed(0)
@@ -195,10 +199,11 @@ def frobenius_table(
                        momentum=setup.momentum)
         layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         table: dict[str, dict[str, float]] = {}
-        epochs = range(max(FROBENIUS_EPOCHS) + 1)
-        for epoch in tqdm(epochs, desc="frobenius", disable=not progress, leave=False):
-            if epoch in FROBENIUS_EPOCHS:
+        for epoch in tqdm(range(max(points) + 1), desc="frobenius", disable=not progress):
+            if epoch in points:
                 table[f"epoch {epoch}"] = _errors_at(model, data[:256], layers, curvatures)
+            if epoch == max(points):
+                break
             for batch in torch.randperm(len(data)).split(setup.batch_size):
                 logits = model(data[batch])
                 trainer.capture_backward(sampled_fisher_loss(logits, len(batch)))
@@ -321,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     parser.add_argument("--out", type=Path, default=Path("results/curvature"),
                         help="folder for results.json, results.md, curves.png")
+    parser.add_argument("--frobenius-epochs", default=",".join(map(str, FROBENIUS_EPOCHS)),
+                        help="training epochs of the small autoencoder at which the "
+                        "Frobenius errors are measured (default: 0,10,50)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: 1, so timings do not share cores)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -340,6 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"curvature_benchmark: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    try:
+        points = sorted({int(p) for p in args.frobenius_epochs.split(",") if p.strip()})
+    except ValueError:
+        points = []
+    if not points or points[0] < 0:
+        print("curvature_benchmark: --frobenius-epochs must be comma-separated epochs >= 0",
+              file=sys.stderr)
+        return 2
     if "adam" not in methods:
         methods.insert(0, "adam")  # the target everyone is measured against
     torch.set_num_threads(args.threads)
@@ -383,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result[key] = statistics.median(reached) if len(reached) * 2 > len(runs) else None
 
     curvatures = [m for m in methods if m not in FIRST_ORDER]
-    frobenius = frobenius_table(data, curvatures, setup, progress) if curvatures else {}
+    frobenius = frobenius_table(data, curvatures, setup, progress, points) if curvatures else {}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
                    f"torch thread(s), torch {torch.__version__}",
