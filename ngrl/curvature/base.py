@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "CurvatureBlock",
+    "ExampleStatisticsBlock",
     "PendingStatistics",
     "available",
     "blend",
@@ -168,6 +169,53 @@ class PendingStatistics:
     def clear(self) -> None:
         self._pairs = []
         self._derived = None
+
+
+class ExampleStatisticsBlock(CurvatureBlock):
+    """A block that keeps every captured example until the commit (per-example gradients,
+    power iterations), and whose running statistics are the tensors named in
+    :attr:`state_keys`, each of the shape :meth:`state_shapes` gives."""
+
+    #: Name used in error messages.
+    name = "curvature block"
+
+    def __init__(self) -> None:
+        self._pending = PendingStatistics()
+
+    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
+        self._pending.add(a, g, self.name)
+
+    def pending_is_finite(self) -> bool:
+        return self._pending.is_finite()
+
+    def discard(self) -> None:
+        self._pending.clear()
+
+    @abstractmethod
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each running statistic, keyed like :attr:`state_keys`."""
+
+    def forget_derived(self) -> None:
+        """Drop derived quantities (inverses) after the statistics were replaced."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.initialized:
+            return {}
+        return {key: getattr(self, key).clone() for key in self.state_keys}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.discard()
+        self.forget_derived()
+        if not state:
+            for key in self.state_keys:
+                setattr(self, key, None)
+            return
+        loaded = {
+            key: checked_state(state, key, shape, self.name)
+            for key, shape in self.state_shapes().items()
+        }
+        for key, value in loaded.items():
+            setattr(self, key, value)
 
 
 def blend(running: Tensor | None, batch: Tensor, factor_decay: float) -> Tensor:

@@ -9,10 +9,8 @@ import torch
 from torch import Tensor
 
 from ngrl.curvature.base import (
-    CurvatureBlock,
-    PendingStatistics,
+    ExampleStatisticsBlock,
     blend,
-    checked_state,
     pi_split,
     symmetric_eigh,
 )
@@ -32,7 +30,7 @@ def random_symmetric(size: int, like: Tensor, seed: int = 0) -> Tensor:
     return (matrix + matrix.T).to(dtype=like.dtype, device=like.device)
 
 
-class KroneckerSumBlock(CurvatureBlock):
+class KroneckerSumBlock(ExampleStatisticsBlock):
     """``F̂ = G ⊗ A + G₂ ⊗ A₂``: a Kronecker product and a Kronecker correction.
 
     Koroko et al. 2022 (arXiv:2201.10285), §4. Subclasses say where the two terms come
@@ -96,6 +94,7 @@ class KroneckerSumBlock(CurvatureBlock):
                 f"Invalid power_iterations/cg_iterations: {power_iterations}/{cg_iterations} "
                 "(must be >= 1)"
             )
+        super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.damping_rule = damping_rule
         self.power_iterations = power_iterations
@@ -107,7 +106,6 @@ class KroneckerSumBlock(CurvatureBlock):
         self.a_factor: Tensor | None = None
         self.g_correction: Tensor | None = None
         self.a_correction: Tensor | None = None
-        self._pending = PendingStatistics()
         self._solver: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._solver_damping: tuple[float, float] = (0.0, 0.0)
 
@@ -116,9 +114,6 @@ class KroneckerSumBlock(CurvatureBlock):
         """``(G, A, G₂, A₂)`` of one batch of statistics."""
 
     # --- statistics -------------------------------------------------------------------
-    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        self._pending.add(a, g, self.name)
-
     def pending_is_finite(self) -> bool:
         return self._pending.derived_is_finite(self.batch_terms)
 
@@ -132,9 +127,6 @@ class KroneckerSumBlock(CurvatureBlock):
         self.g_correction = blend(self.g_correction, g2, factor_decay)
         self.a_correction = blend(self.a_correction, a2, factor_decay)
         self.discard()
-
-    def discard(self) -> None:
-        self._pending.clear()
 
     @property
     def initialized(self) -> bool:
@@ -209,22 +201,10 @@ class KroneckerSumBlock(CurvatureBlock):
         eye_a = torch.eye(a1.shape[0], dtype=a1.dtype, device=a1.device)
         return torch.kron(g1 + g_damping * eye_g, a1 + a_damping * eye_a) + torch.kron(g2, a2)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        if not self.initialized:
-            return {}
-        return {key: getattr(self, key).clone() for key in self.state_keys}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.discard()
-        self._solver = None
-        if not state:
-            for key in self.state_keys:
-                setattr(self, key, None)
-            return
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
         d_out, d_in = self.shape
-        shapes = {"a_factor": (d_in, d_in), "g_factor": (d_out, d_out),
-                  "a_correction": (d_in, d_in), "g_correction": (d_out, d_out)}
-        loaded = {key: checked_state(state, key, shapes[key], self.name) for key in shapes}
-        for key, value in loaded.items():
-            setattr(self, key, value)
+        return {"a_factor": (d_in, d_in), "g_factor": (d_out, d_out),
+                "a_correction": (d_in, d_in), "g_correction": (d_out, d_out)}
 
+    def forget_derived(self) -> None:
+        self._solver = None

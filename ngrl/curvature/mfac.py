@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 
 from ngrl.capture import example_gradients
-from ngrl.curvature.base import CurvatureBlock, PendingStatistics, checked_state, register
+from ngrl.curvature.base import ExampleStatisticsBlock, checked_state, register
 
 __all__ = ["MFACBlock"]
 
 
 @register("mfac")
-class MFACBlock(CurvatureBlock):
+class MFACBlock(ExampleStatisticsBlock):
     """Dynamic M-FAC (Frantar, Kurtic & Alistarh 2021, arXiv:2107.03356), per layer.
 
     The block keeps the last ``m = window`` per-example gradients ``∇ℓ_i`` of the
@@ -35,10 +35,12 @@ class MFACBlock(CurvatureBlock):
     """
 
     state_keys = ("window", "cursor")
+    name = "M-FAC"
 
     def __init__(self, shape: tuple[int, ...], *, window: int = 32) -> None:
         if not (isinstance(window, int) and window >= 1):
             raise ValueError(f"Invalid window: {window!r} (a number of gradients >= 1)")
+        super().__init__()
         self.shape = tuple(int(s) for s in shape)
         self.numel = math.prod(self.shape)
         self.window = window
@@ -46,16 +48,9 @@ class MFACBlock(CurvatureBlock):
         self.gram: Tensor | None = None
         self.filled = 0
         self.cursor = 0
-        self._pending = PendingStatistics()
         self._cholesky: tuple[float, Tensor] | None = None
 
     # --- statistics -------------------------------------------------------------------
-    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        self._pending.add(a, g, "M-FAC")
-
-    def pending_is_finite(self) -> bool:
-        return self._pending.is_finite()
-
     def commit(self, factor_decay: float) -> None:
         batch = self._pending.batch()
         if batch is None:
@@ -77,9 +72,6 @@ class MFACBlock(CurvatureBlock):
         self.gram[slots] = products
         self.gram[:, slots] = products.T
         self._cholesky = None
-
-    def discard(self) -> None:
-        self._pending.clear()
 
     @property
     def initialized(self) -> bool:
@@ -112,6 +104,9 @@ class MFACBlock(CurvatureBlock):
         return x.reshape(grad.shape)
 
     # --- inspection and checkpoints ---------------------------------------------------
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"window": (self.filled, self.numel), "cursor": ()}
+
     def to_dense(self) -> Tensor:
         gradients, _ = self._filled()
         return gradients.T @ gradients / self.filled

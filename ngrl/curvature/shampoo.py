@@ -9,10 +9,8 @@ from torch import Tensor
 
 from ngrl.capture import example_gradients, squared_gradient_sum
 from ngrl.curvature.base import (
-    CurvatureBlock,
-    PendingStatistics,
+    ExampleStatisticsBlock,
     blend,
-    checked_state,
     eigenbasis_solve,
     kronecker_dense,
     register,
@@ -28,7 +26,7 @@ ROUNDING_LEVEL = 1e-12
 
 
 @register("shampoo")
-class ShampooBlock(CurvatureBlock):
+class ShampooBlock(ExampleStatisticsBlock):
     """Shampoo (Gupta, Koren & Singer 2018, arXiv:1802.09568) on Fisher statistics.
 
     With the per-example gradients ``∇Ŵ_n`` (``d_out × d_in``) of the captured passes::
@@ -56,6 +54,7 @@ class ShampooBlock(CurvatureBlock):
     """
 
     state_keys = ("left", "right", "second_moment")
+    name = "Shampoo"
 
     def __init__(
         self,
@@ -72,6 +71,7 @@ class ShampooBlock(CurvatureBlock):
             raise ValueError(f"Invalid exponent: {exponent!r} (must be in (0, 1])")
         if grafting not in ("none", "sgd", "adam"):
             raise ValueError(f"Invalid grafting: {grafting!r} (use 'none', 'sgd' or 'adam')")
+        super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.exponent = exponent
         self.grafting = grafting
@@ -80,16 +80,9 @@ class ShampooBlock(CurvatureBlock):
         self.left: Tensor | None = None
         self.right: Tensor | None = None
         self.second_moment: Tensor | None = None
-        self._pending = PendingStatistics()
         self._eigen: tuple[Tensor, Tensor, Tensor] | None = None  # (Q_L, Q_R, l^p r^pᵀ)
 
     # --- statistics -------------------------------------------------------------------
-    def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        self._pending.add(a, g, "Shampoo")
-
-    def pending_is_finite(self) -> bool:
-        return self._pending.is_finite()
-
     def commit(self, factor_decay: float) -> None:
         batch = self._pending.batch()
         if batch is None:
@@ -108,9 +101,6 @@ class ShampooBlock(CurvatureBlock):
         self.right = blend(self.right, right, factor_decay)
         self.second_moment = blend(self.second_moment, squared_gradient_sum(a, g) / n, factor_decay)
         self.discard()
-
-    def discard(self) -> None:
-        self._pending.clear()
 
     @property
     def initialized(self) -> bool:
@@ -155,19 +145,9 @@ class ShampooBlock(CurvatureBlock):
     def to_dense(self) -> Tensor:
         return kronecker_dense(*self._decompose())
 
-    def state_dict(self) -> dict[str, Tensor]:
-        if not self.initialized:
-            return {}
-        return {key: getattr(self, key).clone() for key in self.state_keys}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.discard()
-        self._eigen = None
-        if not state:
-            self.left = self.right = self.second_moment = None
-            return
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
         d_out, d_in = self.shape
-        left = checked_state(state, "left", (d_out, d_out), "Shampoo")
-        right = checked_state(state, "right", (d_in, d_in), "Shampoo")
-        moment = checked_state(state, "second_moment", (d_out, d_in), "Shampoo")
-        self.left, self.right, self.second_moment = left, right, moment
+        return {"left": (d_out, d_out), "right": (d_in, d_in), "second_moment": (d_out, d_in)}
+
+    def forget_derived(self) -> None:
+        self._eigen = None

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,18 +12,12 @@ import torch
 
 from bayes import calibration
 from bayes.methods import METHODS, Run, options_for, settings_for
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "evaluate_calibration.py"
+from tests.helpers.scripts import SCRIPTS, load_script
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("evaluate_calibration", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("evaluate_calibration")
 
 
 TINY = ["--set", "epochs=2", "--set", "test_samples=2", "--set", "ensemble_size=2", "--no-progress"]
@@ -120,7 +112,7 @@ def test_a_missing_peer_names_the_extra(script, tmp_path, capsys, monkeypatch) -
 
 
 def test_readme_commands_are_valid(script) -> None:
-    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    readme = (SCRIPTS.parent / "README.md").read_text()
     block = readme.split("### Is the confidence trustworthy?")[1].split("```")[1]
     commands = block.replace("\\\n", " ").splitlines()
     runs = [c.split()[2:] for c in commands if c.startswith("python scripts/evaluate_calibration")]
