@@ -23,7 +23,7 @@ def test_a_tiny_run_writes_its_tables_and_figure(script: ModuleType, tmp_path: P
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert list(report["results"]) == ["adam", "sgd", "kfac", "kfac-corrected"]  # Adam added
-    assert len(report["grid"]["kfac"]) == 9 and len(report["grid"]["adam"]) == 3
+    assert len(report["grid"]["kfac"]) == 16 and len(report["grid"]["adam"]) == 4
     for result in report["results"].values():
         assert len(result["runs"]) == 2
         assert len(result["runs"][0]["loss"]) == 3  # before training and after each epoch
