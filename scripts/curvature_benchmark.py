@@ -58,6 +58,8 @@ SECOND_ORDER_LR = 0.3
 ARCHITECTURE = (64, 256, 128, 64, 16)
 SMALL_ARCHITECTURE = (64, 16, 6)
 FROBENIUS_EPOCHS = (0, 10, 50)
+POWER_ITERATION_BLOCKS = ("kpsvd", "kfac-corrected", "deflation")
+CONVERGED = {"power_iterations": 200, "tolerance": 1e-8}
 
 
 @dataclass(frozen=True)
@@ -239,8 +241,11 @@ def _errors_at(
         rows = grads[:, layer_indices(model, layer)]
         exact[layer] = rows.T @ rows / len(x)
     errors = {}
-    for name in curvatures:  # each with the defaults it trains with
-        probe = KFAC(model, curvature=name, factor_decay=0.0)
+    for name in curvatures:
+        # Training defaults, except that power iterations run to convergence: a fresh
+        # probe has no running factors to warm-start from, as a training block has.
+        options = CONVERGED if name in POWER_ITERATION_BLOCKS else {}
+        probe = KFAC(model, curvature=name, curvature_options=options, factor_decay=0.0)
         with probe.capture():
             reconstruction_loss(model(x), targets).backward()
         probe.zero_grad()

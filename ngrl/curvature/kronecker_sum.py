@@ -66,7 +66,8 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
     Args:
         shape: ``(d_out, d_in)`` of the combined parameter ``Ŵ = [W | b]``.
         damping_rule: ``"factored"`` (default) or ``"exact"``.
-        power_iterations: most power-iteration rounds for each Kronecker term.
+        power_iterations: most power-iteration rounds for each Kronecker term per batch
+            (warm-started from the running terms; see :class:`KPSVDBlock`).
         tolerance: power-iteration stopping tolerance (see :func:`best_kronecker`).
         cg_iterations: most conjugate-gradient iterations of the exact rule.
         cg_tolerance: the exact rule stops when ``‖residual‖² ≤ cg_tolerance·‖∇Ŵ‖²``.
@@ -81,7 +82,7 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         shape: tuple[int, ...],
         *,
         damping_rule: Literal["factored", "exact"] = "factored",
-        power_iterations: int = 10,
+        power_iterations: int = 3,
         tolerance: float = 1e-4,
         cg_iterations: int = 50,
         cg_tolerance: float = 1e-20,
