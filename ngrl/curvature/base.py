@@ -36,6 +36,7 @@ __all__ = [
     "register",
     "damped_inverse",
     "eigenbasis_solve",
+    "factored_kronecker",
     "kronecker_dense",
     "pi_split",
     "symmetric_eigh",
@@ -345,6 +346,15 @@ def kronecker_dense(g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor) -
     """``(Q_G⊗Q_A) diag(vec S) (Q_G⊗Q_A)ᵀ`` as a dense matrix (for :meth:`to_dense`)."""
     basis = torch.kron(g_vectors, a_vectors)
     return (basis * eigenvalues.reshape(-1)) @ basis.T
+
+
+def factored_kronecker(g_factor: Tensor, a_factor: Tensor, damping: float) -> Tensor:
+    """``(G + γ_G I) ⊗ (A + γ_A I)`` with the π split of :func:`pi_split`, dense: the
+    matrix a factored-damping rule inverts (for :meth:`CurvatureBlock.damped_dense`)."""
+    a_damping, g_damping = pi_split(a_factor, g_factor, damping)
+    eye_a = torch.eye(a_factor.shape[0], dtype=a_factor.dtype, device=a_factor.device)
+    eye_g = torch.eye(g_factor.shape[0], dtype=g_factor.dtype, device=g_factor.device)
+    return torch.kron(g_factor + g_damping * eye_g, a_factor + a_damping * eye_a)
 
 
 def pi_split(a_factor: Tensor, g_factor: Tensor, damping: float) -> tuple[float, float]:

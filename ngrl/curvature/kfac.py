@@ -13,6 +13,7 @@ from ngrl.curvature.base import (
     checked_state,
     damped_inverse,
     eigenbasis_solve,
+    factored_kronecker,
     pi_split,
     register,
     symmetric_eigh,
@@ -153,11 +154,7 @@ class KFACBlock(CurvatureBlock):
     def damped_dense(self, damping: float) -> Tensor:
         if self.damping_rule == "exact":
             return super().damped_dense(damping)
-        g_factor, a_factor = self.factors()
-        a_damping, g_damping = self.factored_damping(damping)
-        eye_a = torch.eye(a_factor.shape[0], dtype=a_factor.dtype, device=a_factor.device)
-        eye_g = torch.eye(g_factor.shape[0], dtype=g_factor.dtype, device=g_factor.device)
-        return torch.kron(g_factor + g_damping * eye_g, a_factor + a_damping * eye_a)
+        return factored_kronecker(*self.factors(), damping)
 
     # --- inspection and checkpoints ---------------------------------------------------
     def to_dense(self) -> Tensor:

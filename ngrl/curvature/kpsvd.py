@@ -11,7 +11,7 @@ from torch import Tensor
 from ngrl.curvature.base import PendingStatistics, blend, register
 from ngrl.curvature.kfac import KFACBlock
 
-__all__ = ["KPSVDBlock", "RearrangedFisher", "best_kronecker"]
+__all__ = ["KPSVDBlock", "RearrangedFisher", "best_kronecker", "check_power_iteration_options"]
 
 
 class RearrangedFisher:
@@ -104,6 +104,14 @@ def best_kronecker(
     return root * g_side, root * a_side
 
 
+def check_power_iteration_options(power_iterations: int, tolerance: float) -> None:
+    """``ValueError`` naming the option unless ``power_iterations >= 1`` and ``tolerance >= 0``."""
+    if not (isinstance(power_iterations, int) and power_iterations >= 1):
+        raise ValueError(f"Invalid power_iterations: {power_iterations!r} (must be >= 1)")
+    if not tolerance >= 0.0:
+        raise ValueError(f"Invalid tolerance: {tolerance!r} (must be >= 0)")
+
+
 @register("kpsvd")
 class KPSVDBlock(KFACBlock):
     """KPSVD (Koroko et al. 2022, arXiv:2201.10285): ``F̂ = G ⊗ A`` with
@@ -142,10 +150,7 @@ class KPSVDBlock(KFACBlock):
         float64_max_dim: int = 1024,
     ) -> None:
         super().__init__(shape, damping_rule=damping_rule, float64_max_dim=float64_max_dim)
-        if power_iterations < 1:
-            raise ValueError(f"Invalid power_iterations: {power_iterations} (must be >= 1)")
-        if not tolerance >= 0.0:
-            raise ValueError(f"Invalid tolerance: {tolerance} (must be >= 0)")
+        check_power_iteration_options(power_iterations, tolerance)
         self.power_iterations = power_iterations
         self.tolerance = tolerance
         self._pending = PendingStatistics()

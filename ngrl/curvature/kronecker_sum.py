@@ -11,9 +11,11 @@ from torch import Tensor
 from ngrl.curvature.base import (
     ExampleStatisticsBlock,
     blend,
+    factored_kronecker,
     pi_split,
     symmetric_eigh,
 )
+from ngrl.curvature.kpsvd import check_power_iteration_options
 from ngrl.linalg import conjugate_gradient
 
 __all__ = ["KroneckerSumBlock", "random_symmetric"]
@@ -94,11 +96,9 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
             raise ValueError(
                 f"Invalid damping_rule: {damping_rule!r} (use 'factored' or 'exact')"
             )
-        if power_iterations < 1 or cg_iterations < 1:
-            raise ValueError(
-                f"Invalid power_iterations/cg_iterations: {power_iterations}/{cg_iterations} "
-                "(must be >= 1)"
-            )
+        check_power_iteration_options(power_iterations, tolerance)
+        if cg_iterations < 1:
+            raise ValueError(f"Invalid cg_iterations: {cg_iterations} (must be >= 1)")
         super().__init__()
         self.shape = (int(shape[0]), int(shape[1]))
         self.damping_rule = damping_rule
@@ -201,10 +201,7 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         if self.damping_rule == "exact":
             return super().damped_dense(damping)
         g1, a1, g2, a2 = self.terms()
-        a_damping, g_damping = pi_split(a1, g1, damping)
-        eye_g = torch.eye(g1.shape[0], dtype=g1.dtype, device=g1.device)
-        eye_a = torch.eye(a1.shape[0], dtype=a1.dtype, device=a1.device)
-        return torch.kron(g1 + g_damping * eye_g, a1 + a_damping * eye_a) + torch.kron(g2, a2)
+        return factored_kronecker(g1, a1, damping) + torch.kron(g2, a2)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         d_out, d_in = self.shape
