@@ -377,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "adam" not in methods:
         methods.insert(0, "adam")  # the target everyone is measured against
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:  # before any training, so that a bad --out costs nothing
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"curvature_benchmark: --out {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
     setup, data, progress = Setup(), digits(), not args.no_progress
 
     warnings.simplefilter("ignore", RuntimeWarning)  # skipped non-finite steps of bad grid points

@@ -41,6 +41,20 @@ def test_bad_input_is_one_line_and_exit_2(
     script: ModuleType, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert script.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    _assert_one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused(
+    script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "a_file"
+    taken.write_text("keep me")
+    assert script.main(["--out", str(taken)]) == 2
+    _assert_one_line(capsys)
+    assert taken.read_text() == "keep me"
+
+
+def _assert_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith("curvature_benchmark:")
-    assert not (tmp_path / "out").exists()
