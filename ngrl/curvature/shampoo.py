@@ -93,13 +93,15 @@ class ShampooBlock(ExampleStatisticsBlock):
             a1, g1 = a[:, 0], g[:, 0]
             left = (g1 * a1.square().sum(1, keepdim=True)).T @ g1 / n
             right = (a1 * g1.square().sum(1, keepdim=True)).T @ a1 / n
-        else:
+            moment = squared_gradient_sum(a, g) / n
+        else:  # one per-example tensor serves all three statistics
             grads = example_gradients(a, g)
             left = torch.einsum("noi,npi->op", grads, grads) / n
             right = torch.einsum("noi,noj->ij", grads, grads) / n
+            moment = grads.square().mean(0)
         self.left = blend(self.left, left, factor_decay)
         self.right = blend(self.right, right, factor_decay)
-        self.second_moment = blend(self.second_moment, squared_gradient_sum(a, g) / n, factor_decay)
+        self.second_moment = blend(self.second_moment, moment, factor_decay)
         self.discard()
 
     @property
