@@ -359,12 +359,16 @@ def test_shampoo_matches_its_dense_formula(model_kind: str, exponent: float) -> 
         )
 
 
+@pytest.mark.parametrize("model_kind", sorted(MODELS))
 @pytest.mark.parametrize("grafting", ["sgd", "adam"])
-def test_shampoo_grafting_keeps_the_direction_and_takes_the_other_norm(grafting: str) -> None:
-    opt, model, x, targets = captured("shampoo", "mlp", grafting=grafting, graft_epsilon=1e-8)
-    plain, _, _, _ = captured("shampoo", "mlp")
+def test_shampoo_grafting_keeps_the_direction_and_takes_the_other_norm(
+    grafting: str, model_kind: str
+) -> None:
+    opt, model, x, targets = captured("shampoo", model_kind, grafting=grafting,
+                                      graft_epsilon=1e-8)
+    plain, _, _, _ = captured("shampoo", model_kind)
     grads = per_example_gradients(model, ce_sum, x, targets)
-    for layer in ("0", "2"):
+    for layer in MODELS[model_kind][2]:
         block, reference = opt.blocks[layer], plain.blocks[layer]
         grad = torch.randn(block.shape)
         direction = reference.precondition(grad, DAMPING)
