@@ -64,6 +64,25 @@ class CurvatureBlock(ABC):
     shape: tuple[int, ...]
     #: Keys of :meth:`state_dict` (stored in the optimizer state of the layer's first parameter).
     state_keys: tuple[str, ...] = ()
+    #: Whether the running statistics (the attributes named in :attr:`state_keys`) are
+    #: exponential averages of batch statistics, so that averaging them over data-parallel
+    #: ranks after a commit equals committing the union batch (:mod:`ngrl.distributed`).
+    #: Blocks whose statistics come from power iterations, a basis chosen at the first
+    #: batch, or a window of examples are not.
+    rank_averaged: bool = True
+
+    def running_statistics(self) -> list[Tensor]:
+        """The running statistics themselves (not copies), for averaging across ranks."""
+        return [t for t in (getattr(self, key, None) for key in self.state_keys) if t is not None]
+
+    def decomposition(self) -> list[Tensor] | None:
+        """What :meth:`refresh` computed, for one rank to send to others; ``None`` when the
+        block has nothing to send (every rank then refreshes it itself)."""
+        return None
+
+    def load_decomposition(self, tensors: list[Tensor]) -> None:
+        """Install a :meth:`decomposition` computed by another rank."""
+        raise NotImplementedError(f"{type(self).__name__} does not share its decomposition")
 
     def update(self, a: Tensor | None, g: Tensor, factor_decay: float = 0.0) -> None:
         """Add one batch of statistics and fold it into the running estimate."""

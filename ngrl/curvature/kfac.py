@@ -151,6 +151,19 @@ class KFACBlock(CurvatureBlock):
         a_values, a_vectors, g_values, g_vectors = self._eigen
         return eigenbasis_solve(grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping)
 
+    def decomposition(self) -> list[Tensor] | None:
+        if self._inverses is not None:
+            return list(self._inverses)
+        return None if self._eigen is None else list(self._eigen)
+
+    def load_decomposition(self, tensors: list[Tensor]) -> None:
+        if self.damping_rule == "factored":
+            a_inverse, g_inverse = tensors
+            self._inverses = (a_inverse, g_inverse)
+        else:
+            a_values, a_vectors, g_values, g_vectors = tensors
+            self._eigen = (a_values, a_vectors, g_values, g_vectors)
+
     def damped_dense(self, damping: float) -> Tensor:
         if self.damping_rule == "exact":
             return super().damped_dense(damping)

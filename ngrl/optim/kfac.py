@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 import ngrl.curvature  # noqa: F401  (registers every approximation)
+from ngrl import distributed
 from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.diagonal import DiagonalBlock
@@ -83,6 +84,16 @@ class KFAC(torch.optim.Optimizer):
             per example first; much cheaper for convolutions).
         curvature_options: keyword arguments for the curvature blocks of dense and conv
             layers, e.g. ``{"damping_rule": "factored"}`` for K-FAC.
+        grad_worker_fraction: under ``torch.distributed``, the fraction of ranks that
+            hold each layer's decomposition and precondition its gradient (KAISA; see
+            :mod:`ngrl.distributed`): 1 (default) sends every decomposition to every
+            rank, ``1/world`` keeps each on one rank and broadcasts the preconditioned
+            gradient instead.
+
+    Under ``torch.distributed`` (a process group of several ranks, each with its own
+    data), gradients are averaged before each step and curvature statistics after each
+    capture, each in one all-reduce, and each layer's decomposition is computed by one
+    rank: the ranks take identical steps. Without a process group nothing changes.
 
     Every float hyperparameter (and the two step counts) may instead be a callable
     ``f(step) -> value``. ``lr`` and the rest are read from ``param_groups[0]`` on every
@@ -107,6 +118,7 @@ class KFAC(torch.optim.Optimizer):
         stats_batch_size: int | None = None,
         weight_sharing: WeightSharing = "expand",
         curvature_options: Mapping[str, Any] | None = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -130,6 +142,10 @@ class KFAC(torch.optim.Optimizer):
         check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
         if stats_batch_size is not None:
             check("stats_batch_size", stats_batch_size)
+        if not 0.0 < grad_worker_fraction <= 1.0:
+            raise ValueError(
+                f"Invalid grad_worker_fraction value: {grad_worker_fraction} (in (0, 1])"
+            )
         block_class = get_block_class(curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -162,6 +178,8 @@ class KFAC(torch.optim.Optimizer):
             self.layers, self._sink, loss_reduction, stats_batch_size, weight_sharing
         )
         self._warned_uncaptured = False
+        self.grad_worker_fraction = float(grad_worker_fraction)
+        self._groups: distributed.Groups | None = None
 
     # --- hyperparameters --------------------------------------------------------------
     @property
@@ -194,10 +212,18 @@ class KFAC(torch.optim.Optimizer):
             for block in self.blocks.values():
                 block.discard()
             raise
-        if all(block.pending_is_finite() for block in self.blocks.values()):
+        finite = all(block.pending_is_finite() for block in self.blocks.values())
+        if distributed.is_distributed():
+            finite = distributed.all_agree(finite)
+        if finite:
             decay = float(self.hyperparameter("factor_decay"))
             for block in self.blocks.values():
                 block.commit(decay)
+            if distributed.is_distributed():
+                self._check_rank_averaged()
+                distributed.all_reduce_mean(
+                    [t for block in self.blocks.values() for t in block.running_statistics()]
+                )
         else:
             for block in self.blocks.values():
                 block.discard()
@@ -237,21 +263,48 @@ class KFAC(torch.optim.Optimizer):
     def _directions(self, damping: float) -> tuple[dict[Tensor, Tensor], float] | None:
         """Preconditioned gradients ``X`` per parameter and ``Σ⟨X, ∇Ŵ⟩``; ``None`` if not finite."""
         refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
-        directions: dict[Tensor, Tensor] = {}
-        terms: list[Tensor] = []
+        plan = self._work_plan()
+        me = distributed.rank()
+        active: dict[str, tuple[Layer, Tensor]] = {}
         uncaptured = []
         for layer in self.layers:
             grads = [p.grad for p in layer.params]
             if all(g is None for g in grads):
                 continue
-            block = self.blocks[layer.name]
-            if not block.initialized:
+            if not self.blocks[layer.name].initialized:
                 uncaptured.append(layer.name or type(layer.module).__name__)
                 continue
+            active[layer.name] = (layer, layer.gather(grads))
+        shared = [name for name in active if plan is not None and name in plan.owners]
+        if refresh and shared:
+            assert plan is not None and self._groups is not None
+            distributed.share_from_owners(
+                shared, plan, self._groups,
+                produce=lambda name: self._refreshed(name, damping),
+                consume=lambda name, tensors: self.blocks[name].load_decomposition(tensors),
+                device=self.param_groups[0]["params"][0].device,
+            )
+        preconditioned: dict[str, Tensor] = {}
+        for name, (_, grad) in active.items():
+            if name in shared:
+                assert plan is not None
+                if plan.is_grad_worker(name, me):
+                    preconditioned[name] = self.blocks[name].precondition(grad, damping)
+                continue
             if refresh:
-                block.refresh(damping)
-            grad = layer.gather(grads)
-            x = block.precondition(grad, damping)
+                self.blocks[name].refresh(damping)
+            preconditioned[name] = self.blocks[name].precondition(grad, damping)
+        if shared and plan is not None and plan.grad_workers < plan.world:
+            assert self._groups is not None
+            first = self.param_groups[0]["params"][0]
+            preconditioned = distributed.share_with_row(
+                shared, plan, self._groups, preconditioned,
+                {name: active[name][0].shape for name in shared}, first.device, first.dtype,
+            )
+        directions: dict[Tensor, Tensor] = {}
+        terms: list[Tensor] = []
+        for name, (layer, grad) in active.items():
+            x = preconditioned[name]
             terms.append((x * grad).sum().to(torch.float64))
             directions.update(zip(layer.params, layer.scatter(x), strict=True))
         if uncaptured and not self._warned_uncaptured:
@@ -268,6 +321,39 @@ class KFAC(torch.optim.Optimizer):
         quadratic = float(torch.stack(terms).sum()) if terms else 0.0
         return (directions, quadratic) if math.isfinite(quadratic) else None
 
+    # --- data parallelism (ngrl.distributed) -------------------------------------------
+    def _check_rank_averaged(self) -> None:
+        unsupported = sorted({type(b).__name__ for b in self.blocks.values() if not b.rank_averaged})
+        if unsupported:
+            raise ValueError(
+                f"Invalid curvature for torch.distributed: {self.curvature!r} "
+                f"({', '.join(unsupported)}) keeps statistics that cannot be averaged over "
+                "ranks; use kfac, tkfac, shampoo or diag"
+            )
+
+    def _work_plan(self) -> distributed.WorkPlan | None:
+        """KAISA's assignment of the layers whose decompositions can be sent (built once)."""
+        if not distributed.is_distributed():
+            return None
+        if self._groups is None:
+            self._check_rank_averaged()
+            costs = {
+                layer.name: float(sum(d**3 for d in layer.shape))
+                for layer in self.layers
+                if type(self.blocks[layer.name]).decomposition
+                is not CurvatureBlock.decomposition
+            }
+            plan = distributed.WorkPlan.build(
+                costs, distributed.world_size(), self.grad_worker_fraction
+            )
+            self._groups = distributed.Groups(plan)
+        return self._groups.plan
+
+    def _refreshed(self, name: str, damping: float) -> list[Tensor] | None:
+        block = self.blocks[name]
+        block.refresh(damping)
+        return block.decomposition()
+
     def _gradients_finite(self) -> bool:
         grads = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None]
         return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -282,6 +368,7 @@ class KFAC(torch.optim.Optimizer):
     def _clipped_directions(self, lr: float) -> dict[Tensor, Tensor] | None:
         """``ν·X`` for every preconditioned parameter, or ``None`` (with a warning) when
         the gradients or the preconditioned gradients are not finite."""
+        distributed.average_gradients(self.param_groups[0]["params"])
         if not self._gradients_finite():
             self._skip("gradients")
             return None

@@ -1,0 +1,137 @@
+"""Data-parallel K-FAC on 2 CPU ranks (gloo), against one process on the union batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ngrl import KFAC
+from ngrl.distributed import DistributedError, WorkPlan, is_distributed, rank, world_size
+from tests.helpers.distributed import run_ranks
+
+STEPS = 5
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, 5, generator=generator, dtype=torch.float64),
+         torch.randint(0, 3, (n,), generator=generator))
+        for _ in range(STEPS)
+    ]
+
+
+def _train(part: slice, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """STEPS K-FAC steps on ``part`` of each batch; parameters and factors after."""
+    model = _model()
+    opt = KFAC(model, lr=0.1, damping=0.05, kl_clip=1e-2, momentum=0.5, factor_decay=0.8,
+               inv_update_steps=2, **options)
+    for x, y in _batches(16):
+        opt.zero_grad()
+        with opt.capture():
+            nn.functional.cross_entropy(model(x[part]), y[part]).backward()
+        opt.step()
+    result = {f"param.{k}": v.detach().clone() for k, v in model.named_parameters()}
+    for name, block in opt.blocks.items():
+        result.update({f"{name}.{k}": v for k, v in block.state_dict().items()})
+    return result
+
+
+def _rank_worker(rank_: int, world: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    assert is_distributed() and rank() == rank_ and world_size() == world
+    half = 16 // world
+    return _train(slice(rank_ * half, (rank_ + 1) * half), options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # every rank receives every decomposition
+        {"grad_worker_fraction": 0.5, "curvature_options": {"damping_rule": "factored"}},
+        {"curvature": "tkfac"},
+    ],
+    ids=["all-workers", "one-worker-factored", "tkfac"],
+)
+def test_two_ranks_match_one_process_on_the_union_batch(tmp_path: Path, options: dict) -> None:
+    results = run_ranks(_rank_worker, 2, tmp_path, options)
+    for result in results:
+        assert result is not None and "value" in result, result and result.get("trace")
+    rank0, rank1 = (r["value"] for r in results)  # type: ignore[index]
+    union = _train(slice(None), options)
+    assert rank0.keys() == rank1.keys() == union.keys()
+    for key in union:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+        torch.testing.assert_close(rank0[key], union[key], rtol=1e-9, atol=1e-12, msg=key)
+    # The ranks did move: the test would pass trivially on an untrained model otherwise.
+    untouched = {k: v for k, v in _model().named_parameters()}
+    assert not torch.allclose(union["param.0.weight"], untouched["0.weight"])
+
+
+def _unsupported_worker(rank_: int, world: int) -> str:
+    model = _model()
+    opt = KFAC(model, curvature="ekfac")
+    x, y = _batches(4)[0]
+    try:
+        with opt.capture():
+            nn.functional.cross_entropy(model(x), y).backward()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_curvature_that_cannot_be_averaged_is_refused(tmp_path: Path) -> None:
+    results = run_ranks(_unsupported_worker, 2, tmp_path)
+    for result in results:
+        assert result is not None and "ekfac" in result["value"] and "kfac" in result["value"]
+
+
+def _dying_worker(rank_: int, world: int) -> str:
+    model = _model()
+    opt = KFAC(model)
+    x, y = _batches(4)[0]
+    if rank_ == 1:
+        os._exit(1)  # a crash: no teardown, no message
+    with opt.capture():
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return "finished"
+
+
+def test_a_dead_rank_stops_the_other_with_an_error_not_a_hang(tmp_path: Path) -> None:
+    results = run_ranks(_dying_worker, 2, tmp_path, timeout=20.0, join_timeout=90.0)
+    assert results[1] is None
+    assert results[0] is not None and "error" in results[0], results[0]
+    assert results[0]["error"].startswith(DistributedError.__name__)
+    assert "rank 0 of 2" in results[0]["error"]
+
+
+def test_work_plan_balances_inverses_and_groups_ranks() -> None:
+    costs = {"a": 8.0, "b": 5.0, "c": 4.0, "d": 1.0}
+    plan = WorkPlan.build(costs, world=2, grad_worker_fraction=1.0)
+    assert plan.owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert plan.column(0) == [0, 1] and plan.row(1) == [1]
+    hybrid = WorkPlan.build(costs, world=4, grad_worker_fraction=0.5)
+    assert hybrid.grad_workers == 2 and hybrid.columns == 2
+    assert hybrid.column(3) == [1, 3] and hybrid.row(3) == [2, 3]
+    # Layer "b" is owned by rank 1: ranks 1 and 3 precondition it, and each row has one.
+    assert hybrid.owners["b"] == 1
+    assert [r for r in range(4) if hybrid.is_grad_worker("b", r)] == [1, 3]
+    assert hybrid.grad_worker_in_row("b", 0) == 1 and hybrid.grad_worker_in_row("b", 2) == 3
+    with pytest.raises(ValueError, match="grad_worker_fraction"):
+        WorkPlan.build(costs, world=3, grad_worker_fraction=0.5)
+    with pytest.raises(ValueError, match="grad_worker_fraction"):
+        KFAC(_model(), grad_worker_fraction=0.0)
+
+
+def test_without_a_process_group_nothing_changes() -> None:
+    assert not is_distributed() and rank() == 0 and world_size() == 1
