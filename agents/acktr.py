@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
+from agents.data_parallel import GlobalTimesteps
 from agents.policies import (
     ACTION_SPACES,
     CnnPolicy,
@@ -20,6 +22,7 @@ from agents.policies import (
     MlpPolicy,
     MultiInputPolicy,
 )
+from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
 
 __all__ = ["ACKTR"]
 
@@ -39,6 +42,10 @@ class ACKTR(OnPolicyAlgorithm):
         2. gradient:   ∇ of  −Â·log π(a|s) + vf_coef·(R − V(s))² − ent_coef·H[π(·|s)]
         3. step:       X = (F̂ + λI)⁻¹∇,  ν = min(1, sqrt(kl_clip / (lr² Σ⟨X, ∇⟩))),
                        m ← μ·m + (1−μ)·ν·X,  θ ← θ − lr·m
+
+    Under ``torchrun`` (a ``torch.distributed`` process group), each rank steps its own
+    environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
+    statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`agents.data_parallel`).
 
     The first ``cold_start_steps`` updates are momentum-SGD steps with gradient-norm
     clipping at ``max_grad_norm`` while the factors warm up (openai/baselines'
@@ -183,6 +190,8 @@ class ACKTR(OnPolicyAlgorithm):
                 f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
                 f"{', '.join(self.policy_aliases)}), got {type(self.policy).__name__}"
             )
+        if is_distributed():  # every rank starts from rank 0's parameters
+            broadcast_module(self.policy)
         # The cold-start optimizer: baselines' MomentumOptimizer(lr·(1−μ), μ).
         self.cold_optimizer = torch.optim.SGD(
             self.policy.parameters(),
@@ -231,6 +240,7 @@ class ACKTR(OnPolicyAlgorithm):
 
             # 3. The step: momentum SGD while cold, K-FAC in the trust region after.
             if cold:
+                average_gradients(self.policy.parameters())  # K-FAC averages its own
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.cold_optimizer.step()
             else:
@@ -263,12 +273,20 @@ class ACKTR(OnPolicyAlgorithm):
         distribution, _ = self.policy.distribution_and_values(observations)
         log_ratio = distribution.log_prob(actions) - old_log_prob
         # KL(old ‖ new) from the actions sampled by the old policy (low-variance estimator).
-        kl = float(torch.mean(torch.expm1(log_ratio) - log_ratio))
+        kl_estimate = torch.mean(torch.expm1(log_ratio) - log_ratio).reshape(1)
+        all_reduce_mean([kl_estimate])  # the ranks keep one learning rate
+        kl = float(kl_estimate)
         if kl > 2.0 * self.target_kl:
             self.lr_multiplier = max(self.lr_multiplier / 1.5, 1e-8)
         elif kl < 0.5 * self.target_kl:
             self.lr_multiplier = min(self.lr_multiplier * 1.5, 1e8)
         self.logger.record("train/approx_kl", kl)
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        if is_distributed():  # count every rank's steps, before the user's callbacks see them
+            given = callback if isinstance(callback, list) else [callback] if callback else []
+            callback = [GlobalTimesteps(), *given]
+        return super()._init_callback(callback, progress_bar)
 
     def learn(
         self: SelfACKTR,

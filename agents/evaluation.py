@@ -22,7 +22,7 @@ def evaluate(model: BaseAlgorithm, env_name: str, episodes: int, seed: int) -> d
     with the deterministic one. Atari returns are whole-game raw scores (envs' episode info).
     """
     spec = resolve(env_name)
-    env = make_vec_env(spec.gym_id, min(episodes, 8), seed=seed)
+    env = make_vec_env(spec.gym_id, min(episodes, 8), seed=seed, rank=0, world_size=1)  # one process
     train_env = model.get_env()
     if isinstance(train_env, VecNormalize):
         env = VecNormalize(env, training=False, norm_reward=False)

@@ -93,11 +93,12 @@ class AtariVecEnv(GymnasiumVecEnv):
         self,
         env: VectorEnv,
         seeds: list[int] | tuple[int, ...],
+        indices: list[int] | tuple[int, ...] | None = None,
         *,
         episodic_life: bool = True,
         clip_rewards: bool = True,
     ) -> None:
-        super().__init__(env, seeds)
+        super().__init__(env, seeds, indices)
         self.episodic_life = episodic_life
         self.clip_rewards = clip_rewards
         self._lives = np.zeros(self.num_envs, dtype=np.int64)

@@ -73,7 +73,7 @@ def make_vec_env(
         else:
             mode = "sync" if vectorization == "auto" else vectorization
             vector = wrapper_vector_env(spec.gym_id, part.n_envs, vectorization=mode, **env_kwargs)
-        atari: VecEnv = AtariVecEnv(vector, part.seeds, **life)
+        atari: VecEnv = AtariVecEnv(vector, part.seeds, part.indices, **life)
         return VecNormalize(atari, norm_obs=False) if normalize else atari
     if vectorization == "auto":
         # Measured (docs/benchmarks.md): subprocesses only pay off for environments that
@@ -91,5 +91,5 @@ def make_vec_env(
         vector_kwargs=vector_kwargs,
         **env_kwargs,
     )
-    vec_env: VecEnv = GymnasiumVecEnv(env, part.seeds)
+    vec_env: VecEnv = GymnasiumVecEnv(env, part.seeds, part.indices)
     return VecNormalize(vec_env) if normalize else vec_env

@@ -45,9 +45,17 @@ class GymnasiumVecEnv(VecEnv):
     Args:
         env: the vector environment (sync or async).
         seeds: one seed per sub-environment, used at the next ``reset()``.
+        indices: the sub-environments' global indices over all ranks (default
+            ``0, 1, …``); ``seed(s)`` gives sub-environment ``i`` the seed ``s + indices[i]``,
+            so ranks seeded alike still get disjoint seeds.
     """
 
-    def __init__(self, env: VectorEnv, seeds: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        env: VectorEnv,
+        seeds: Sequence[int] | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> None:
         mode = env.metadata.get("autoreset_mode")
         if mode is not None and mode != AutoresetMode.SAME_STEP:
             raise ValueError(
@@ -57,6 +65,11 @@ class GymnasiumVecEnv(VecEnv):
         self.env = env  # before VecEnv.__init__, which reads attributes through get_attr
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
         self._seeds: list[int | None] = list(seeds) if seeds is not None else [None] * env.num_envs
+        self._global_indices = list(indices) if indices is not None else list(range(env.num_envs))
+        if len(self._global_indices) != env.num_envs:
+            raise ValueError(
+                f"Invalid indices: {len(self._global_indices)} for {env.num_envs} environments"
+            )
         self._actions: np.ndarray | None = None
         self._returns = np.zeros(self.num_envs)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)
@@ -146,7 +159,7 @@ class GymnasiumVecEnv(VecEnv):
     def seed(self, seed: int | None = None) -> Sequence[None | int]:
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
-        self._seeds = [seed + i for i in range(self.num_envs)]
+        self._seeds = [seed + i for i in self._global_indices]
         return list(self._seeds)
 
     def get_images(self) -> Sequence[np.ndarray | None]:

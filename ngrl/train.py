@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from stable_baselines3.common.utils import set_random_seed
+
+from ngrl import distributed
 
 __all__ = ["main"]
 
@@ -82,6 +85,9 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
                              "{a = 1}); KEY.SUB sets one entry of a table, e.g. "
                              "--set kfac_kwargs.weight_sharing=reduce; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others before "
+                             "stopping with an error, e.g. when one has died (default: 300)")
     return parser
 
 
@@ -106,6 +112,51 @@ def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
         suffix += 1
         run_dir = base.with_name(f"{base.name}-{suffix}")
     return run_dir
+
+
+def _start_distributed(args: argparse.Namespace) -> Any:
+    """Under torchrun (``WORLD_SIZE`` > 1): join the process group, pick this rank's device.
+
+    Returns the torchrun ``RankInfo``. NCCL when the ranks run on GPUs, gloo otherwise;
+    each rank takes ``cuda:LOCAL_RANK``.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from envs import rank_info
+
+    info = rank_info()
+    if info.world_size == 1:
+        return info
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout must be > 0, got {args.dist_timeout}")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+        args.device = f"cuda:{info.local_rank}"
+    elif args.device == "cuda":
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    else:
+        args.device = "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo",
+                            timeout=timedelta(seconds=args.dist_timeout))
+    return info
+
+
+def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> None:
+    if world == 1:
+        return
+    if args.algo != "acktr":
+        raise UsageError(
+            f"{args.algo} cannot run on several ranks yet; under torchrun use acktr "
+            "(or run it without torchrun)"
+        )
+    if config.n_envs % world:
+        raise UsageError(
+            f"--n-envs {config.n_envs} cannot be split evenly over {world} ranks; "
+            f"use a multiple of {world}"
+        )
 
 
 def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
@@ -138,6 +189,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     _check_positive("--eval-episodes", args.eval_episodes, minimum=0)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    world = distributed.world_size()
     if args.resume is not None:
         if overrides:
             raise UsageError(
@@ -156,6 +208,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     if args.n_envs is not None:
         config.n_envs = args.n_envs
     _check_positive("n_envs", config.n_envs)
+    _check_distributed(args, config, world)
     if args.resume is not None:  # the checkpoint decides, not today's preset
         config.normalize = normalizer_path(args.resume).is_file()
     run_dir = _run_dir(args, spec.gym_id)
@@ -169,6 +222,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     except BaseException:
         env.close()
         raise
+    if world > 1:
+        # Rank 0's parameters are everyone's (broadcast when the model was built); each
+        # rank samples its own actions.
+        set_random_seed(args.seed + distributed.rank())
     return config, model, run_dir
 
 
@@ -177,10 +234,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
-        config, model, run_dir = _prepare(args)
-    except (UsageError, ValueError, TypeError) as error:
+        _start_distributed(args)
+    except (UsageError, ValueError) as error:
         print(f"ngrl.train: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        return _train(args)
+    except distributed.DistributedError as error:
+        print(f"ngrl.train: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed.is_distributed():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
+    failure: Exception | None = None
+    try:
+        config, model, run_dir = _prepare(args)
+    except (UsageError, ValueError, TypeError) as error:
+        failure = error
+    # Under torchrun every rank checks the input; if one fails, all stop (none waits).
+    if not distributed.all_agree(failure is None):
+        rank0_failed = not distributed.broadcast_object(failure is None, 0)
+        if failure is not None and (distributed.rank() == 0 or not rank0_failed):
+            print(f"ngrl.train: error: {failure}", file=sys.stderr)
+        return EXIT_USAGE
+    leader = distributed.rank() == 0
+    if not leader:  # rank 0 alone writes, logs and evaluates
+        from stable_baselines3.common.logger import Logger
+
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        try:
+            if config.timesteps > model.num_timesteps:
+                model.learn(config.timesteps - model.num_timesteps,
+                            reset_num_timesteps=args.resume is None)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            model.get_env().close()
+        return 0
 
     from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import configure
@@ -211,8 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_progress:
         callbacks.insert(0, ScoreProgressBar(config.timesteps))
     remaining = config.timesteps - model.num_timesteps
+    ranks = distributed.world_size()
+    where = f"device {model.device}" + (f" on each of {ranks} ranks" if ranks > 1 else "")
     print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
-          f"{config.timesteps:,} timesteps, device {model.device}; run folder {run_dir}")
+          f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}")
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList(callbacks),

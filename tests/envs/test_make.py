@@ -59,6 +59,10 @@ def test_rank_gets_its_slice_with_its_seeds() -> None:
     reference = DummyVecEnv([lambda: __import__("gymnasium").make("CartPole-v1")] * 2)
     reference.seed(2)  # global envs 2 and 3 of 8 on 4 ranks: seeds 2 and 3
     np.testing.assert_allclose(ours.reset(), reference.reset())
+    # SB3 reseeds a model's env with the run's seed: the rank keeps its global seeds.
+    assert ours.seed(10) == [12, 13]
+    reference.seed(12)
+    np.testing.assert_allclose(ours.reset(), reference.reset())
     ours.close()
 
 

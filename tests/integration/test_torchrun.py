@@ -1,0 +1,57 @@
+"""``torchrun --nproc-per-node 2 -m ngrl.train``: the CLI on 2 CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agents import ACKTR
+from ngrl.train import main
+
+
+def torchrun(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "ngrl.train", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=environment)
+
+
+def test_two_ranks_train_and_a_single_process_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "two"
+    done = torchrun("acktr", "--env", "CartPole", "--device", "cpu", "--n-envs", "4",
+                    "--timesteps", "320", "--set", "n_steps=8", "--set", "cold_start_steps=1",
+                    "--no-progress", "--eval-episodes", "2", "--log-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on each of 2 ranks" in done.stdout and done.stdout.count("model:") == 1
+    first = ACKTR.load(run / "model.zip")
+    assert first.num_timesteps == 320 and first._n_updates == 10  # 4 envs x 8 steps each
+    assert (run / "learning_curve.png").is_file()
+    # The checkpoint counts every rank's steps, so one process continues where two stopped.
+    code = main(["acktr", "--env", "CartPole", "--n-envs", "4", "--timesteps", "640",
+                 "--no-progress", "--eval-episodes", "0", "--log-dir", str(tmp_path / "one"),
+                 "--resume", str(run / "model.zip")])
+    assert code == 0
+    second = ACKTR.load(tmp_path / "one" / "model.zip")
+    assert second.num_timesteps == 640 and second._n_updates == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["acktr", "--env", "CartPole", "--n-envs", "3"], "cannot be split evenly over 2 ranks"),
+        (["npg", "--env", "CartPole"], "cannot run on several ranks yet"),
+    ],
+)
+def test_bad_input_under_torchrun_is_one_line_per_job(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    done = torchrun(*args, "--device", "cpu", "--log-dir", str(tmp_path / "run"))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ngrl.train: error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
