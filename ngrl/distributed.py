@@ -87,6 +87,13 @@ def _collective(what: str) -> Iterator[None]:
         ) from error
 
 
+def _wire(tensor: Tensor) -> Tensor:
+    """``tensor`` where the backend can send it: NCCL takes only CUDA tensors."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
 def _buckets(tensors: Iterable[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[Tensor]]:
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for tensor in tensors:
@@ -104,10 +111,10 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
         return
     count = world_size()
     for group in _buckets(tensors).values():
-        flat = torch.cat([t.reshape(-1) for t in group])
+        flat = _wire(torch.cat([t.reshape(-1) for t in group]))
         with _collective("averaging across ranks (all-reduce)"):
             dist.all_reduce(flat)
-        flat.div_(count)
+        flat = flat.div_(count).to(group[0].device)
         offset = 0
         for tensor in group:
             size = tensor.numel()
@@ -125,9 +132,10 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, group: Any = None) ->
     if not is_distributed() or not tensors:
         return
     for bucket in _buckets(tensors).values():
-        flat = torch.cat([t.reshape(-1) for t in bucket])
+        flat = _wire(torch.cat([t.reshape(-1) for t in bucket]))
         with _collective(f"receiving tensors from rank {src} (broadcast)"):
             dist.broadcast(flat, src, group=group)
+        flat = flat.to(bucket[0].device)
         offset = 0
         for tensor in bucket:
             size = tensor.numel()
@@ -155,7 +163,7 @@ def all_agree(ok: bool) -> bool:
     """``True`` on every rank when ``ok`` holds on every rank (a logical AND)."""
     if not is_distributed():
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    flag = _wire(torch.tensor([1 if ok else 0], dtype=torch.int64))
     with _collective("agreeing with the other ranks"):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
