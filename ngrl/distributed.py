@@ -43,6 +43,7 @@ __all__ = [
     "broadcast_module",
     "broadcast_object",
     "broadcast_tensors",
+    "check_grad_worker_fraction",
     "is_distributed",
     "rank",
     "share_from_owners",
@@ -101,6 +102,23 @@ def _buckets(tensors: Iterable[Tensor]) -> dict[tuple[torch.dtype, torch.device]
     return buckets
 
 
+def _unflatten(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``tensors`` (on their own device)."""
+    flat = flat.to(tensors[0].device)
+    offset = 0
+    for tensor in tensors:
+        size = tensor.numel()
+        tensor.copy_(flat[offset : offset + size].view_as(tensor))
+        offset += size
+
+
+def check_grad_worker_fraction(value: float) -> float:
+    """``value`` if it is a valid ``grad_worker_fraction`` (in ``(0, 1]``)."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"Invalid grad_worker_fraction value: {value} (in (0, 1])")
+    return float(value)
+
+
 def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
     """Replace each tensor by its mean over the ranks, in place.
 
@@ -114,12 +132,7 @@ def all_reduce_mean(tensors: Sequence[Tensor]) -> None:
         flat = _wire(torch.cat([t.reshape(-1) for t in group]))
         with _collective("averaging across ranks (all-reduce)"):
             dist.all_reduce(flat)
-        flat = flat.div_(count).to(group[0].device)
-        offset = 0
-        for tensor in group:
-            size = tensor.numel()
-            tensor.copy_(flat[offset : offset + size].view_as(tensor))
-            offset += size
+        _unflatten(flat.div_(count), group)
 
 
 def average_gradients(params: Iterable[Tensor]) -> None:
@@ -135,12 +148,7 @@ def broadcast_tensors(tensors: Sequence[Tensor], src: int, group: Any = None) ->
         flat = _wire(torch.cat([t.reshape(-1) for t in bucket]))
         with _collective(f"receiving tensors from rank {src} (broadcast)"):
             dist.broadcast(flat, src, group=group)
-        flat = flat.to(bucket[0].device)
-        offset = 0
-        for tensor in bucket:
-            size = tensor.numel()
-            tensor.copy_(flat[offset : offset + size].view_as(tensor))
-            offset += size
+        _unflatten(flat, bucket)
 
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
@@ -210,10 +218,7 @@ class WorkPlan:
         cls, costs: Mapping[str, float], world: int, grad_worker_fraction: float
     ) -> WorkPlan:
         """Assign each layer to the least-loaded rank, most expensive layers first."""
-        if not 0.0 < grad_worker_fraction <= 1.0:
-            raise ValueError(
-                f"Invalid grad_worker_fraction value: {grad_worker_fraction} (in (0, 1])"
-            )
+        check_grad_worker_fraction(grad_worker_fraction)
         workers = max(1, round(grad_worker_fraction * world))
         if world % workers:
             raise ValueError(
@@ -269,8 +274,8 @@ def share_from_owners(
 
     ``produce(name)`` runs on the inverse worker (it computes the decomposition and
     returns its tensors, or ``None`` if there is none yet); ``consume(name, tensors)``
-    installs them, on every rank of the column (the owner included). Each owner sends all its layers at once: a small
-    metadata broadcast (shapes), then one tensor broadcast.
+    installs them on every rank of the column, the owner included. Each owner sends all
+    its layers at once: a small metadata broadcast (shapes), then one tensor broadcast.
     """
     me = rank()
     group = groups.column_of(me)

@@ -70,15 +70,18 @@ class CurvatureBlock(ABC):
     #: Blocks whose statistics come from power iterations, a basis chosen at the first
     #: batch, or a window of examples are not.
     rank_averaged: bool = True
+    #: Whether :meth:`decomposition` and :meth:`load_decomposition` let one rank compute
+    #: :meth:`refresh` for the others; if not, every rank refreshes the block itself.
+    shares_decomposition: bool = False
 
     def running_statistics(self) -> list[Tensor]:
         """The running statistics themselves (not copies), for averaging across ranks."""
         return [t for t in (getattr(self, key, None) for key in self.state_keys) if t is not None]
 
     def decomposition(self) -> list[Tensor] | None:
-        """What :meth:`refresh` computed, for one rank to send to others; ``None`` when the
-        block has nothing to send (every rank then refreshes it itself)."""
-        return None
+        """What :meth:`refresh` computed, for one rank to send to others (``None`` before
+        the first refresh); only for blocks with :attr:`shares_decomposition`."""
+        raise NotImplementedError(f"{type(self).__name__} does not share its decomposition")
 
     def load_decomposition(self, tensors: list[Tensor]) -> None:
         """Install a :meth:`decomposition` computed by another rank."""

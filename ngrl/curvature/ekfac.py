@@ -48,6 +48,7 @@ class EKFACBlock(KFACBlock):
 
     state_keys = ("a_factor", "g_factor", "scalings", "a_basis", "g_basis")
     rank_averaged = False  # the first batch picks the basis of S on each rank
+    shares_decomposition = False  # refresh() also moves S
 
     def __init__(self, shape: tuple[int, ...], *, float64_max_dim: int = 1024) -> None:
         super().__init__(shape, float64_max_dim=float64_max_dim)
@@ -97,9 +98,6 @@ class EKFACBlock(KFACBlock):
         carry_a = (new_a.T @ old_a).square()
         self.scalings = carry_g @ self.scalings @ carry_a.T
         self._basis = (new_g, new_a)
-
-    def decomposition(self) -> list[Tensor] | None:
-        return None  # refresh() also moves S, so every rank refreshes itself
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         assert self._basis is not None and self.scalings is not None, (

@@ -52,6 +52,7 @@ class KFACBlock(CurvatureBlock):
     """
 
     state_keys = ("a_factor", "g_factor")
+    shares_decomposition = True
 
     def __init__(
         self,

@@ -142,10 +142,6 @@ class KFAC(torch.optim.Optimizer):
         check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
         if stats_batch_size is not None:
             check("stats_batch_size", stats_batch_size)
-        if not 0.0 < grad_worker_fraction <= 1.0:
-            raise ValueError(
-                f"Invalid grad_worker_fraction value: {grad_worker_fraction} (in (0, 1])"
-            )
         block_class = get_block_class(curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -178,7 +174,7 @@ class KFAC(torch.optim.Optimizer):
             self.layers, self._sink, loss_reduction, stats_batch_size, weight_sharing
         )
         self._warned_uncaptured = False
-        self.grad_worker_fraction = float(grad_worker_fraction)
+        self.grad_worker_fraction = distributed.check_grad_worker_fraction(grad_worker_fraction)
         self._groups: distributed.Groups | None = None
 
     # --- hyperparameters --------------------------------------------------------------
@@ -219,8 +215,7 @@ class KFAC(torch.optim.Optimizer):
             decay = float(self.hyperparameter("factor_decay"))
             for block in self.blocks.values():
                 block.commit(decay)
-            if distributed.is_distributed():
-                self._check_rank_averaged()
+            if self._work_plan() is not None:  # checks the blocks, once
                 distributed.all_reduce_mean(
                     [t for block in self.blocks.values() for t in block.running_statistics()]
                 )
@@ -340,8 +335,7 @@ class KFAC(torch.optim.Optimizer):
             costs = {
                 layer.name: float(sum(d**3 for d in layer.shape))
                 for layer in self.layers
-                if type(self.blocks[layer.name]).decomposition
-                is not CurvatureBlock.decomposition
+                if self.blocks[layer.name].shares_decomposition
             }
             plan = distributed.WorkPlan.build(
                 costs, distributed.world_size(), self.grad_worker_fraction
