@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -114,11 +115,11 @@ def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
     return run_dir
 
 
-def _start_distributed(args: argparse.Namespace) -> Any:
+def _start_distributed(args: argparse.Namespace) -> None:
     """Under torchrun (``WORLD_SIZE`` > 1): join the process group, pick this rank's device.
 
-    Returns the torchrun ``RankInfo``. NCCL when the ranks run on GPUs, gloo otherwise;
-    each rank takes ``cuda:LOCAL_RANK``.
+    NCCL when the ranks run on GPUs, gloo otherwise; each rank takes ``cuda:LOCAL_RANK``.
+    An unavailable ``--device cuda`` is left for :func:`_prepare` to report.
     """
     from datetime import timedelta
 
@@ -128,20 +129,17 @@ def _start_distributed(args: argparse.Namespace) -> Any:
 
     info = rank_info()
     if info.world_size == 1:
-        return info
+        return
     if args.dist_timeout <= 0:
         raise UsageError(f"--dist-timeout must be > 0, got {args.dist_timeout}")
     use_cuda = args.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
         args.device = f"cuda:{info.local_rank}"
-    elif args.device == "cuda":
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    else:
+    elif args.device == "auto":
         args.device = "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo",
                             timeout=timedelta(seconds=args.dist_timeout))
-    return info
 
 
 def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> None:
@@ -235,8 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _start_distributed(args)
-    except (UsageError, ValueError) as error:
-        print(f"ngrl.train: error: {error}", file=sys.stderr)
+    except (UsageError, ValueError) as error:  # before the ranks can agree: rank 0 speaks
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ngrl.train: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return _train(args)
@@ -248,6 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _learn(model: Any, timesteps: int, fresh: bool, callback: Any = None) -> None:
+    """Train until the run's ``timesteps`` (a resumed model has already done some)."""
+    remaining = timesteps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=callback, reset_num_timesteps=fresh)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -268,9 +274,7 @@ def _train(args: argparse.Namespace) -> int:
 
         model.set_logger(Logger(folder=None, output_formats=[]))
         try:
-            if config.timesteps > model.num_timesteps:
-                model.learn(config.timesteps - model.num_timesteps,
-                            reset_num_timesteps=args.resume is None)
+            _learn(model, config.timesteps, args.resume is None)
         except KeyboardInterrupt:
             return 130
         finally:
@@ -305,15 +309,12 @@ def _train(args: argparse.Namespace) -> int:
                                     lambda: save_checkpoint(model, checkpoint, metadata))]
     if not args.no_progress:
         callbacks.insert(0, ScoreProgressBar(config.timesteps))
-    remaining = config.timesteps - model.num_timesteps
     ranks = distributed.world_size()
     where = f"device {model.device}" + (f" on each of {ranks} ranks" if ranks > 1 else "")
     print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
           f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}")
     try:
-        if remaining > 0:
-            model.learn(remaining, callback=CallbackList(callbacks),
-                        reset_num_timesteps=args.resume is None)
+        _learn(model, config.timesteps, args.resume is None, CallbackList(callbacks))
     except KeyboardInterrupt:
         save_checkpoint(model, checkpoint, metadata)
         print(f"\nngrl.train: interrupted at {model.num_timesteps:,} timesteps; resume with "

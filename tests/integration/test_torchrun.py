@@ -45,6 +45,7 @@ def test_two_ranks_train_and_a_single_process_resumes(tmp_path: Path) -> None:
     [
         (["acktr", "--env", "CartPole", "--n-envs", "3"], "cannot be split evenly over 2 ranks"),
         (["npg", "--env", "CartPole"], "cannot run on several ranks yet"),
+        (["acktr", "--env", "CartPole", "--dist-timeout", "0"], "--dist-timeout must be > 0"),
     ],
 )
 def test_bad_input_under_torchrun_is_one_line_per_job(
