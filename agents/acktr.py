@@ -47,9 +47,9 @@ class ACKTR(OnPolicyAlgorithm):
     environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
     statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`agents.data_parallel`).
 
-    The first ``cold_start_steps`` updates are momentum-SGD steps with gradient-norm
-    clipping at ``max_grad_norm`` while the factors warm up (openai/baselines'
-    ``cold_iter``). The defaults are the baselines Atari settings. With ``target_kl``
+    The first ``cold_start_steps`` updates are momentum-SGD steps (``m ← μ·m + (1−μ)·∇``
+    after the first ``m = ∇``; ``θ ← θ − lr·m``) with gradient-norm clipping at
+    ``max_grad_norm`` while the factors warm up (openai/baselines' ``cold_iter``). The defaults are the baselines Atari settings. With ``target_kl``
     the learning rate adapts as in the paper's continuous-control recipe: divided by 1.5
     when the measured KL of an update exceeds ``2·target_kl``, multiplied by 1.5 when it
     is below ``target_kl / 2``.
@@ -192,7 +192,9 @@ class ACKTR(OnPolicyAlgorithm):
             )
         if is_distributed():  # every rank starts from rank 0's parameters
             broadcast_module(self.policy)
-        # The cold-start optimizer: baselines' MomentumOptimizer(lr·(1−μ), μ).
+        # The cold-start optimizer: momentum SGD damped like the K-FAC phase's momentum.
+        # baselines' is MomentumOptimizer(lr, μ), ten times stronger at steady state; that
+        # measured worse on CartPole and no better on Breakout (docs/design.md).
         self.cold_optimizer = torch.optim.SGD(
             self.policy.parameters(),
             lr=self.lr_schedule(1),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,29 @@ def test_cold_start_then_kfac_steps() -> None:
     model.learn(50)  # 5 updates
     assert model.policy.optimizer.steps == 2
     assert np.isfinite([p.detach().sum().item() for p in model.policy.parameters()]).all()
+
+
+def test_cold_start_is_damped_momentum_sgd_on_clipped_gradients() -> None:
+    """The cold start: m = ∇ then m ← μ·m + (1−μ)·∇ on the norm-clipped gradient; θ ← θ − lr·m."""
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=5,
+                  cold_start_steps=2, learning_rate=0.1, momentum=0.9, max_grad_norm=0.5)
+    reference = copy.deepcopy(model.policy)
+    grads: list[list[torch.Tensor]] = []
+    step = model.cold_optimizer.step
+
+    def recording_step(*args: object, **kwargs: object) -> object:
+        grads.append([p.grad.clone() for p in model.policy.parameters()])
+        return step(*args, **kwargs)
+
+    model.cold_optimizer.step = recording_step  # type: ignore[method-assign]
+    model.learn(20)  # 2 updates, both cold
+    assert len(grads) == 2
+    buffers = [torch.zeros_like(p) for p in reference.parameters()]
+    with torch.no_grad():
+        for k, update in enumerate(grads):
+            assert torch.sqrt(sum((g**2).sum() for g in update)) <= 0.5 + 1e-6
+            for p, b, g in zip(reference.parameters(), buffers, update, strict=True):
+                b.mul_(0.9).add_(g, alpha=1.0 if k == 0 else 0.1)
+                p.sub_(0.1 * b)
+    for p, q in zip(model.policy.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
