@@ -12,6 +12,9 @@ learning curves.
     python scripts/compare_rl.py --suite breakout --seeds 1 --timesteps 400000 \
         --out docs/compare_rl_breakout
 
+Runs split over several processes (``--algos acktr`` in one, ``--algos a2c`` in another)
+are put into one table and plot afterwards with ``--merge A.json B.json --out OUT``.
+
 Needs the bench extra for TRPO (`pip install -e .[bench]`); without it TRPO is skipped.
 """
 
@@ -176,6 +179,34 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
     plt.close(figure)
 
 
+def merged_results(paths: list[Path]) -> tuple[list[dict[str, Any]], list[Task], list[str]]:
+    """The runs of several earlier ``OUT.json`` files, with their tasks and algorithms."""
+    thresholds = {t.env: t.threshold for tasks in SUITES.values() for t in tasks}
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            results.extend(json.loads(path.read_text())["results"])
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"--merge: {path} is not a compare_rl.py JSON file ({error})") from None
+    tasks: dict[str, Task] = {}
+    for r in results:
+        previous = tasks.get(r["env"])
+        timesteps = max(r["timesteps"], previous.timesteps if previous else 0)
+        tasks[r["env"]] = Task(r["env"], timesteps, r["n_envs"], thresholds.get(r["env"], np.inf))
+    algos = list(dict.fromkeys(r["algo"] for r in results))
+    return results, list(tasks.values()), algos
+
+
+def write_outputs(out: Path, results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> None:
+    """``OUT.json`` (every run), ``OUT.md`` (the table) and ``OUT.png`` (the curves)."""
+    table = summarise(results, tasks, algos)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(results_json(sys.argv, results))
+    out.with_suffix(".md").write_text(table + "\n")
+    plot(results, tasks, algos, out.with_suffix(".png"))
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="classic",
@@ -183,9 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     parser.add_argument("--timesteps", type=int, help="override every task's budget")
     parser.add_argument("--algos", help="comma-separated subset of the suite's algorithms")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: combine the runs of earlier OUT.json files")
     parser.add_argument("--out", type=Path, required=True,
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            write_outputs(args.out, *merged_results(args.merge))
+        except ValueError as error:
+            print(f"compare_rl: {error}", file=sys.stderr)
+            return 2
+        return 0
     torch.set_num_threads(1)
     tasks = [Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold)
              for t in SUITES[args.suite]]
@@ -202,12 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for algo, task, seed in tqdm(jobs, desc="runs", unit="run"):
             results.append(run(algo, task, seed, Path(folder)))
-    table = summarise(results, tasks, algos)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(results_json(sys.argv, results))
-    args.out.with_suffix(".md").write_text(table + "\n")
-    plot(results, tasks, algos, args.out.with_suffix(".png"))
-    print(table)
+    write_outputs(args.out, results, tasks, algos)
     return 0
 
 

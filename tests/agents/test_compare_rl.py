@@ -1,0 +1,49 @@
+"""scripts/compare_rl.py: runs split over processes merge into one table and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.scripts import load_script
+
+
+def test_runs_of_two_processes_merge_into_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("compare_rl")
+    for algo in ("acktr", "a2c"):
+        assert script.main(["--suite", "classic", "--seeds", "1", "--timesteps", "1000",
+                            "--algos", algo, "--out", str(tmp_path / algo)]) == 0
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert script.main(["--merge", str(tmp_path / "acktr.json"), str(tmp_path / "a2c.json"),
+                        "--out", str(merged)]) == 0
+    runs = json.loads(merged.with_suffix(".json").read_text())["results"]
+    assert sorted((r["algo"], r["env"]) for r in runs) == sorted(
+        (a, e) for a in ("acktr", "a2c") for e in ("CartPole", "InvertedPendulum")
+    )
+    table = merged.with_suffix(".md").read_text().splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    rows = {(row[0].split(" ")[0], row[1]): row for row in cells}
+    assert set(rows) == {(e, a) for e in ("CartPole", "InvertedPendulum") for a in ("acktr", "a2c")}
+    for env in ("CartPole", "InvertedPendulum"):
+        ms = {r["algo"]: r["ms_per_1000_steps"] for r in runs if r["env"] == env}
+        wall_clock_ratio = float(rows[env, "acktr"][6])
+        assert wall_clock_ratio == pytest.approx(ms["acktr"] / ms["a2c"], abs=0.006)
+        assert rows[env, "a2c"][6] == "1.00"
+    assert merged.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_file_that_is_not_its_json_is_one_line_and_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    script = load_script("compare_rl")
+    assert script.main(["--merge", str(bad), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json" in err[0]
+    assert not (tmp_path / "m.md").exists()
