@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from agents.checkpoints import write_atomically  # noqa: E402
+
 __all__ = ["read_episodes", "rolling_mean", "plot_learning_curve"]
 
 
@@ -36,7 +38,10 @@ def plot_learning_curve(
     episode_logs: Sequence[Path], png: Path, title: str, labels: Sequence[str] | None = None,
     window: int = 100,
 ) -> None:
-    """Episode returns against timesteps (faint) with their rolling mean, one line per log."""
+    """Episode returns against timesteps (faint) with their rolling mean, one line per log.
+
+    The PNG is written atomically: a reader (or a crash) sees the old plot or the new one.
+    """
     figure, axes = plt.subplots(figsize=(7, 4.2))
     for index, log in enumerate(episode_logs):
         steps, returns = read_episodes(log)
@@ -53,5 +58,7 @@ def plot_learning_curve(
     if labels:
         axes.legend()
     figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
+    try:
+        write_atomically(png, lambda target: figure.savefig(target, dpi=110, format="png"))
+    finally:
+        plt.close(figure)
