@@ -112,6 +112,8 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
 
 def _median(values: list[float | None]) -> float | None:
     """Median over seeds; a seed that never reached the threshold counts as infinity."""
+    if not values:
+        return None
     numbers = [np.inf if v is None else v for v in values]
     value = float(np.median(numbers))
     return None if not np.isfinite(value) else value
@@ -142,10 +144,14 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
     return "\n".join(lines)
 
 
-def results_json(command: list[str], results: list[dict[str, Any]]) -> str:
-    """Every run with its curve, one run per line (the curves are long)."""
+def results_json(
+    command: list[str], results: list[dict[str, Any]], merged_from: list[dict[str, Any]] | None = None
+) -> str:
+    """Every run with its curve, one run per line (the curves are long); a merge also
+    keeps the commands of the files it merged."""
     runs = ",\n  ".join(json.dumps(r) for r in results)
-    return (f'{{"command": {json.dumps(command)}, "torch_threads": 1, '
+    sources = f'"merged_from": {json.dumps(merged_from)}, ' if merged_from else ""
+    return (f'{{"command": {json.dumps(command)}, {sources}"torch_threads": 1, '
             f'"results": [\n  {runs}\n]}}\n')
 
 
@@ -179,14 +185,20 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
     plt.close(figure)
 
 
-def merged_results(paths: list[Path]) -> tuple[list[dict[str, Any]], list[Task], list[str]]:
-    """The runs of several earlier ``OUT.json`` files, with their tasks and algorithms."""
+def merged_results(
+    paths: list[Path],
+) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
+    """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
+    the commands that made them."""
     thresholds = {t.env: t.threshold for tasks in SUITES.values() for t in tasks}
     results: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
     for path in paths:
         try:
-            results.extend(json.loads(path.read_text())["results"])
-        except (OSError, ValueError, KeyError) as error:
+            data = json.loads(path.read_text())
+            results.extend(data["results"])
+            sources.append({"file": path.name, "command": data.get("command")})
+        except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"--merge: {path} is not a compare_rl.py JSON file ({error})") from None
     tasks: dict[str, Task] = {}
     for r in results:
@@ -194,14 +206,17 @@ def merged_results(paths: list[Path]) -> tuple[list[dict[str, Any]], list[Task],
         timesteps = max(r["timesteps"], previous.timesteps if previous else 0)
         tasks[r["env"]] = Task(r["env"], timesteps, r["n_envs"], thresholds.get(r["env"], np.inf))
     algos = list(dict.fromkeys(r["algo"] for r in results))
-    return results, list(tasks.values()), algos
+    return results, list(tasks.values()), algos, sources
 
 
-def write_outputs(out: Path, results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> None:
+def write_outputs(
+    out: Path, command: list[str], results: list[dict[str, Any]], tasks: list[Task],
+    algos: list[str], merged_from: list[dict[str, Any]] | None = None,
+) -> None:
     """``OUT.json`` (every run), ``OUT.md`` (the table) and ``OUT.png`` (the curves)."""
     table = summarise(results, tasks, algos)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(results_json(sys.argv, results))
+    out.with_suffix(".json").write_text(results_json(command, results, merged_from))
     out.with_suffix(".md").write_text(table + "\n")
     plot(results, tasks, algos, out.with_suffix(".png"))
     print(table)
@@ -219,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True,
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
+    command = ["scripts/compare_rl.py", *(sys.argv[1:] if argv is None else argv)]
     if args.merge:
         try:
-            write_outputs(args.out, *merged_results(args.merge))
+            write_outputs(args.out, command, *merged_results(args.merge))
         except ValueError as error:
             print(f"compare_rl: {error}", file=sys.stderr)
             return 2
@@ -242,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for algo, task, seed in tqdm(jobs, desc="runs", unit="run"):
             results.append(run(algo, task, seed, Path(folder)))
-    write_outputs(args.out, results, tasks, algos)
+    write_outputs(args.out, command, results, tasks, algos)
     return 0
 
 

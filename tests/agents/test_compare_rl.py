@@ -21,7 +21,10 @@ def test_runs_of_two_processes_merge_into_one_table(
     merged = tmp_path / "merged"
     assert script.main(["--merge", str(tmp_path / "acktr.json"), str(tmp_path / "a2c.json"),
                         "--out", str(merged)]) == 0
-    runs = json.loads(merged.with_suffix(".json").read_text())["results"]
+    data = json.loads(merged.with_suffix(".json").read_text())
+    assert [source["command"][-1] for source in data["merged_from"]] == [
+        str(tmp_path / "acktr"), str(tmp_path / "a2c")]
+    runs = data["results"]
     assert sorted((r["algo"], r["env"]) for r in runs) == sorted(
         (a, e) for a in ("acktr", "a2c") for e in ("CartPole", "InvertedPendulum")
     )
