@@ -49,10 +49,10 @@ class ACKTR(OnPolicyAlgorithm):
 
     The first ``cold_start_steps`` updates are momentum-SGD steps (``m ← μ·m + (1−μ)·∇``
     after the first ``m = ∇``; ``θ ← θ − lr·m``) with gradient-norm clipping at
-    ``max_grad_norm`` while the factors warm up (openai/baselines' ``cold_iter``). The defaults are the baselines Atari settings. With ``target_kl``
-    the learning rate adapts as in the paper's continuous-control recipe: divided by 1.5
-    when the measured KL of an update exceeds ``2·target_kl``, multiplied by 1.5 when it
-    is below ``target_kl / 2``.
+    ``max_grad_norm`` while the factors warm up (openai/baselines' ``cold_iter``). The
+    defaults are the baselines Atari settings. With ``target_kl`` the learning rate adapts
+    as in the paper's continuous-control recipe: divided by 1.5 when the measured KL of an
+    update exceeds ``2·target_kl``, multiplied by 1.5 when it is below ``target_kl / 2``.
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a

@@ -115,7 +115,7 @@ def test_cold_start_then_kfac_steps() -> None:
 
 
 def test_cold_start_is_damped_momentum_sgd_on_clipped_gradients() -> None:
-    """The cold start: m = ∇ then m ← μ·m + (1−μ)·∇ on the norm-clipped gradient; θ ← θ − lr·m."""
+    """Cold start: m = ∇, then m ← μ·m + (1−μ)·∇ on clipped gradients; θ ← θ − lr·m."""
     model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=5,
                   cold_start_steps=2, learning_rate=0.1, momentum=0.9, max_grad_norm=0.5)
     reference = copy.deepcopy(model.policy)
