@@ -63,6 +63,9 @@ SUITES: dict[str, list[Task]] = {
 }
 ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c"]}
 WINDOW = 20
+#: What every run in an ``OUT.json`` carries (what a merge reads).
+RUN_KEYS = ("algo", "env", "seed", "timesteps", "n_envs", "ms_per_1000_steps",
+            "steps_to_threshold", "final_return", "curve_steps", "curve_returns")
 
 
 def build(algo: str, task: Task, seed: int) -> Any:
@@ -193,13 +196,24 @@ def merged_results(
     thresholds = {t.env: t.threshold for tasks in SUITES.values() for t in tasks}
     results: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, int], Path] = {}
     for path in paths:
         try:
             data = json.loads(path.read_text())
-            results.extend(data["results"])
-            sources.append({"file": path.name, "command": data.get("command")})
+            runs = data["results"]
+            for r in runs:
+                missing = [k for k in RUN_KEYS if k not in r]
+                if missing:
+                    raise KeyError(", ".join(missing))
+            keys = [(r["algo"], r["env"], int(r["seed"])) for r in runs]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"--merge: {path} is not a compare_rl.py JSON file ({error})") from None
+        for key in keys:
+            if key in seen:
+                raise ValueError(f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}")
+            seen[key] = path
+        results.extend(runs)
+        sources.append({"file": path.name, "command": data.get("command")})
     tasks: dict[str, Task] = {}
     for r in results:
         previous = tasks.get(r["env"])
@@ -215,7 +229,6 @@ def write_outputs(
 ) -> None:
     """``OUT.json`` (every run), ``OUT.md`` (the table) and ``OUT.png`` (the curves)."""
     table = summarise(results, tasks, algos)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(results_json(command, results, merged_from))
     out.with_suffix(".md").write_text(table + "\n")
     plot(results, tasks, algos, out.with_suffix(".png"))
@@ -235,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
     command = ["scripts/compare_rl.py", *(sys.argv[1:] if argv is None else argv)]
+    try:  # before any training, so that a bad --out costs nothing
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"compare_rl: --out {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
     if args.merge:
         try:
             write_outputs(args.out, command, *merged_results(args.merge))

@@ -50,3 +50,45 @@ def test_a_file_that_is_not_its_json_is_one_line_and_status_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.json" in err[0]
     assert not (tmp_path / "m.md").exists()
+
+
+def _one_run(**changes: object) -> dict[str, object]:
+    run: dict[str, object] = {
+        "algo": "acktr", "env": "CartPole", "seed": 0, "timesteps": 100, "n_envs": 2,
+        "ms_per_1000_steps": 50.0, "steps_to_threshold": None, "final_return": 9.0,
+        "curve_steps": [50.0, 100.0], "curve_returns": [9.0, 10.0],
+    }
+    run.update(changes)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ([_one_run()], "both hold acktr/CartPole/0"),
+        ([{k: v for k, v in _one_run(seed=1).items() if k != "n_envs"}], "n_envs"),
+    ],
+    ids=["the same run twice", "a run without n_envs"],
+)
+def test_merging_inconsistent_files_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], second: list[dict], message: str
+) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"command": [], "results": [_one_run()]}))
+    (tmp_path / "b.json").write_text(json.dumps({"command": [], "results": second}))
+    script = load_script("compare_rl")
+    assert script.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                        "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.glob("m.*"))
+
+
+def test_an_out_that_cannot_be_made_stops_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    script = load_script("compare_rl")
+    assert script.main(["--suite", "classic", "--out", str(blocker / "sub" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0]
