@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import (
+    GymEnv,
+    MaybeCallback,
+    RolloutBufferSamples,
+    Schedule,
+)
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
 from agents.data_parallel import GlobalTimesteps
@@ -24,7 +30,17 @@ from agents.policies import (
 )
 from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
 
-__all__ = ["ACKTR"]
+__all__ = ["A2CLossTerms", "ACKTR"]
+
+
+class A2CLossTerms(NamedTuple):
+    """A2C's loss on a rollout, term by term (:meth:`ACKTR.a2c_loss_terms`)."""
+
+    policy: torch.Tensor  # −mean(Â·log π(a|s))
+    entropy: torch.Tensor  # −mean(H[π(·|s)])
+    value: torch.Tensor  # mean((R − V(s))²)
+    actions: torch.Tensor  # the rollout's actions, as the distribution takes them
+    log_prob: torch.Tensor  # log π(a|s)
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
@@ -217,9 +233,6 @@ class ACKTR(OnPolicyAlgorithm):
         cold = self._n_updates < self.cold_start_steps
 
         for rollout_data in self.rollout_buffer.get(batch_size=None):  # one full batch
-            actions = rollout_data.actions
-            if isinstance(self.action_space, spaces.Discrete):
-                actions = actions.long().flatten()
             distribution, values = self.policy.distribution_and_values(rollout_data.observations)
             values = values.flatten()
 
@@ -228,15 +241,8 @@ class ACKTR(OnPolicyAlgorithm):
                 self.policy.capture_fisher(distribution, values, self.vf_fisher_coef)
 
             # 2. The A2C loss.
-            log_prob = distribution.log_prob(actions)
-            entropy = distribution.entropy()
-            advantages = rollout_data.advantages
-            if self.normalize_advantage:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            policy_loss = -(advantages * log_prob).mean()
-            value_loss = F.mse_loss(rollout_data.returns, values)
-            entropy_loss = -torch.mean(-log_prob if entropy is None else entropy)
-            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+            terms = self.a2c_loss_terms(distribution, values, rollout_data)
+            loss = terms.policy + self.ent_coef * terms.entropy + self.vf_coef * terms.value
             optimizer.zero_grad()
             loss.backward()
 
@@ -249,7 +255,9 @@ class ACKTR(OnPolicyAlgorithm):
                 optimizer.step()
 
             if self.target_kl is not None:
-                self._adapt_learning_rate(rollout_data.observations, actions, log_prob.detach())
+                self._adapt_learning_rate(
+                    rollout_data.observations, terms.actions, terms.log_prob.detach()
+                )
 
         self._n_updates += 1
         explained_var = explained_variance(
@@ -257,14 +265,35 @@ class ACKTR(OnPolicyAlgorithm):
         )
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/explained_variance", explained_var)
-        self.logger.record("train/entropy_loss", entropy_loss.item())
-        self.logger.record("train/policy_loss", policy_loss.item())
-        self.logger.record("train/value_loss", value_loss.item())
+        self.logger.record("train/entropy_loss", terms.entropy.item())
+        self.logger.record("train/policy_loss", terms.policy.item())
+        self.logger.record("train/value_loss", terms.value.item())
         self.logger.record("train/kfac_steps", optimizer.steps)
         if self.target_kl is not None:
             self.logger.record("train/lr_multiplier", self.lr_multiplier)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+
+    def a2c_loss_terms(
+        self, distribution: Distribution, values: torch.Tensor, rollout_data: RolloutBufferSamples
+    ) -> A2CLossTerms:
+        """The three terms of A2C's loss on a rollout, from one forward pass (``values``
+        flattened); the loss is ``policy + ent_coef·entropy + vf_coef·value``."""
+        actions = rollout_data.actions
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        log_prob = distribution.log_prob(actions)
+        entropy = distribution.entropy()
+        advantages = rollout_data.advantages
+        if self.normalize_advantage:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        return A2CLossTerms(
+            policy=-(advantages * log_prob).mean(),
+            entropy=-torch.mean(-log_prob if entropy is None else entropy),
+            value=F.mse_loss(rollout_data.returns, values),
+            actions=actions,
+            log_prob=log_prob,
+        )
 
     @torch.no_grad()
     def _adapt_learning_rate(

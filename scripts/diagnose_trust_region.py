@@ -17,7 +17,6 @@ import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from agents import ACKTR
@@ -28,11 +27,11 @@ def layer_gradients(model: ACKTR, data: object, part: str) -> dict[str, Tensor]:
     """Each layer's gradient (block view) of the policy or the value part of ACKTR's loss."""
     policy, optimizer = model.policy, model.policy.optimizer
     distribution, values = policy.distribution_and_values(data.observations)
+    terms = model.a2c_loss_terms(distribution, values.flatten(), data)
     if part == "policy":
-        log_prob = distribution.log_prob(data.actions.long().flatten())
-        loss = -(data.advantages * log_prob).mean() - model.ent_coef * distribution.entropy().mean()
+        loss = terms.policy + model.ent_coef * terms.entropy
     else:
-        loss = model.vf_coef * F.mse_loss(data.returns, values.flatten())
+        loss = model.vf_coef * terms.value
     optimizer.zero_grad()
     loss.backward()
     return {
