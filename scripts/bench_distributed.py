@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--ranks {world}: --n-envs {args.n_envs} must split evenly")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.out is not None and not args.out.resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")  # before the runs, not after
     results = [run(world, args) for world in args.ranks]
     base = results[0]
     print(f"ACKTR on {base['env']}, {args.n_envs} envs in total, {args.device}, "
