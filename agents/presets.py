@@ -12,7 +12,6 @@ from typing import Any
 
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.utils import LinearSchedule
 
 from agents.acktr import ACKTR
 from agents.npg import NPG
@@ -20,9 +19,11 @@ from envs import EnvSpec
 
 __all__ = [
     "ALGORITHMS",
+    "LinearDecay",
     "RunConfig",
     "algorithm_class",
     "hyperparameter_defaults",
+    "named_presets",
     "parse_override",
     "resolve_config",
 ]
@@ -36,10 +37,15 @@ ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "ppo": PPO,
 }
 #: Keys of a run that are not arguments of the algorithm, with their types.
-RUN_KEYS: dict[str, type] = {"n_envs": int, "timesteps": int, "policy": str, "normalize": bool}
+RUN_KEYS: dict[str, type] = {
+    "n_envs": int, "timesteps": int, "policy": str, "normalize": bool, "schedule_timesteps": int,
+}
 #: Arguments the CLI sets itself (from its own flags), never from presets or ``--set``.
 _MANAGED = {"policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model"}
-_RUN_DEFAULTS: dict[str, Any] = {"n_envs": 8, "timesteps": 1_000_000, "policy": "MlpPolicy", "normalize": False}
+_RUN_DEFAULTS: dict[str, Any] = {
+    "n_envs": 8, "timesteps": 1_000_000, "policy": "MlpPolicy", "normalize": False,
+    "schedule_timesteps": 0,
+}
 
 
 @dataclass
@@ -52,11 +58,32 @@ class RunConfig:
     timesteps: int
     policy: str
     normalize: bool
+    #: ``"lin_X"`` schedules decay to 0 over this many timesteps (0: over the run), so a
+    #: shorter run follows the first part of a published schedule (baselines' Atari
+    #: learning rate decays over 10M steps).
+    schedule_timesteps: int = 0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     def algorithm_kwargs(self) -> dict[str, Any]:
         """The hyperparameters as algorithm arguments (``"lin_X"`` strings become schedules)."""
-        return {key: _schedule(value) for key, value in self.hyperparameters.items()}
+        horizon = self.schedule_timesteps or self.timesteps
+        return {key: _schedule(value, self.timesteps, horizon)
+                for key, value in self.hyperparameters.items()}
+
+
+@dataclass(frozen=True)
+class LinearDecay:
+    """``start`` decaying linearly to 0 over ``horizon`` timesteps, as a schedule of SB3's
+    remaining progress in a run of ``timesteps`` (``horizon == timesteps``: SB3's
+    ``LinearSchedule(start, 0, 1)``)."""
+
+    start: float
+    timesteps: int
+    horizon: int
+
+    def __call__(self, progress_remaining: float) -> float:
+        elapsed = (1.0 - progress_remaining) * self.timesteps
+        return self.start * max(0.0, 1.0 - elapsed / self.horizon)
 
 
 def algorithm_class(algo: str) -> type[BaseAlgorithm]:
@@ -83,6 +110,11 @@ def hyperparameter_defaults(algo: str) -> dict[str, Any]:
 def _presets() -> dict[str, Any]:
     text = resources.files("agents").joinpath("presets.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
+
+
+def named_presets(algo: str) -> list[str]:
+    """The named presets of ``algo``: its tables ``[ALGO-NAME]`` in presets.toml."""
+    return sorted(key.split("-", 1)[1] for key in _presets() if key.startswith(f"{algo}-"))
 
 
 def _preset_tables(algo: str, spec: EnvSpec) -> dict[str, Any]:
@@ -144,10 +176,20 @@ def _check_type(key: str, value: Any, reference: Any) -> None:
         fail("a table, e.g. {a = 1}")
 
 
-def resolve_config(algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]]) -> RunConfig:
-    """The run's settings: defaults, then the presets for ``spec``, then ``overrides``."""
+def resolve_config(
+    algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]], preset_name: str | None = None
+) -> RunConfig:
+    """The run's settings: defaults, then the presets for ``spec`` (those of the named
+    preset ``[ALGO-NAME]`` if ``preset_name`` is given), then ``overrides``."""
     defaults = hyperparameter_defaults(algo)
-    preset = _preset_tables(algo, spec)
+    table = algo
+    if preset_name is not None:
+        names = named_presets(algo)
+        if preset_name not in names:
+            valid = ", ".join(names) if names else "none"
+            raise ValueError(f"{algo} has no preset {preset_name!r}; its presets: {valid}")
+        table = f"{algo}-{preset_name}"
+    preset = _preset_tables(table, spec)
     settings: dict[str, Any] = {**_RUN_DEFAULTS, **preset}
     for key, value in overrides:
         top, _, rest = key.partition(".")
@@ -178,6 +220,8 @@ def resolve_config(algo: str, spec: EnvSpec, overrides: list[tuple[str, Any]]) -
     run = {key: settings.pop(key) for key in RUN_KEYS}
     for key in run:
         _check_type(key, run[key], RUN_KEYS[key]())
+    if run["schedule_timesteps"] < 0:
+        raise ValueError(f"schedule_timesteps must be >= 0, got {run['schedule_timesteps']}")
     return RunConfig(algo=algo, env=spec, hyperparameters=settings, **run)
 
 
@@ -202,7 +246,7 @@ def _drop_foreign_curvature_options(
     settings["kfac_kwargs"] = {k: v for k, v in kfac_kwargs.items() if k != "curvature_options"}
 
 
-def _schedule(value: Any) -> Any:
+def _schedule(value: Any, timesteps: int, horizon: int) -> Any:
     if isinstance(value, str) and value.startswith("lin_"):
-        return LinearSchedule(float(value[4:]), 0.0, 1.0)
+        return LinearDecay(float(value[4:]), timesteps, horizon)
     return value

@@ -9,23 +9,43 @@ Two parts of the training recipe are done here instead:
   ``EpisodicLifeEnv`` signals ``done`` on a life loss and lets the game go on; this
   adapter does the same: when ``lives`` drops, the env reports ``done`` with the current
   observation as ``terminal_observation`` and keeps playing.
+* **FIRE after a life loss**, in games that need FIRE to go on (``FIRE`` is action 1, as
+  baselines' and SB3's ``FireResetEnv`` test): the published wrappers press it in the
+  reset that follows every life loss, so a policy that stops pressing FIRE cannot stall
+  the game until the frame limit. The C++ vector env steps every env at once, so the
+  press replaces the agent's next action in that env (which the game ignores anyway
+  until the ball is served).
 * **Reward clipping** to ``sign(r)`` for training, while ``info["episode"]["r"]`` is the
   raw game score of the whole game (all lives), so logs show real scores.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
-from ale_py import AtariVectorEnv
+from ale_py import Action, ALEInterface, AtariVectorEnv, LoggerMode, roms
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
 from envs.sb3_adapter import GymnasiumVecEnv
 
-__all__ = ["AtariVecEnv", "ale_vector_env", "wrapper_vector_env"]
+__all__ = ["AtariVecEnv", "ale_vector_env", "needs_fire", "wrapper_vector_env"]
+
+FIRE = 1  # the index of FIRE in the minimal action set of every game that has it
+
+
+@cache
+def needs_fire(game: str) -> bool:
+    """Whether ``game`` (ale-py's ROM id) needs FIRE to start play: its minimal action set
+    has FIRE at index 1 and at least 3 actions (baselines' ``FireResetEnv`` condition)."""
+    ale = ALEInterface()
+    ale.setLoggerMode(LoggerMode.Error)
+    ale.loadROM(roms.get_rom_path(game))
+    actions = ale.getMinimalActionSet()
+    return len(actions) >= 3 and actions[FIRE] == Action.FIRE
 
 
 def ale_vector_env(game: str, n_envs: int, *, num_threads: int = 0, **ale_kwargs: Any) -> VectorEnv:
@@ -87,6 +107,9 @@ class AtariVecEnv(GymnasiumVecEnv):
         seeds: one seed per environment.
         episodic_life: end training episodes at every life loss (not the game).
         clip_rewards: return ``sign(r)`` as the reward.
+        fire_on_life_loss: press FIRE at the step after each life loss (the agent's
+            action there is replaced). Only for games that need it (:func:`needs_fire`);
+            ``False`` leaves serving to the agent.
     """
 
     def __init__(
@@ -97,11 +120,14 @@ class AtariVecEnv(GymnasiumVecEnv):
         *,
         episodic_life: bool = True,
         clip_rewards: bool = True,
+        fire_on_life_loss: bool = False,
     ) -> None:
         super().__init__(env, seeds, indices)
         self.episodic_life = episodic_life
         self.clip_rewards = clip_rewards
+        self.fire_on_life_loss = fire_on_life_loss
         self._lives = np.zeros(self.num_envs, dtype=np.int64)
+        self._fire_next = np.zeros(self.num_envs, dtype=bool)
 
     def _reset_seeds(self, seeds: list[int]) -> Any:
         if isinstance(self.env, AtariVectorEnv):
@@ -111,15 +137,23 @@ class AtariVecEnv(GymnasiumVecEnv):
     def reset(self) -> np.ndarray:
         obs = super().reset()
         self._lives = np.array([info.get("lives", 0) for info in self.reset_infos])
+        self._fire_next[:] = False
         return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        if self._fire_next.any():
+            actions = np.array(actions, copy=True)
+            actions[self._fire_next] = FIRE
+        super().step_async(actions)
 
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         obs, raw, game_over, infos, packed = self._step()
         # For a finished game, the packed `lives` are already those of the new game.
         lives = np.asarray(packed["lives"])
         dones = game_over.copy()
+        life_lost = (lives < self._lives) & ~game_over
+        self._fire_next = life_lost & self.fire_on_life_loss
         if self.episodic_life:
-            life_lost = (lives < self._lives) & ~game_over
             for i in np.flatnonzero(life_lost):
                 infos[i]["terminal_observation"] = obs[i]
                 infos[i]["TimeLimit.truncated"] = False

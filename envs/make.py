@@ -9,7 +9,7 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
-from envs.atari import AtariVecEnv, ale_vector_env, wrapper_vector_env
+from envs.atari import AtariVecEnv, ale_vector_env, needs_fire, wrapper_vector_env
 from envs.names import resolve
 from envs.ranks import rank_info, shard
 from envs.sb3_adapter import GymnasiumVecEnv
@@ -47,7 +47,8 @@ def make_vec_env(
             (gymnasium's AtariPreprocessing and frame stack: the fallback and the test
             reference; ``vectorization`` applies to it).
         env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari,
-            ``episodic_life`` and ``clip_rewards`` (:class:`envs.atari.AtariVecEnv`) and
+            ``episodic_life``, ``clip_rewards`` and ``fire_on_life_loss`` (default ``True``:
+            FIRE after each life loss in games that need it; :class:`envs.atari.AtariVecEnv`) and
             the backend's options (:func:`envs.atari.ale_vector_env`,
             :func:`envs.atari.wrapper_vector_env`).
     """
@@ -68,6 +69,7 @@ def make_vec_env(
     if spec.family == "atari":
         assert spec.game is not None
         life = {k: env_kwargs.pop(k) for k in ("episodic_life", "clip_rewards") if k in env_kwargs}
+        life["fire_on_life_loss"] = env_kwargs.pop("fire_on_life_loss", True) and needs_fire(spec.game)
         if atari_backend == "ale":
             vector = ale_vector_env(spec.game, part.n_envs, **env_kwargs)
         else:

@@ -80,6 +80,10 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
                         help="episodes to evaluate the final policy on (default: 10; 0: none)")
     parser.add_argument("--checkpoint-every", type=int, default=100, metavar="UPDATES",
                         help="save checkpoint.zip every this many updates (default: 100)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help="a named preset instead of ALGO's default one, e.g. "
+                             "`acktr --preset baselines` (openai/baselines' ACKTR recipe); "
+                             "an unknown name lists ALGO's presets")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="override a hyperparameter (a TOML value: 0.1, true, \"x\", "
@@ -200,7 +204,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
                 f"checkpoint {str(args.resume)!r} is a {metadata.get('algo')} run on "
                 f"{metadata.get('env')}, not {args.algo} on {spec.gym_id}"
             )
-    config = resolve_config(args.algo, spec, overrides)
+    config = resolve_config(args.algo, spec, overrides, args.preset)
     if args.timesteps is not None:
         config.timesteps = args.timesteps
     if args.n_envs is not None:
@@ -295,6 +299,7 @@ def _train(args: argparse.Namespace) -> int:
         **metadata, "seed": args.seed, "n_envs": config.n_envs, "timesteps": config.timesteps,
         "policy": config.policy, "normalize": config.normalize, "device": str(model.device),
         "resumed_from": str(args.resume) if args.resume else None,
+        "preset": args.preset or "default",
         # A resumed run keeps the hyperparameters saved in its checkpoint.
         "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
         "command": sys.argv,

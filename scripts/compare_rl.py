@@ -2,15 +2,18 @@
 
 Every algorithm runs with its preset (agents/presets.toml; TRPO with rl-zoo3's settings
 for sb3-contrib), the same timesteps, the same number of environments and the same seeds,
-in this one process, one after the other. Reported per environment and algorithm: the
-timesteps until the mean return of the last 20 training episodes first reaches the
-threshold, the final return (20 evaluation episodes), and the wall-clock per 1000
-timesteps; medians over seeds. Writes a JSON file, a Markdown table and a PNG of the
-learning curves.
+in this one process, one after the other. ``ALGO:NAME`` runs a named preset
+(``acktr:baselines``). Reported per environment and algorithm: the mean return of the last
+100 training episodes at the task's marks (e.g. 1M and 1.5M steps, as published curves
+are read), the timesteps until the mean return of the last 20 training episodes first
+reaches the threshold, the final return (20 evaluation episodes), and the wall-clock per
+1000 timesteps; medians over seeds. Writes a JSON file (after every run, so a stopped
+comparison keeps its finished runs), a Markdown table and a PNG of the learning curves;
+each run's episodes go to ``OUT.runs/`` as they finish.
 
     python scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic
-    python scripts/compare_rl.py --suite breakout --seeds 1 --timesteps 400000 \
-        --out docs/compare_rl_breakout
+    python scripts/compare_rl.py --suite breakout --seeds 1 --seed-start 2 --algos acktr \
+        --out /tmp/breakout_acktr_s2
 
 Runs split over several processes (``--algos acktr`` in one, ``--algos a2c`` in another)
 are put into one table and plot afterwards with ``--merge A.json B.json --out OUT``.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ class Task:
     timesteps: int
     n_envs: int
     threshold: float
+    marks: tuple[int, ...] = ()  # timesteps at which the mean training return is read
 
 
 SUITES: dict[str, list[Task]] = {
@@ -59,19 +62,30 @@ SUITES: dict[str, list[Task]] = {
         Task("CartPole", 100_000, 8, 475.0),
         Task("InvertedPendulum", 100_000, 8, 950.0),
     ],
-    "breakout": [Task("Breakout", 400_000, 32, 10.0)],
+    "breakout": [Task("Breakout", 1_500_000, 32, 10.0, (500_000, 1_000_000, 1_500_000))],
 }
-ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c"]}
+ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c", "ppo"]}
 WINDOW = 20
+MARK_WINDOW = 100  # episodes averaged at a mark (openai/baselines' curves)
 #: What every run in an ``OUT.json`` carries (what a merge reads).
 RUN_KEYS = ("algo", "env", "seed", "timesteps", "n_envs", "ms_per_1000_steps",
             "steps_to_threshold", "final_return", "curve_steps", "curve_returns")
 
 
-def build(algo: str, task: Task, seed: int) -> Any:
-    """The model of ``algo`` for ``task``, with its preset and the shared budget."""
+def build_config(label: str, task: Task) -> Any:
+    """The run settings of ``label`` (``algo`` or ``algo:preset``) on ``task``."""
+    algo, _, preset = label.partition(":")
+    algo = "trpo" if algo == "trpo-sb3" else algo
+    algorithm_class(algo)  # an unknown name lists the valid ones
+    return resolve_config(algo, resolve(task.env), [], preset or None)
+
+
+def build(label: str, task: Task, seed: int) -> Any:
+    """The model of ``label`` for ``task``, with its preset and the shared budget."""
+    algo = label.partition(":")[0]
     spec = resolve(task.env)
-    config = resolve_config("trpo" if algo == "trpo-sb3" else algo, spec, [])
+    config = build_config(label, task)
+    config.timesteps = task.timesteps  # schedules follow the shared budget
     env = make_vec_env(spec.gym_id, task.n_envs, seed=seed)
     if config.normalize:
         env = VecNormalize(env)
@@ -94,9 +108,15 @@ def steps_to_threshold(steps: np.ndarray, returns: np.ndarray, threshold: float)
     return float(steps[reached[0]]) if len(reached) else None
 
 
+def return_at(steps: np.ndarray, returns: np.ndarray, mark: int) -> float | None:
+    """Mean return of the last ``MARK_WINDOW`` training episodes ended by ``mark``."""
+    done = returns[steps <= mark][-MARK_WINDOW:]
+    return float(done.mean()) if len(done) else None
+
+
 def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
     model = build(algo, task, seed)
-    log = folder / f"{algo}-{task.env}-s{seed}.csv"
+    log = folder / f"{algo.replace(':', '-')}-{task.env}-s{seed}.csv"
     start = time.perf_counter()
     model.learn(task.timesteps, callback=EpisodeLog(log))
     seconds = time.perf_counter() - start
@@ -106,6 +126,7 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
         "n_envs": task.n_envs, "seconds": seconds,
         "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
         "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
+        "return_at": {str(m): return_at(steps, returns, m) for m in task.marks if m <= task.timesteps},
         "final_return": evaluate(model, task.env, 20, seed + 10_000)["mean_return"],
         "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
     }
@@ -122,10 +143,17 @@ def _median(values: list[float | None]) -> float | None:
     return None if not np.isfinite(value) else value
 
 
+def _marks(results: list[dict[str, Any]]) -> list[int]:
+    return sorted({int(m) for r in results for m in r.get("return_at", {})})
+
+
 def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> str:
-    lines = ["| env | algorithm | seeds | steps to threshold (median) | final return (median) "
-             "| ms per 1000 steps (median) | ÷ A2C wall-clock | ÷ A2C steps to threshold |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    marks = _marks(results)
+    mark_heads = "".join(f" return at {m / 1e6:g}M (median [min, max]) |" for m in marks)
+    lines = ["| env | algorithm | seeds |" + mark_heads + " steps to threshold (median) "
+             "| final return (median) | ms per 1000 steps (median) | ÷ A2C wall-clock "
+             "| ÷ A2C steps to threshold |",
+             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|---:|"]
     for task in tasks:
         rows = {a: [r for r in results if r["algo"] == a and r["env"] == task.env] for a in algos}
         a2c_ms = _median([r["ms_per_1000_steps"] for r in rows.get("a2c", [])])
@@ -140,11 +168,22 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
             ratio_ms = f"{ms / a2c_ms:.2f}" if ms and a2c_ms else "—"
             ratio_steps = f"{steps / a2c_steps:.2f}" if steps and a2c_steps else "—"
             steps_text = f"{steps:,.0f}" if steps is not None else "not reached"
+            at = "".join(f" {_mark_cell(rows[algo], m)} |" for m in marks)
             lines.append(
                 f"| {task.env} (≥ {task.threshold:g}) | {algo} | {reached}/{len(rows[algo])} reached "
-                f"| {steps_text} | {final:.1f} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
+                f"|{at} {steps_text} | {final:.1f} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
             )
     return "\n".join(lines)
+
+
+def _mark_cell(runs: list[dict[str, Any]], mark: int) -> str:
+    values = [r.get("return_at", {}).get(str(mark)) for r in runs]
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{float(np.median(values)):.1f} [{min(values):.1f}, {max(values):.1f}]"
 
 
 def results_json(
@@ -182,7 +221,8 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
         ax.set_xlabel("timesteps")
         ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run too short for an episode has no curve
+            ax.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=110)
     plt.close(figure)
@@ -239,9 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="classic",
                         help="classic: CartPole and InvertedPendulum; breakout: Breakout")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds (default: 3), from --seed-start on")
+    parser.add_argument("--seed-start", type=int, default=0, metavar="K",
+                        help="first seed (default: 0): seeds K..K+N-1, so that the seeds of "
+                             "one comparison can run in separate processes")
     parser.add_argument("--timesteps", type=int, help="override every task's budget")
-    parser.add_argument("--algos", help="comma-separated subset of the suite's algorithms")
+    parser.add_argument("--algos",
+                        help="comma-separated algorithms (default: the suite's); ALGO:NAME "
+                             "runs ALGO's named preset, e.g. acktr:baselines")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: combine the runs of earlier OUT.json files")
     parser.add_argument("--out", type=Path, required=True,
@@ -271,12 +317,20 @@ def main(argv: list[str] | None = None) -> int:
             print("compare_rl: sb3-contrib is not installed (pip install -e .[bench]); "
                   "skipping TRPO", file=sys.stderr)
             algos.remove("trpo-sb3")
-    jobs = [(a, t, s) for t in tasks for s in range(args.seeds) for a in algos]
+    seeds = range(args.seed_start, args.seed_start + args.seeds)
+    jobs = [(a, t, s) for t in tasks for s in seeds for a in algos]
+    for algo in algos:  # a misspelt algorithm or preset stops here, not after hours
+        try:
+            build_config(algo, tasks[0])
+        except ValueError as error:
+            print(f"compare_rl: --algos: {error}", file=sys.stderr)
+            return 2
+    runs_folder = args.out.with_name(args.out.name + ".runs")
+    runs_folder.mkdir(exist_ok=True)
     results = []
-    with tempfile.TemporaryDirectory() as folder:
-        for algo, task, seed in tqdm(jobs, desc="runs", unit="run"):
-            results.append(run(algo, task, seed, Path(folder)))
-    write_outputs(args.out, command, results, tasks, algos)
+    for algo, task, seed in tqdm(jobs, desc="runs", unit="run"):
+        results.append(run(algo, task, seed, runs_folder))
+        write_outputs(args.out, command, results, tasks, algos)
     return 0
 
 

@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,9 @@ from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.optim.hyperparams import Schedule, check, check_choice, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "TrustRegion"]
+
+TrustRegion = Literal["joint", "layer"]
 
 _SCHEDULED = (
     "lr",
@@ -48,7 +50,13 @@ class KFAC(torch.optim.Optimizer):
         d  = ν X + weight_decay · Ŵ
         m ← momentum · m + (1 − dampening) · d;   Ŵ ← Ŵ − lr · m
 
-    (momentum and dampening as in ``torch.optim.SGD``: the first step sets ``m = d``).
+    The buffer starts at ``m = 0``, as in TF's ``MomentumOptimizer`` (openai/baselines'
+    ACKTR): the first step is ``(1 − dampening)·d``. (``torch.optim.SGD`` instead starts
+    at ``m = d``; the two agree when ``dampening = 0``.)
+
+    ``trust_region="layer"`` clips every layer to its own radius instead,
+    ``ν_l = min(1, sqrt(kl_clip / (lr² ⟨X_l, ∇Ŵ_l⟩)))``, so that no layer's share of the
+    quadratic decides another's step (each block's predicted KL is at most ``kl_clip``).
 
     Statistics come only from backward passes run inside ``with opt.capture():``, usually
     of :func:`ngrl.fisher_loss` (sampled targets give the true Fisher). Factors are
@@ -60,6 +68,8 @@ class KFAC(torch.optim.Optimizer):
         lr: learning rate.
         damping: Tikhonov damping λ added to the whole curvature block.
         kl_clip: trust-region radius δ of the predicted KL; ``None`` disables it.
+        trust_region: ``"joint"`` (one radius for the whole model, ACKTR) or ``"layer"``
+            (a radius for each layer).
         momentum: heavy-ball momentum on the (clipped) natural gradient.
         dampening: ``torch.optim.SGD``'s dampening of the momentum. ACKTR's update
             (``MomentumOptimizer(lr·(1−μ), μ)`` in openai/baselines) is
@@ -119,6 +129,7 @@ class KFAC(torch.optim.Optimizer):
         weight_sharing: WeightSharing = "expand",
         curvature_options: Mapping[str, Any] | None = None,
         grad_worker_fraction: float = 1.0,
+        trust_region: TrustRegion = "joint",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -140,6 +151,8 @@ class KFAC(torch.optim.Optimizer):
                 check(name, value)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
+        check_choice("trust_region", trust_region, ("joint", "layer"))
+        self.trust_region = trust_region
         if stats_batch_size is not None:
             check("stats_batch_size", stats_batch_size)
         block_class = get_block_class(curvature)
@@ -255,8 +268,9 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the update -------------------------------------------------------------------
     @torch.no_grad()
-    def _directions(self, damping: float) -> tuple[dict[Tensor, Tensor], float] | None:
-        """Preconditioned gradients ``X`` per parameter and ``Σ⟨X, ∇Ŵ⟩``; ``None`` if not finite."""
+    def _directions(self, damping: float) -> list[tuple[list[Tensor], list[Tensor], float]] | None:
+        """Per layer: its parameters, their preconditioned gradients ``X`` and ``⟨X, ∇Ŵ⟩``;
+        ``None`` if any is not finite."""
         refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
         plan = self._work_plan()
         me = distributed.rank()
@@ -296,12 +310,10 @@ class KFAC(torch.optim.Optimizer):
                 shared, plan, self._groups, preconditioned,
                 {name: active[name][0].shape for name in shared}, first.device, first.dtype,
             )
-        directions: dict[Tensor, Tensor] = {}
-        terms: list[Tensor] = []
-        for name, (layer, grad) in active.items():
-            x = preconditioned[name]
-            terms.append((x * grad).sum().to(torch.float64))
-            directions.update(zip(layer.params, layer.scatter(x), strict=True))
+        terms = [
+            (preconditioned[name] * grad).sum().to(torch.float64)
+            for name, (_, grad) in active.items()
+        ]
         if uncaptured and not self._warned_uncaptured:
             self._warned_uncaptured = True
             warnings.warn(
@@ -313,8 +325,13 @@ class KFAC(torch.optim.Optimizer):
             )
         # With finite gradients, the sum is finite exactly when every X is (a NaN or an
         # infinity in X makes its term NaN or infinite), so one check covers them all.
-        quadratic = float(torch.stack(terms).sum()) if terms else 0.0
-        return (directions, quadratic) if math.isfinite(quadratic) else None
+        quadratics = torch.stack(terms).tolist() if terms else []
+        if not math.isfinite(math.fsum(quadratics)):
+            return None
+        return [
+            (layer.params, layer.scatter(preconditioned[name]), quadratic)
+            for (name, (layer, _)), quadratic in zip(active.items(), quadratics, strict=True)
+        ]
 
     # --- data parallelism (ngrl.distributed) -------------------------------------------
     def _check_rank_averaged(self) -> None:
@@ -370,9 +387,17 @@ class KFAC(torch.optim.Optimizer):
         if found is None:
             self._skip("preconditioned gradients")
             return None
-        directions, quadratic = found
-        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
-        return {param: direction.mul_(scale) for param, direction in directions.items()}
+        kl_clip = self.hyperparameter("kl_clip")
+        if self.trust_region == "joint":
+            scale = kl_clip_scale(math.fsum(q for _, _, q in found), lr, kl_clip)
+            scales = [scale] * len(found)
+        else:
+            scales = [kl_clip_scale(q, lr, kl_clip) for _, _, q in found]
+        return {
+            param: x.mul_(scale)
+            for (params, xs, _), scale in zip(found, scales, strict=True)
+            for param, x in zip(params, xs, strict=True)
+        }
 
     @torch.no_grad()
     def precondition_(self) -> bool:
@@ -414,9 +439,8 @@ class KFAC(torch.optim.Optimizer):
                 state = self.state[param]
                 buffer = state.get("momentum_buffer")
                 if buffer is None:
-                    buffer = state["momentum_buffer"] = d.detach().clone()
-                else:
-                    buffer.mul_(momentum).add_(d, alpha=1.0 - dampening)
+                    buffer = state["momentum_buffer"] = torch.zeros_like(d)
+                buffer.mul_(momentum).add_(d, alpha=1.0 - dampening)
                 d = buffer
             param.add_(d, alpha=-lr)
         self.param_groups[0]["step"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.scripts import load_script
@@ -92,3 +93,43 @@ def test_an_out_that_cannot_be_made_stops_before_any_run(
     assert script.main(["--suite", "classic", "--out", str(blocker / "sub" / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0]
+
+
+def test_a_named_preset_runs_from_a_chosen_seed_and_keeps_its_episodes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("compare_rl")
+    out = tmp_path / "cmp"
+    assert script.main(["--suite", "classic", "--seeds", "1", "--seed-start", "4", "--timesteps",
+                        "1000", "--algos", "acktr:baselines", "--out", str(out)]) == 0
+    capsys.readouterr()
+    runs = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {(r["algo"], r["seed"]) for r in runs} == {("acktr:baselines", 4)}
+    episodes = sorted(p.name for p in (tmp_path / "cmp.runs").iterdir())
+    assert episodes == ["acktr-baselines-CartPole-s4.csv", "acktr-baselines-InvertedPendulum-s4.csv"]
+
+
+def test_returns_at_the_marks_are_means_of_the_last_100_episodes() -> None:
+    script = load_script("compare_rl")
+    steps = np.arange(1, 301) * 10.0
+    returns = np.arange(300.0)
+    assert script.return_at(steps, returns, 1000) == pytest.approx(np.mean(np.arange(0, 100)))
+    assert script.return_at(steps, returns, 3000) == pytest.approx(np.mean(np.arange(200, 300)))
+    assert script.return_at(steps, returns, 5) is None
+    table = script.summarise(
+        [_one_run(seed=s, return_at={"1000000": v}) for s, v in enumerate((3.0, 1.0, 8.0))],
+        [script.Task("CartPole", 100, 2, 475.0)], ["acktr"],
+    )
+    assert "return at 1M" in table and "| 3.0 [1.0, 8.0] |" in table
+
+
+@pytest.mark.parametrize("algos", ["acktrr", "acktr:nope"])
+def test_an_unknown_algorithm_or_preset_stops_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], algos: str
+) -> None:
+    script = load_script("compare_rl")
+    assert script.main(["--suite", "classic", "--seeds", "1", "--algos", algos,
+                        "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compare_rl: --algos:")
+    assert not (tmp_path / "x.json").exists()

@@ -8,6 +8,7 @@ import pytest
 from gymnasium.spaces import Discrete
 
 from envs import make_vec_env
+from envs.atari import FIRE, needs_fire
 
 
 def test_breakout_16_envs_is_an_sb3_vec_env_of_stacked_frames() -> None:
@@ -108,3 +109,55 @@ def test_fast_path_matches_the_gymnasium_wrapper_reference() -> None:
     assert games >= 2
     fast.close()
     reference.close()
+
+
+def _noop_play(env, steps: int) -> tuple[int, int, np.ndarray]:
+    """A NOOP-only policy: (life losses, finished games, lives at the end)."""
+    env.reset()
+    losses = games = 0
+    for _ in range(steps):
+        _, _, dones, infos = env.step(np.zeros(env.num_envs, dtype=np.int64))
+        losses += int(dones.sum())
+        games += sum("episode" in info for info in infos)
+    lives = np.array([info["lives"] for info in infos])
+    env.close()
+    return losses, games, lives
+
+
+def test_fire_after_a_life_loss_keeps_a_noop_policy_losing_lives() -> None:
+    """baselines' and SB3's wrappers press FIRE after every life loss: a NOOP-only policy
+    keeps losing lives and finishing games instead of stalling after its first life."""
+    losses, games, _ = _noop_play(make_vec_env("Breakout", 2, seed=0), 1500)
+    assert games >= 4 and losses >= 5 * games
+
+
+def test_without_fire_after_a_life_loss_a_noop_policy_stalls() -> None:
+    losses, games, lives = _noop_play(make_vec_env("Breakout", 2, seed=0, fire_on_life_loss=False), 1500)
+    assert games == 0 and losses == 2 and (lives == 4).all()
+
+
+def test_the_fire_press_replaces_the_agent_action_only_after_a_life_loss() -> None:
+    env = make_vec_env("Breakout", 2, seed=5)
+    sent: list[np.ndarray] = []
+    step = env.env.step
+    env.env.step = lambda actions: (sent.append(np.array(actions)), step(actions))[1]
+    env.reset()
+    rng = np.random.default_rng(0)
+    chosen, life_lost = [], []
+    for _ in range(600):
+        actions = rng.integers(0, 4, 2)
+        _, _, dones, infos = env.step(actions)
+        chosen.append(actions)
+        life_lost.append(dones & np.array(["episode" not in info for info in infos]))
+    env.close()
+    expected = np.array(chosen)
+    after_loss = np.zeros_like(expected, dtype=bool)
+    after_loss[1:] = np.array(life_lost)[:-1]
+    expected[after_loss] = FIRE
+    assert after_loss.sum() >= 4
+    np.testing.assert_array_equal(np.array(sent), expected)
+
+
+def test_games_need_fire_as_the_published_wrappers_decide() -> None:
+    assert needs_fire("breakout") and needs_fire("pong")
+    assert not needs_fire("freeway")  # NOOP, UP, DOWN

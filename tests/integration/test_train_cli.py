@@ -75,6 +75,17 @@ def test_set_reaches_kfac_options(tmp_path: Path) -> None:
     assert optimizer._capture.batch_size == 4
 
 
+def test_preset_baselines_is_the_reference_recipe(tmp_path: Path) -> None:
+    code, run_dir = train(tmp_path, "baselines", "acktr", "--env", "Breakout", "--preset",
+                          "baselines", "--timesteps", "160", "--n-envs", "2", "--no-progress",
+                          "--eval-episodes", "0", "--set", "n_steps=8")
+    assert code == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preset"] == "baselines"
+    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    assert optimizer.trust_region == "joint" and optimizer.hyperparameter("kl_clip") == 1e-3
+
+
 def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> None:
     args = ["acktr", "--env", "CartPole", *SMALL]  # a resumed run keeps its hyperparameters
     assert train(tmp_path, "first", *args, "--timesteps", "160", "--set", "n_steps=8",
@@ -124,6 +135,10 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
         (["acktr", "--env", "CartPole", "--set", "kfac_kwargs.weight_sharing=x"], "Invalid weight_sharing"),
         (["acktr", "--env", "CartPole", "--timesteps", "0"], "--timesteps must be >= 1"),
         (["acktr", "--env", "CartPole", "--resume", "missing.zip"], "does not exist"),
+        (["acktr", "--env", "Breakout", "--preset", "basleines"],
+         "acktr has no preset 'basleines'; its presets: baselines"),
+        (["acktr", "--env", "CartPole", "--set", "schedule_timesteps=-5"], "schedule_timesteps must be >= 0"),
+        (["acktr", "--env", "CartPole", "--set", "kfac_kwargs.trust_region=x"], "Invalid trust_region"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(

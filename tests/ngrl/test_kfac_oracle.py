@@ -252,6 +252,32 @@ def test_trust_region_clips_the_quadratic_kl_to_kl_clip(kl_clip: float) -> None:
     assert lr**2 * nu**2 * quadratic == pytest.approx(kl_clip, rel=1e-10)
 
 
+def test_layer_trust_region_clips_each_layer_to_kl_clip() -> None:
+    """``trust_region="layer"``: ``ν_l = min(1, sqrt(δ / (lr²⟨X_l, ∇_l⟩)))`` per layer, so a
+    layer with a small quadratic keeps its full natural-gradient step."""
+    model = mlp()
+    x = torch.randn(10, 4)
+    lr = 0.5
+    opt = plain_kfac(model, lr=lr, damping=1e-2, kl_clip=1e-4, trust_region="layer")
+    capture_batch(opt, model, x, sample_classes(model(x)))
+    blocks = {name: opt.blocks[name].to_dense() for name in ("0", "2")}
+    F.cross_entropy(model(x), torch.randint(0, 3, (10,))).backward()
+    grads = {name: layer_gradient(model, name) for name in blocks}
+    natural = {name: damped_solve(blocks[name], grads[name], 1e-2) for name in blocks}
+    quadratics = {n: float(natural[n] @ grads[n]) for n in blocks}
+    # one layer inside its radius, one outside, so both branches are taken
+    opt.param_groups[0]["kl_clip"] = kl_clip = (lr**2) * (quadratics["0"] * quadratics["2"]) ** 0.5
+    assert min(quadratics.values()) < kl_clip / lr**2 < max(quadratics.values())
+
+    before = flat_parameters(model)
+    opt.step()
+    delta = flat_parameters(model) - before
+    for name in blocks:
+        nu = min(1.0, (kl_clip / (lr**2 * quadratics[name])) ** 0.5)
+        torch.testing.assert_close(delta[layer_indices(model, name)], -lr * nu * natural[name])
+        assert lr**2 * nu**2 * quadratics[name] <= kl_clip * (1 + 1e-10)
+
+
 def test_trust_region_inactive_when_kl_clip_is_large() -> None:
     model = mlp()
     x = torch.randn(10, 4)
@@ -284,25 +310,23 @@ def test_momentum_and_weight_decay_follow_sgd_on_the_clipped_direction() -> None
         torch.testing.assert_close(flat_parameters(model)[idx], params - 0.1 * buffer)
 
 
-def test_dampened_momentum_equals_torch_sgd_on_the_preconditioned_direction() -> None:
-    """ACKTR's update (``dampening == momentum``) is torch's SGD fed with ``(F̂+λI)⁻¹∇``."""
+def test_dampened_momentum_is_tf_momentum_optimizer_on_the_preconditioned_direction() -> None:
+    """ACKTR's update (``dampening == momentum``) is baselines' TF ``MomentumOptimizer(lr·(1−μ),
+    μ)`` fed with ``(F̂+λI)⁻¹∇``: ``acc ← μ·acc + d`` from ``acc = 0``, ``θ ← θ − lr(1−μ)·acc``,
+    so the first step is ``lr(1−μ)·d`` (torch's SGD would start at ``lr·d``)."""
     model = nn.Linear(3, 2)
-    twin = nn.Linear(3, 2)
-    twin.load_state_dict(model.state_dict())
     x = torch.randn(1, 3).expand(5, 3).contiguous()
-    opt = plain_kfac(model, lr=0.1, damping=1e-2, momentum=0.9, dampening=0.9)
-    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, dampening=0.9)
+    lr, mu = 0.1, 0.9
+    opt = plain_kfac(model, lr=lr, damping=1e-2, momentum=mu, dampening=mu)
     capture_batch(opt, model, x, sample_classes(model(x)))
     block = opt.blocks[""].to_dense()
     target = torch.tensor([0, 1, 0, 1, 1])
+    idx = layer_indices(model, "")
+    accumulator = torch.zeros(8)
     for _ in range(3):
-        for net in (model, twin):
-            net.zero_grad()
-            F.cross_entropy(net(x), target).backward()
-        direction = damped_solve(block, layer_gradient(twin, ""), 1e-2).reshape(2, 4)
-        twin.weight.grad.copy_(direction[:, :-1])  # Ŵ = [W | b], flattened row-major
-        twin.bias.grad.copy_(direction[:, -1])
+        model.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        before = flat_parameters(model)[idx]
+        accumulator = mu * accumulator + damped_solve(block, layer_gradient(model, ""), 1e-2)
         opt.step()
-        sgd.step()
-        torch.testing.assert_close(model.weight, twin.weight)
-        torch.testing.assert_close(model.bias, twin.bias)
+        torch.testing.assert_close(flat_parameters(model)[idx], before - lr * (1 - mu) * accumulator)

@@ -1,0 +1,44 @@
+"""Presets: named presets, and schedules that follow a published horizon."""
+
+from __future__ import annotations
+
+import pytest
+from stable_baselines3.common.utils import LinearSchedule
+
+from agents.presets import LinearDecay, named_presets, resolve_config
+from envs import resolve
+
+
+def test_a_linear_decay_over_the_run_is_sb3s_linear_schedule() -> None:
+    ours, sb3 = LinearDecay(0.25, 1000, 1000), LinearSchedule(0.25, 0.0, 1.0)
+    for progress_remaining in (1.0, 0.7, 0.2, 0.0):
+        assert ours(progress_remaining) == pytest.approx(sb3(progress_remaining))
+
+
+def test_a_short_run_follows_the_start_of_a_longer_schedule() -> None:
+    """1.5M steps of baselines' 10M-step Atari schedule end at 0.85 × the start, not at 0."""
+    decay = LinearDecay(0.25, 1_500_000, 10_000_000)
+    assert decay(1.0) == 0.25
+    assert decay(0.0) == pytest.approx(0.25 * 0.85)
+    assert decay(1 / 3) == pytest.approx(0.25 * (1 - 1_000_000 / 10_000_000))
+    assert LinearDecay(1.0, 2000, 1000)(0.0) == 0.0  # past the horizon: 0, never negative
+
+
+def test_schedule_timesteps_reaches_the_lin_schedules() -> None:
+    config = resolve_config("ppo", resolve("Breakout"), [("schedule_timesteps", 4000)])
+    config.timesteps = 1000
+    learning_rate = config.algorithm_kwargs()["learning_rate"]
+    assert learning_rate(0.0) == pytest.approx(2.5e-4 * 0.75)
+
+
+def test_named_presets_start_from_the_algorithm_and_change_what_they_name() -> None:
+    assert "baselines" in named_presets("acktr")
+    breakout = resolve("Breakout")
+    default = resolve_config("acktr", breakout, [])
+    baselines = resolve_config("acktr", breakout, [], "baselines")
+    assert baselines.n_envs == default.n_envs == 32
+    assert baselines.hyperparameters["kfac_kwargs"].get("trust_region", "joint") == "joint"
+    with pytest.raises(ValueError, match="no preset 'x'; its presets: baselines"):
+        resolve_config("acktr", breakout, [], "x")
+    with pytest.raises(ValueError, match="a2c has no preset 'baselines'; its presets: none"):
+        resolve_config("a2c", breakout, [], "baselines")
