@@ -1,0 +1,135 @@
+"""Does ACKTR's step move the policy as its trust region intends? A trace of the first updates.
+
+Trains ACKTR with a preset (and ``--set`` overrides) for a number of updates and records,
+for every K-FAC update: the trust-region scale ``ν``, each layer's share of the quadratic
+``Σ⟨X, ∇⟩``, the **measured** KL between the policy before and after the update on the
+update's own batch, and the RMS change of the value prediction there. Prints medians over
+windows of updates, and writes every update to ``--out`` (CSV) if given.
+
+    python scripts/trace_acktr_steps.py --env Breakout --updates 60
+    python scripts/trace_acktr_steps.py --env Breakout --updates 60 --set curvature=ekfac
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents import ACKTR
+from agents.presets import parse_override, resolve_config
+from envs import make_vec_env, resolve
+from ngrl.optim.trust_region import kl_clip_scale
+
+
+def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
+    """Train ``updates`` updates, recording each K-FAC update's trust region and effect."""
+    policy, optimizer = model.policy, model.policy.optimizer
+    rows: list[dict[str, Any]] = []
+    directions, train = optimizer._directions, model.train
+    names = {id(p): layer.name for layer in optimizer.layers for p in layer.params}
+
+    def recording_directions(damping: float) -> Any:
+        found = directions(damping)
+        if found is not None:
+            quadratics = {names[id(params[0])]: q for params, _, q in found}
+            rows.append({"quadratics": quadratics})
+        return found
+
+    def recording_train() -> None:
+        observations = torch.as_tensor(model.rollout_buffer.observations).reshape(
+            -1, *model.observation_space.shape).to(policy.device)
+        with torch.no_grad():
+            # SB3 reuses one Distribution wrapper per policy: keep its torch distribution.
+            before = policy.distribution_and_values(observations)
+            before, values_before = before[0].distribution, before[1]
+        count = len(rows)
+        train()
+        if len(rows) == count:  # a cold-start update: no K-FAC step
+            return
+        with torch.no_grad():
+            after, values_after = policy.distribution_and_values(observations)
+            kl = torch.distributions.kl_divergence(before, after.distribution)
+        row = rows[-1]
+        total = sum(row["quadratics"].values())
+        lr = float(optimizer.hyperparameter("lr"))
+        row.update(
+            update=model._n_updates,
+            nu=kl_clip_scale(total, lr, optimizer.hyperparameter("kl_clip")),
+            predicted_kl=min(lr * lr * total, optimizer.hyperparameter("kl_clip") or np.inf),
+            policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
+            value_rms_change=float((values_after - values_before).square().mean().sqrt()),
+            entropy=float(after.entropy().mean()),
+        )
+
+    optimizer._directions = recording_directions  # type: ignore[method-assign]
+    model.train = recording_train  # type: ignore[method-assign]
+    model.learn(updates * model.n_steps * model.n_envs)
+    return [row for row in rows if "policy_kl" in row]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--env", required=True, help="environment short name or gymnasium id")
+    parser.add_argument("--updates", type=int, default=60, help="updates to trace (default: 60)")
+    parser.add_argument("--window", type=int, default=20,
+                        help="updates per printed row (medians; default: 20)")
+    parser.add_argument("--preset", help="a named ACKTR preset (e.g. baselines)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a hyperparameter, as in ngrl.train")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        if args.updates < 1 or args.window < 1:
+            raise ValueError("--updates and --window must be >= 1")
+        spec = resolve(args.env)
+        config = resolve_config("acktr", spec, [parse_override(t) for t in args.overrides],
+                                args.preset)
+        if args.out is not None and not args.out.parent.is_dir():
+            raise ValueError(f"--out {args.out}: no folder {args.out.parent}")
+    except ValueError as error:
+        print(f"trace_acktr_steps: {error}", file=sys.stderr)
+        return 2
+    env = make_vec_env(spec.gym_id, config.n_envs, seed=args.seed)
+    model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
+    rows = trace(model, args.updates)
+    layers = list(rows[0]["quadratics"]) if rows else []
+    print("| updates | ν | predicted KL | measured policy KL | value RMS change | entropy | "
+          + " | ".join(f"{name} share" for name in layers) + " |")
+    print("|---" * (6 + len(layers)) + "|")
+    for start in range(0, len(rows), args.window):
+        window = rows[start:start + args.window]
+
+        def median(key: str, window: list[dict[str, Any]] = window) -> float:
+            return float(np.median([r[key] for r in window]))
+
+        shares = [float(np.median([r["quadratics"][n] / sum(r["quadratics"].values())
+                                   for r in window])) for n in layers]
+        print(f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g} | "
+              f"{median('predicted_kl'):.2e} | {median('policy_kl'):.2e} | "
+              f"{median('value_rms_change'):.3g} | {median('entropy'):.3f} | "
+              + " | ".join(f"{s:.1%}" for s in shares) + " |")
+    if args.out is not None:
+        with args.out.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["update", "nu", "predicted_kl", "policy_kl", "value_rms_change",
+                             "entropy", *(f"quadratic:{n}" for n in layers)])
+            for r in rows:
+                writer.writerow([r["update"], r["nu"], r["predicted_kl"], r["policy_kl"],
+                                 r["value_rms_change"], r["entropy"],
+                                 *(r["quadratics"][n] for n in layers)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
