@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    args.command = ["python", "-m", "ngrl.train", *argv]  # recorded in config.json
     try:
         _start_distributed(args)
     except (UsageError, ValueError) as error:  # before the ranks can agree: rank 0 speaks
@@ -302,7 +303,7 @@ def _train(args: argparse.Namespace) -> int:
         "preset": args.preset or "default",
         # A resumed run keeps the hyperparameters saved in its checkpoint.
         "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
-        "command": sys.argv,
+        "command": args.command,
     }, indent=2, default=repr))
     episodes = run_dir / "episodes.csv"
     if args.resume is not None and (args.resume.parent / "episodes.csv").is_file():

@@ -228,6 +228,34 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
     plt.close(figure)
 
 
+def run_folder_results(folder: Path) -> dict[str, Any]:
+    """One run of ``python -m ngrl.train`` (its folder) as a comparison run: its training
+    episodes, its wall-clock, and 20 evaluation episodes of its ``model.zip``, scored as
+    :func:`run` scores."""
+    config = json.loads((folder / "config.json").read_text())
+    preset = config.get("preset", "default")
+    label = config["algo"] if preset == "default" else f"{config['algo']}:{preset}"
+    env = resolve(config["env"]).name.split("/")[-1].split("-v")[0]
+    steps, returns = read_episodes(folder / "episodes.csv")
+    seconds = np.loadtxt(folder / "episodes.csv", delimiter=",", skiprows=1, usecols=3, ndmin=1)
+    model = algorithm_class(config["algo"]).load(folder / "model.zip", device="cpu")
+    timesteps = int(model.num_timesteps)
+    seed = int(config["seed"])
+    task = next((t for tasks in SUITES.values() for t in tasks if t.env == env), None)
+    marks = task.marks if task is not None else ()
+    run = {
+        "algo": label, "env": env, "seed": seed, "timesteps": timesteps,
+        "n_envs": int(config["n_envs"]), "seconds": float(seconds[-1]),
+        "ms_per_1000_steps": 1e6 * float(seconds[-1]) / float(steps[-1]),
+        "steps_to_threshold": steps_to_threshold(
+            steps, returns, task.threshold if task is not None else np.inf),
+        "return_at": {str(m): return_at(steps, returns, m) for m in marks if m <= timesteps},
+        "final_return": evaluate(model, env, 20, seed + 10_000)["mean_return"],
+        "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
+    }
+    return {"command": config.get("command"), "results": [run]}
+
+
 def merged_results(
     paths: list[Path],
 ) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
@@ -239,7 +267,7 @@ def merged_results(
     seen: dict[tuple[str, str, int], Path] = {}
     for path in paths:
         try:
-            data = json.loads(path.read_text())
+            data = run_folder_results(path) if path.is_dir() else json.loads(path.read_text())
             runs = data["results"]
             for r in runs:
                 missing = [k for k in RUN_KEYS if k not in r]
@@ -247,7 +275,7 @@ def merged_results(
                     raise KeyError(", ".join(missing))
             keys = [(r["algo"], r["env"], int(r["seed"])) for r in runs]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"--merge: {path} is not a compare_rl.py JSON file ({error})") from None
+            raise ValueError(f"--merge: {path} is neither a compare_rl.py JSON file nor an ngrl.train run folder ({error})") from None
         for key in keys:
             if key in seen:
                 raise ValueError(f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}")
@@ -289,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated algorithms (default: the suite's); ALGO:NAME "
                              "runs ALGO's named preset, e.g. acktr:baselines")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                        help="run nothing: combine the runs of earlier OUT.json files")
+                        help="run nothing: combine the runs of earlier OUT.json files and "
+                             "of `python -m ngrl.train` run folders (evaluated here)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)

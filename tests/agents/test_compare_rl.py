@@ -133,3 +133,25 @@ def test_an_unknown_algorithm_or_preset_stops_before_training(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("compare_rl: --algos:")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_training_run_folder_merges_as_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ngrl.train import main as train
+
+    folder = tmp_path / "run"
+    assert train(["acktr", "--env", "CartPole", "--timesteps", "2000", "--n-envs", "2", "--seed",
+                  "3", "--no-progress", "--eval-episodes", "0", "--log-dir", str(folder)]) == 0
+    script = load_script("compare_rl")
+    (tmp_path / "a2c.json").write_text(json.dumps({"command": [], "results": [_one_run(algo="a2c")]}))
+    assert script.main(["--merge", str(folder), str(tmp_path / "a2c.json"),
+                        "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "m.json").read_text())
+    run = next(r for r in data["results"] if r["algo"] == "acktr")
+    assert (run["env"], run["seed"], run["timesteps"], run["n_envs"]) == ("CartPole", 3, 2000, 2)
+    steps = [int(line.split(",")[0]) for line in
+             (folder / "episodes.csv").read_text().splitlines()[1:]]
+    assert run["curve_steps"] == steps and run["final_return"] > 0
+    assert data["merged_from"][0]["command"][:4] == ["python", "-m", "ngrl.train", "acktr"]
