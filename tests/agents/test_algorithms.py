@@ -9,6 +9,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import configure
 
 from agents import ACKTR, NPG
 from envs import make_vec_env
@@ -190,3 +191,24 @@ def test_the_policy_kl_budget_follows_the_learning_rate_schedule() -> None:
                   policy_kl=1e-3, seed=0)
     model.learn(16 * 2 * 3)
     assert model.logger.name_to_value["train/policy_kl"] == pytest.approx(2.5e-4, rel=0.5)
+
+
+def test_a_policy_step_whose_kl_overflows_is_shortened_not_taken() -> None:
+    """A head step so long that the KL is infinite is halved until the KL is finite, then
+    normalised; parameters stay finite."""
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), policy_kl=1e-3,
+                  learning_rate=0.25, seed=0)
+    model.set_logger(configure(None, []))
+    policy = model.policy
+    head = policy.policy_head_parameters()
+    before = [p.detach().clone() for p in head]
+    latent = torch.randn(64, policy.mlp_extractor.latent_dim_pi) * 10
+    with torch.no_grad():
+        old = policy._get_action_dist_from_latent(latent).distribution
+        head[0].add_(torch.randn_like(head[0]) * 1e6)
+    model._normalise_policy_step(latent, head, before)
+    assert all(torch.isfinite(p).all() for p in head)
+    with torch.no_grad():
+        kl = torch.distributions.kl_divergence(old, policy._get_action_dist_from_latent(latent).distribution)
+    assert 0.0 < float(kl.mean()) <= 1.5e-3
+    assert model.logger.name_to_value["train/policy_step_scale"] < 1e-3
