@@ -25,10 +25,15 @@ def evaluate(model: object, episodes: int = 20) -> float:
     return float(mean)
 
 
-def test_acktr_solves_cartpole() -> None:
+# ACKTR's CartPole scores vary by seed (100k steps, 6 seeds: 345 to 500, median 476;
+# docs/design.md); a random policy scores ~22.
+LEARNED = 300.0
+
+
+def test_acktr_learns_cartpole() -> None:
     model = ACKTR("MlpPolicy", make_vec_env("CartPole", 8, seed=0), ent_coef=0.0, seed=0)
     model.learn(100_000)
-    assert evaluate(model) >= SOLVED
+    assert evaluate(model) >= LEARNED
 
 
 @pytest.mark.parametrize(
