@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
@@ -89,13 +88,6 @@ class ACKTR(OnPolicyAlgorithm):
             ``stats_batch_size``, ``curvature_options``, ...).
         cold_start_steps: momentum-SGD updates before the first K-FAC step.
         target_kl: KL target of the adaptive learning rate; ``None`` keeps the schedule.
-        policy_kl: if set, every K-FAC update's step of the policy head (``action_net``,
-            and ``log_std`` for Gaussian actions) is rescaled so that the policy's
-            **measured** KL on the batch, ``mean KL(π_old(·|s) ‖ π_new(·|s))`` with the
-            update's latent features, equals ``policy_kl`` (an NPG-style normalised step:
-            larger or smaller than K-FAC's), backtracking by halves while it exceeds
-            ``1.5·policy_kl``. The budget follows the learning-rate schedule as a step's
-            KL does, ``policy_kl·(lr/lr₀)²``. ``None``: the head steps like every layer.
         normalize_advantage: standardise advantages per batch (off in the paper).
         The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
     """
@@ -129,7 +121,6 @@ class ACKTR(OnPolicyAlgorithm):
         kfac_kwargs: dict[str, Any] | None = None,
         cold_start_steps: int = 10,
         target_kl: float | None = None,
-        policy_kl: float | None = None,
         normalize_advantage: bool = False,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
@@ -152,9 +143,8 @@ class ACKTR(OnPolicyAlgorithm):
             isinstance(cold_start_steps, int) and cold_start_steps >= 0
         ):
             raise ValueError(f"Invalid cold_start_steps value: {cold_start_steps!r} (an integer >= 0)")
-        for name, value in (("target_kl", target_kl), ("policy_kl", policy_kl)):
-            if value is not None and not value > 0.0:
-                raise ValueError(f"Invalid {name} value: {value!r} (> 0, or None)")
+        if target_kl is not None and not target_kl > 0.0:
+            raise ValueError(f"Invalid target_kl value: {target_kl!r} (> 0, or None)")
         super().__init__(
             policy,
             env,
@@ -189,7 +179,6 @@ class ACKTR(OnPolicyAlgorithm):
         self.kfac_kwargs = dict(kfac_kwargs or {})
         self.cold_start_steps = cold_start_steps
         self.target_kl = target_kl
-        self.policy_kl = policy_kl
         self.normalize_advantage = normalize_advantage
         self.lr_multiplier = 1.0
         if _init_setup_model:
@@ -244,9 +233,8 @@ class ACKTR(OnPolicyAlgorithm):
         cold = self._n_updates < self.cold_start_steps
 
         for rollout_data in self.rollout_buffer.get(batch_size=None):  # one full batch
-            latent_pi, latent_vf = self.policy.latents(rollout_data.observations)
-            distribution = self.policy._get_action_dist_from_latent(latent_pi)
-            values = self.policy.value_net(latent_vf).flatten()
+            distribution, values = self.policy.distribution_and_values(rollout_data.observations)
+            values = values.flatten()
 
             # 1. Curvature statistics of the true Fisher (sampled actions and values).
             if optimizer.capture_due:
@@ -264,12 +252,7 @@ class ACKTR(OnPolicyAlgorithm):
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.cold_optimizer.step()
             else:
-                head = self.policy.policy_head_parameters()
-                before = [p.detach().clone() for p in head]
-                steps = optimizer.steps
                 optimizer.step()
-                if self.policy_kl is not None and optimizer.steps > steps:
-                    self._normalise_policy_step(latent_pi.detach(), head, before)
 
             if self.target_kl is not None:
                 self._adapt_learning_rate(
@@ -311,53 +294,6 @@ class ACKTR(OnPolicyAlgorithm):
             actions=actions,
             log_prob=log_prob,
         )
-
-    @torch.no_grad()
-    def _normalise_policy_step(
-        self, latent_pi: torch.Tensor, head: list[torch.nn.Parameter], before: list[torch.Tensor]
-    ) -> None:
-        """Rescale the policy head's step ``Δ`` to ``s·Δ`` with the measured KL at its
-        budget: ``policy_kl`` at the initial learning rate, following the schedule as a
-        step's KL does, ``policy_kl·(lr / lr₀)²``."""
-        assert self.policy_kl is not None
-        lr = float(self.policy.optimizer.hyperparameter("lr"))
-        budget = self.policy_kl * (lr / self.lr_schedule(1.0)) ** 2
-        steps = [p.detach() - b for p, b in zip(head, before, strict=True)]
-
-        def policy_at(scale: float) -> torch.distributions.Distribution:
-            for param, start, step in zip(head, before, steps, strict=True):
-                param.copy_(start + scale * step)
-            return self.policy._get_action_dist_from_latent(latent_pi).distribution
-
-        old = policy_at(0.0)
-
-        def kl_at(scale: float) -> float:
-            kl = torch.distributions.kl_divergence(old, policy_at(scale))
-            estimate = kl.reshape(kl.shape[0], -1).sum(1).mean().reshape(1)
-            all_reduce_mean([estimate])  # every rank takes the same scale
-            return float(estimate)
-
-        scale, kl = 1.0, kl_at(1.0)
-        for _ in range(30):  # a step so long that the KL overflows: shorten it first
-            if math.isfinite(kl):
-                break
-            scale *= 0.5
-            kl = kl_at(scale)
-        for _ in range(4):  # KL ≈ quadratic in the scale: rescale until within 20%
-            if not (math.isfinite(kl) and kl > 0.0) or abs(kl / budget - 1.0) < 0.2:
-                break
-            scale *= math.sqrt(budget / kl)
-            kl = kl_at(scale)
-        if math.isfinite(kl) and kl > 0.0:
-            for _ in range(10):  # the quadratic model of the KL can be optimistic
-                if kl <= 1.5 * budget:
-                    break
-                scale *= 0.5
-                kl = kl_at(scale)
-        if not kl <= 1.5 * budget:  # no scale found (or NaN): the head stays
-            scale, kl = 0.0, kl_at(0.0)
-        self.logger.record("train/policy_kl", kl)
-        self.logger.record("train/policy_step_scale", scale)
 
     @torch.no_grad()
     def _adapt_learning_rate(

@@ -108,26 +108,16 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         return data
 
     # --- one forward pass for everything a training step needs ----------------------------
-    def latents(self, obs: PyTorchObs) -> tuple[Tensor, Tensor]:
-        """The inputs of the policy head and of the value head, from one pass."""
-        features = self.extract_features(obs)
-        if self.share_features_extractor:
-            return self.mlp_extractor(features)
-        pi_features, vf_features = features
-        return self.mlp_extractor.forward_actor(pi_features), self.mlp_extractor.forward_critic(vf_features)
-
     def distribution_and_values(self, obs: PyTorchObs) -> tuple[Distribution, Tensor]:
         """The action distribution and the values ``V(s)`` (shape ``(N, 1)``) in one pass."""
-        latent_pi, latent_vf = self.latents(obs)
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
         return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
-
-    def policy_head_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters between the policy's latent features and its distribution:
-        ``action_net`` and, for Gaussian actions, ``log_std``."""
-        head = list(self.action_net.parameters())
-        if isinstance(getattr(self, "log_std", None), torch.nn.Parameter):
-            head.append(self.log_std)
-        return head
 
     def capture_fisher(
         self, distribution: Distribution, values: Tensor, vf_fisher_coef: float | None = None

@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +19,7 @@ from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.optim.hyperparams import Schedule, check, check_choice, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
-__all__ = ["KFAC", "TrustRegion"]
-
-TrustRegion = Literal["joint", "layer"]
+__all__ = ["KFAC"]
 
 _SCHEDULED = (
     "lr",
@@ -54,10 +52,6 @@ class KFAC(torch.optim.Optimizer):
     ACKTR): the first step is ``(1 − dampening)·d``. (``torch.optim.SGD`` instead starts
     at ``m = d``; the two agree when ``dampening = 0``.)
 
-    ``trust_region="layer"`` clips every layer to its own radius instead,
-    ``ν_l = min(1, sqrt(kl_clip / (lr² ⟨X_l, ∇Ŵ_l⟩)))``, so that no layer's share of the
-    quadratic decides another's step (each block's predicted KL is at most ``kl_clip``).
-
     Statistics come only from backward passes run inside ``with opt.capture():``, usually
     of :func:`ngrl.fisher_loss` (sampled targets give the true Fisher). Factors are
     exponential moving averages (``factor_decay``) refreshed every ``factor_update_steps``
@@ -68,8 +62,6 @@ class KFAC(torch.optim.Optimizer):
         lr: learning rate.
         damping: Tikhonov damping λ added to the whole curvature block.
         kl_clip: trust-region radius δ of the predicted KL; ``None`` disables it.
-        trust_region: ``"joint"`` (one radius for the whole model, ACKTR) or ``"layer"``
-            (a radius for each layer).
         momentum: heavy-ball momentum on the (clipped) natural gradient.
         dampening: ``torch.optim.SGD``'s dampening of the momentum. ACKTR's update
             (``MomentumOptimizer(lr·(1−μ), μ)`` in openai/baselines) is
@@ -129,7 +121,6 @@ class KFAC(torch.optim.Optimizer):
         weight_sharing: WeightSharing = "expand",
         curvature_options: Mapping[str, Any] | None = None,
         grad_worker_fraction: float = 1.0,
-        trust_region: TrustRegion = "joint",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -151,8 +142,6 @@ class KFAC(torch.optim.Optimizer):
                 check(name, value)
         check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
-        check_choice("trust_region", trust_region, ("joint", "layer"))
-        self.trust_region = trust_region
         if stats_batch_size is not None:
             check("stats_batch_size", stats_batch_size)
         block_class = get_block_class(curvature)
@@ -387,16 +376,10 @@ class KFAC(torch.optim.Optimizer):
         if found is None:
             self._skip("preconditioned gradients")
             return None
-        kl_clip = self.hyperparameter("kl_clip")
-        if self.trust_region == "joint":
-            scale = kl_clip_scale(math.fsum(q for _, _, q in found), lr, kl_clip)
-            scales = [scale] * len(found)
-        else:
-            scales = [kl_clip_scale(q, lr, kl_clip) for _, _, q in found]
+        quadratic = math.fsum(q for _, _, q in found)
+        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
         return {
-            param: x.mul_(scale)
-            for (params, xs, _), scale in zip(found, scales, strict=True)
-            for param, x in zip(params, xs, strict=True)
+            param: x.mul_(scale) for params, xs, _ in found for param, x in zip(params, xs, strict=True)
         }
 
     @torch.no_grad()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import configure
 
 from agents import ACKTR, NPG
 from envs import make_vec_env
@@ -102,7 +101,6 @@ def test_same_seed_gives_identical_parameters(algorithm: type) -> None:
         (ACKTR, {"kl_clip": -1.0}, "Invalid kl_clip"),
         (ACKTR, {"cold_start_steps": -1}, "Invalid cold_start_steps"),
         (ACKTR, {"target_kl": 0.0}, "Invalid target_kl"),
-        (ACKTR, {"policy_kl": -1e-3}, "Invalid policy_kl"),
         (ACKTR, {"curvature": "nope"}, "Invalid curvature.*kfac"),
         (ACKTR, {"policy_kwargs": {"kfac_kwargs": {}}}, "Invalid policy_kwargs"),
         (NPG, {"critic": "sgd"}, "Invalid critic"),
@@ -146,75 +144,3 @@ def test_cold_start_is_damped_momentum_sgd_on_clipped_gradients() -> None:
                 p.sub_(0.1 * b)
     for p, q in zip(model.policy.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
-
-
-@pytest.mark.parametrize(
-    ("env", "policy_kl", "options"),
-    [("CartPole", 1e-3, {}), ("Pendulum", 1e-3, {}),
-     ("CartPole", 1e-5, {"learning_rate": 2.0, "kl_clip": None})],  # a scale-down
-)
-def test_policy_kl_sets_the_measured_kl_of_the_policy_heads_step(
-    env: str, policy_kl: float, options: dict
-) -> None:
-    """With ``policy_kl``, the head's step moves the policy by that KL (measured on the
-    update's batch and latent features, from the head's parameters before and after),
-    whether that is a larger step than K-FAC's (~1e-8 here) or a smaller one."""
-    settings = {"learning_rate": 0.25, **options}
-    model = ACKTR("MlpPolicy", make_vec_env(env, 2, seed=0), n_steps=16, cold_start_steps=1,
-                  policy_kl=policy_kl, seed=0, **settings)
-    scales: list[float] = []
-    policy = model.policy
-    measured: list[float] = []
-    train = model.train
-
-    def measuring_train() -> None:
-        data = next(model.rollout_buffer.get(batch_size=None))
-        with torch.no_grad():
-            latent = policy.latents(data.observations)[0]
-            old = policy._get_action_dist_from_latent(latent).distribution
-        steps = policy.optimizer.steps
-        train()
-        if policy.optimizer.steps > steps:
-            with torch.no_grad():
-                new = policy._get_action_dist_from_latent(latent).distribution
-                kl = torch.distributions.kl_divergence(old, new)
-            measured.append(float(kl.reshape(kl.shape[0], -1).sum(1).mean()))
-            scales.append(model.logger.name_to_value["train/policy_step_scale"])
-
-    model.train = measuring_train  # type: ignore[method-assign]
-    model.learn(16 * 2 * 6)
-    assert len(measured) == 5
-    for kl in measured:
-        assert kl == pytest.approx(policy_kl, rel=0.5)
-    assert all(scale < 1.0 for scale in scales) if "kl_clip" in options else all(
-        scale > 1.0 for scale in scales)
-
-
-def test_the_policy_kl_budget_follows_the_learning_rate_schedule() -> None:
-    """KL grows as lr²: at half the initial learning rate the budget is a quarter."""
-    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=16,
-                  cold_start_steps=0, learning_rate=lambda p: 0.25 if p == 1.0 else 0.125,
-                  policy_kl=1e-3, seed=0)
-    model.learn(16 * 2 * 3)
-    assert model.logger.name_to_value["train/policy_kl"] == pytest.approx(2.5e-4, rel=0.5)
-
-
-def test_a_policy_step_whose_kl_overflows_is_shortened_not_taken() -> None:
-    """A head step so long that the KL is infinite is halved until the KL is finite, then
-    normalised; parameters stay finite."""
-    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), policy_kl=1e-3,
-                  learning_rate=0.25, seed=0)
-    model.set_logger(configure(None, []))
-    policy = model.policy
-    head = policy.policy_head_parameters()
-    before = [p.detach().clone() for p in head]
-    latent = torch.randn(64, policy.mlp_extractor.latent_dim_pi) * 10
-    with torch.no_grad():
-        old = policy._get_action_dist_from_latent(latent).distribution
-        head[0].add_(torch.randn_like(head[0]) * 1e6)
-    model._normalise_policy_step(latent, head, before)
-    assert all(torch.isfinite(p).all() for p in head)
-    with torch.no_grad():
-        kl = torch.distributions.kl_divergence(old, policy._get_action_dist_from_latent(latent).distribution)
-    assert 0.0 < float(kl.mean()) <= 1.5e-3
-    assert model.logger.name_to_value["train/policy_step_scale"] < 1e-3

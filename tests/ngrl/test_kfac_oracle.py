@@ -252,32 +252,6 @@ def test_trust_region_clips_the_quadratic_kl_to_kl_clip(kl_clip: float) -> None:
     assert lr**2 * nu**2 * quadratic == pytest.approx(kl_clip, rel=1e-10)
 
 
-def test_layer_trust_region_clips_each_layer_to_kl_clip() -> None:
-    """``trust_region="layer"``: ``ν_l = min(1, sqrt(δ / (lr²⟨X_l, ∇_l⟩)))`` per layer, so a
-    layer with a small quadratic keeps its full natural-gradient step."""
-    model = mlp()
-    x = torch.randn(10, 4)
-    lr = 0.5
-    opt = plain_kfac(model, lr=lr, damping=1e-2, kl_clip=1e-4, trust_region="layer")
-    capture_batch(opt, model, x, sample_classes(model(x)))
-    blocks = {name: opt.blocks[name].to_dense() for name in ("0", "2")}
-    F.cross_entropy(model(x), torch.randint(0, 3, (10,))).backward()
-    grads = {name: layer_gradient(model, name) for name in blocks}
-    natural = {name: damped_solve(blocks[name], grads[name], 1e-2) for name in blocks}
-    quadratics = {n: float(natural[n] @ grads[n]) for n in blocks}
-    # one layer inside its radius, one outside, so both branches are taken
-    opt.param_groups[0]["kl_clip"] = kl_clip = (lr**2) * (quadratics["0"] * quadratics["2"]) ** 0.5
-    assert min(quadratics.values()) < kl_clip / lr**2 < max(quadratics.values())
-
-    before = flat_parameters(model)
-    opt.step()
-    delta = flat_parameters(model) - before
-    for name in blocks:
-        nu = min(1.0, (kl_clip / (lr**2 * quadratics[name])) ** 0.5)
-        torch.testing.assert_close(delta[layer_indices(model, name)], -lr * nu * natural[name])
-        assert lr**2 * nu**2 * quadratics[name] <= kl_clip * (1 + 1e-10)
-
-
 def test_trust_region_inactive_when_kl_clip_is_large() -> None:
     model = mlp()
     x = torch.randn(10, 4)
