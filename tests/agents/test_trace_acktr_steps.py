@@ -1,0 +1,42 @@
+"""scripts/trace_acktr_steps.py: per-update trust-region trace, and its bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.scripts import load_script
+
+
+def test_the_trace_records_every_kfac_update(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    assert script.main(["--env", "CartPole", "--updates", "14", "--window", "5",
+                        "--set", "n_steps=8", "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| updates | ν | predicted KL | measured policy KL")
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["update"]) for r in rows] == list(range(11, 15))  # after 10 cold-start updates
+    for row in rows:
+        shares = [float(v) for k, v in row.items() if k.startswith("quadratic:")]
+        nu = float(row["nu"])
+        assert 0.0 < nu <= 1.0 and all(q >= 0.0 for q in shares)
+        assert float(row["predicted_kl"]) <= 1e-3 * (1 + 1e-9)  # the preset's kl_clip
+        assert float(row["policy_kl"]) >= 0.0 and math.isfinite(float(row["value_rms_change"]))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--env", "CartPole", "--updates", "0"], "--updates and --window must be >= 1"),
+    (["--env", "CartPole", "--preset", "nope"], "no preset 'nope'"),
+    (["--env", "CartPole", "--set", "kl_clipp=1"], "no hyperparameter 'kl_clipp'"),
+])
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("trace_acktr_steps")
+    assert script.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
