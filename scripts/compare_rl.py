@@ -231,15 +231,20 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
 def run_folder_results(folder: Path) -> dict[str, Any]:
     """One run of ``python -m ngrl.train`` (its folder) as a comparison run: its training
     episodes, its wall-clock, and 20 evaluation episodes of its ``model.zip``, scored as
-    :func:`run` scores."""
+    :func:`run` scores. A run stopped early counts up to its last ``checkpoint.zip``."""
     config = json.loads((folder / "config.json").read_text())
     preset = config.get("preset", "default")
     label = config["algo"] if preset == "default" else f"{config['algo']}:{preset}"
     env = resolve(config["env"]).name.split("/")[-1].split("-v")[0]
     steps, returns = read_episodes(folder / "episodes.csv")
     seconds = np.loadtxt(folder / "episodes.csv", delimiter=",", skiprows=1, usecols=3, ndmin=1)
-    model = algorithm_class(config["algo"]).load(folder / "model.zip", device="cpu")
+    saved = folder / "model.zip"
+    if not saved.is_file():
+        saved = folder / "checkpoint.zip"
+    model = algorithm_class(config["algo"]).load(saved, device="cpu")
     timesteps = int(model.num_timesteps)
+    keep = steps <= timesteps  # episodes after the checkpoint were never saved
+    steps, returns, seconds = steps[keep], returns[keep], seconds[keep]
     seed = int(config["seed"])
     task = next((t for tasks in SUITES.values() for t in tasks if t.env == env), None)
     marks = task.marks if task is not None else ()

@@ -155,3 +155,23 @@ def test_a_training_run_folder_merges_as_a_run(
              (folder / "episodes.csv").read_text().splitlines()[1:]]
     assert run["curve_steps"] == steps and run["final_return"] > 0
     assert data["merged_from"][0]["command"][:4] == ["python", "-m", "ngrl.train", "acktr"]
+
+
+def test_a_run_stopped_before_its_end_counts_to_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ngrl.train import main as train
+
+    folder = tmp_path / "run"
+    assert train(["acktr", "--env", "CartPole", "--timesteps", "1600", "--n-envs", "2",
+                  "--no-progress", "--eval-episodes", "0", "--checkpoint-every", "20",
+                  "--set", "n_steps=8", "--log-dir", str(folder)]) == 0
+    (folder / "model.zip").unlink()  # as if stopped after its last periodic checkpoint
+    with (folder / "episodes.csv").open("a") as file:
+        file.write("1500,99.0,10,1.0\n")  # an episode the checkpoint never saw
+    script = load_script("compare_rl")
+    assert script.main(["--merge", str(folder), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    run = json.loads((tmp_path / "m.json").read_text())["results"][0]
+    assert 0 < run["timesteps"] < 1600 and run["timesteps"] % 320 == 0  # 20 updates of 16 steps
+    assert max(run["curve_steps"]) <= run["timesteps"] and 99.0 not in run["curve_returns"]
