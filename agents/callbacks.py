@@ -1,17 +1,28 @@
-"""Callbacks of the training CLI: a progress bar with the score, an episode log, checkpoints."""
+"""Callbacks of the training CLI: a progress bar with the score, an episode log,
+checkpoints, and a clean stop on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import csv
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
-__all__ = ["EpisodeLog", "PeriodicCheckpoint", "ScoreProgressBar", "recent_score"]
+__all__ = [
+    "EpisodeLog",
+    "PeriodicCheckpoint",
+    "ScoreProgressBar",
+    "StopOnSignal",
+    "Stopped",
+    "recent_score",
+]
 
 EPISODE_COLUMNS = ("timesteps", "return", "length", "seconds")
 
@@ -90,6 +101,58 @@ class PeriodicCheckpoint(BaseCallback):
         if self.rollouts and self.every and self.rollouts % self.every == 0:
             self.save()
         self.rollouts += 1
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class Stopped(Exception):
+    """Training stopped between two updates because of a signal (:class:`StopOnSignal`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignal(BaseCallback):
+    """Stop training between two updates after SIGTERM (SLURM, Kubernetes, torchrun,
+    ``timeout``) or SIGINT (Ctrl-C).
+
+    The handlers only record the signal; the next rollout start raises :class:`Stopped`,
+    so the model then holds exactly the steps it was trained on (its step and update
+    counts, schedules and statistics agree) and a checkpoint of it resumes cleanly. A
+    second signal stops at once with ``KeyboardInterrupt``. ``agree`` turns this rank's
+    "a signal arrived" into the ranks' common answer (under ``torch.distributed``: any
+    rank), so that all ranks stop at the same update.
+
+    Use :meth:`install` before ``learn`` and :meth:`restore` after it (in ``finally``).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, agree: Callable[[bool], bool] = bool) -> None:
+        super().__init__()
+        self.agree = agree
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _on_rollout_start(self) -> None:
+        if self.agree(self.received is not None):
+            raise Stopped(self.received or signal.SIGTERM)
 
     def _on_step(self) -> bool:
         return True

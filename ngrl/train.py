@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -254,14 +255,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _learn(model: Any, timesteps: int, fresh: bool, callback: Any = None) -> None:
-    """Train until the run's ``timesteps`` (a resumed model has already done some)."""
+def _learn(model: Any, timesteps: int, fresh: bool, callbacks: list[Any] | None = None) -> None:
+    """Train until the run's ``timesteps`` (a resumed model has already done some).
+
+    SIGTERM and SIGINT stop it between two updates (:class:`agents.callbacks.Stopped`),
+    on every rank at the same update.
+    """
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from agents.callbacks import StopOnSignal
+
     remaining = timesteps - model.num_timesteps
-    if remaining > 0:
-        model.learn(remaining, callback=callback, reset_num_timesteps=fresh)
+    if remaining <= 0:
+        return
+    stop = StopOnSignal(agree=lambda received: not distributed.all_agree(not received))
+    stop.install()
+    try:
+        model.learn(remaining, callback=CallbackList([stop, *(callbacks or [])]),
+                    reset_num_timesteps=fresh)
+    finally:
+        stop.restore()
 
 
 def _train(args: argparse.Namespace) -> int:
+    from agents.callbacks import Stopped
+
     failure: Exception | None = None
     try:
         config, model, run_dir = _prepare(args)
@@ -280,13 +298,14 @@ def _train(args: argparse.Namespace) -> int:
         model.set_logger(Logger(folder=None, output_formats=[]))
         try:
             _learn(model, config.timesteps, args.resume is None)
+        except Stopped as stop:
+            return 128 + stop.signum
         except KeyboardInterrupt:
             return 130
         finally:
             model.get_env().close()
         return 0
 
-    from stable_baselines3.common.callbacks import CallbackList
     from stable_baselines3.common.logger import configure
 
     from agents.callbacks import EpisodeLog, PeriodicCheckpoint, ScoreProgressBar
@@ -320,11 +339,17 @@ def _train(args: argparse.Namespace) -> int:
     print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
           f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}")
     try:
-        _learn(model, config.timesteps, args.resume is None, CallbackList(callbacks))
-    except KeyboardInterrupt:
+        _learn(model, config.timesteps, args.resume is None, callbacks)
+    except Stopped as stop:
         save_checkpoint(model, checkpoint, metadata)
-        print(f"\nngrl.train: interrupted at {model.num_timesteps:,} timesteps; resume with "
-              f"--resume {checkpoint}", file=sys.stderr)
+        print(f"\nngrl.train: stopped by {signal.Signals(stop.signum).name} after "
+              f"{model.num_timesteps:,} timesteps; resume with --resume {checkpoint}",
+              file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # a second signal: in the middle of an update, nothing saved
+        print(f"\nngrl.train: stopped at once; the last checkpoint is {checkpoint}"
+              if checkpoint.is_file() else "\nngrl.train: stopped at once, before any checkpoint",
+              file=sys.stderr)
         return 130
     save_checkpoint(model, run_dir / "model.zip", metadata)
     print(f"model: {run_dir / 'model.zip'}")

@@ -1,0 +1,65 @@
+"""`python -m ngrl.train` stopped by SIGTERM or SIGINT: a checkpoint of exactly the trained
+steps, the resume command, exit 128 + signal; the checkpoint resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agents import ACKTR
+
+
+def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--n-envs", "2",
+         "--timesteps", "10000000", "--no-progress", "--eval-episodes", "0",
+         "--set", "n_steps=8", "--log-dir", str(run_dir), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_training(run_dir: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    episodes = run_dir / "episodes.csv"
+    while time.monotonic() < deadline and process.poll() is None:
+        if episodes.is_file() and len(episodes.read_text().splitlines()) > 5:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"training did not start: {process.communicate()}")
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
+def test_a_signal_stops_between_updates_and_saves_a_consistent_checkpoint(
+    tmp_path: Path, signum: int
+) -> None:
+    run_dir = tmp_path / "run"
+    process = _start(run_dir)
+    _wait_for_training(run_dir, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    checkpoint = run_dir / "checkpoint.zip"
+    assert f"resume with --resume {checkpoint}" in err
+    model = ACKTR.load(checkpoint)
+    # every counted step was trained on: steps = updates × n_steps × n_envs
+    assert model.num_timesteps == model._n_updates * 8 * 2 > 0
+
+    resumed = tmp_path / "resumed"
+    target = model.num_timesteps + 160
+    code = subprocess.run(
+        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--no-progress",
+         "--eval-episodes", "0", "--resume", str(checkpoint), "--timesteps", str(target),
+         "--log-dir", str(resumed)], capture_output=True, text=True, timeout=300,
+    ).returncode
+    assert code == 0
+    # the resumed run takes the preset's 8 envs: whole rollouts of 64 steps
+    assert target <= ACKTR.load(resumed / "model.zip").num_timesteps < target + 64
+    assert json.loads((resumed / "config.json").read_text())["resumed_from"] == str(checkpoint)
