@@ -67,7 +67,8 @@ def save_checkpoint(model: BaseAlgorithm, path: Path, metadata: dict[str, Any]) 
 
 
 def read_run_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of a checkpoint, after checking that the file is a readable model."""
+    """The metadata of a checkpoint (with the steps it has trained, ``num_timesteps``),
+    after checking that the file is a readable model."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
@@ -79,4 +80,4 @@ def read_run_metadata(path: Path) -> dict[str, Any]:
     metadata = (data or {}).get(METADATA)
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} was not written by ngrl.train")
-    return metadata
+    return {**metadata, "num_timesteps": int((data or {}).get("num_timesteps", 0))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -46,6 +47,30 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "n_envs": 8, "timesteps": 1_000_000, "policy": "MlpPolicy", "normalize": False,
     "schedule_timesteps": 0,
 }
+
+
+#: Valid values of the common numeric settings, checked once presets and overrides merge.
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **dict.fromkeys(
+        ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "n_critic_updates",
+         "cg_max_steps"),
+        (lambda v: v >= 1, ">= 1"),
+    ),
+    "gamma": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "gae_lambda": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    **dict.fromkeys(("ent_coef", "vf_coef", "vf_fisher_coef"), (lambda v: v >= 0.0, ">= 0")),
+    **dict.fromkeys(("max_grad_norm", "learning_rate", "clip_range"), (lambda v: v > 0.0, "> 0")),
+}
+
+
+def _check_range(key: str, value: Any) -> None:
+    """A named error for a value out of its range (``lin_X`` schedules: ``X``)."""
+    if key not in _RANGES or isinstance(value, bool):
+        return
+    number = float(value[4:]) if isinstance(value, str) and value.startswith("lin_") else value
+    valid, text = _RANGES[key]
+    if isinstance(number, (int, float)) and not valid(number):
+        raise ValueError(f"hyperparameter {key!r} must be {text}, got {value!r}")
 
 
 @dataclass
@@ -217,6 +242,8 @@ def resolve_config(
             _check_type(top, value, settings.get(top, defaults[top]))
         settings[top] = value
     _drop_foreign_curvature_options(settings, preset, defaults, overrides)
+    for key, value in settings.items():
+        _check_range(key, value)
     run = {key: settings.pop(key) for key in RUN_KEYS}
     for key in run:
         _check_type(key, run[key], RUN_KEYS[key]())

@@ -105,7 +105,12 @@ def _check_positive(name: str, value: int | None, minimum: int = 1) -> None:
 def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
     if args.log_dir is not None:
         run_dir: Path = args.log_dir
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--log-dir {str(run_dir)!r} is a file, not a folder")
+        blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UsageError(f"--log-dir {str(run_dir)!r}: {str(blocking)!r} is a file, not a folder")
+        if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(
                 f"--log-dir {str(run_dir)!r} exists and is not empty; choose a new folder"
             )
@@ -204,6 +209,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
             raise UsageError(
                 f"checkpoint {str(args.resume)!r} is a {metadata.get('algo')} run on "
                 f"{metadata.get('env')}, not {args.algo} on {spec.gym_id}"
+            )
+        done = metadata["num_timesteps"]
+        if args.timesteps is not None and args.timesteps < done:
+            raise UsageError(
+                f"--timesteps {args.timesteps:,} is below the {done:,} steps the checkpoint has "
+                "trained (--timesteps counts them too); give more to continue"
             )
     config = resolve_config(args.algo, spec, overrides, args.preset)
     if args.timesteps is not None:

@@ -138,6 +138,15 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
         (["acktr", "--env", "Breakout", "--preset", "basleines"],
          "acktr has no preset 'basleines'; its presets: baselines"),
         (["acktr", "--env", "CartPole", "--set", "schedule_timesteps=-5"], "schedule_timesteps must be >= 0"),
+        (["acktr", "--env", "CartPole", "--set", "n_steps=0"], "'n_steps' must be >= 1, got 0"),
+        (["trpo", "--env", "CartPole", "--set", "n_steps=0"], "'n_steps' must be >= 1"),
+        (["ppo", "--env", "CartPole", "--set", "n_epochs=0"], "'n_epochs' must be >= 1"),
+        (["ppo", "--env", "CartPole", "--set", "batch_size=0"], "'batch_size' must be >= 1"),
+        (["acktr", "--env", "CartPole", "--set", "timesteps=0"], "'timesteps' must be >= 1"),
+        (["acktr", "--env", "CartPole", "--set", "max_grad_norm=0"], "'max_grad_norm' must be > 0"),
+        (["acktr", "--env", "CartPole", "--set", "gamma=1.5"], "'gamma' must be in (0, 1]"),
+        (["acktr", "--env", "CartPole", "--set", "ent_coef=-1"], "'ent_coef' must be >= 0"),
+        (["ppo", "--env", "CartPole", "--set", "learning_rate=lin_-1"], "'learning_rate' must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -183,6 +192,30 @@ def test_an_existing_run_folder_is_never_overwritten(
     assert code == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (run_dir / "model.zip").read_text() == "precious"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_log_dir_that_cannot_be_a_folder_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    log_dir = blocker if where == "a file" else blocker / "run"
+    assert main(["acktr", "--env", "CartPole", "--log-dir", str(log_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]
+    assert blocker.read_text() == "x"
+
+
+def test_resume_refuses_fewer_timesteps_than_the_checkpoint_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert train(tmp_path, "first", "acktr", "--env", "CartPole", *SMALL, "--timesteps", "160",
+                 "--set", "n_steps=8")[0] == 0
+    capsys.readouterr()
+    err = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--timesteps", "100",
+                  "--resume", str(tmp_path / "first" / "model.zip"))
+    assert "--timesteps 100 is below the 160 steps the checkpoint has trained" in err
 
 
 def test_help_lists_hyperparameters_with_defaults() -> None:
