@@ -134,6 +134,11 @@ class ACKTR(OnPolicyAlgorithm):
         device: torch.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        if isinstance(policy, type) and not issubclass(policy, KFACActorCriticPolicy):
+            raise ValueError(
+                f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
+                f"{', '.join(self.policy_aliases)}), got {policy.__name__}"
+            )
         if policy_kwargs and "kfac_kwargs" in policy_kwargs:
             raise ValueError(
                 "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "

@@ -35,8 +35,9 @@ def make_vec_env(
 
     Args:
         name: a short name (``CartPole``, ``HalfCheetah``) or a full gymnasium id.
-        n_envs: environments over all ranks; this rank gets its slice (:func:`envs.shard`).
-        seed: environment ``i`` (global index) is seeded with ``seed + i``.
+        n_envs: environments over all ranks, a multiple of the number of ranks; this rank
+            gets its slice (:func:`envs.shard`).
+        seed: environment ``i`` (global index) is seeded with ``seed + i`` (``seed >= 0``).
         rank, world_size: default to torchrun's variables (one process: 0 and 1).
         vectorization: ``"async"`` (subprocesses, shared memory), ``"sync"`` (in
             process), or ``"auto"``: async for MuJoCo with several environments on a
@@ -60,12 +61,16 @@ def make_vec_env(
             f"Invalid vectorization value: {vectorization!r} (use 'auto', 'sync' or 'async')"
         )
     info = rank_info()
-    part = shard(
-        n_envs,
-        seed,
-        info.rank if rank is None else rank,
-        info.world_size if world_size is None else world_size,
-    )
+    rank = info.rank if rank is None else rank
+    world_size = info.world_size if world_size is None else world_size
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Invalid seed value: {seed!r} (an integer >= 0)")
+    if world_size > 1 and n_envs % world_size:
+        raise ValueError(
+            f"Invalid n_envs value: {n_envs} environments do not divide evenly over "
+            f"{world_size} ranks (the ranks' batches are averaged with equal weights)"
+        )
+    part = shard(n_envs, seed, rank, world_size)
     if spec.family == "atari":
         assert spec.game is not None
         life = {k: env_kwargs.pop(k) for k in ("episodic_life", "clip_rewards") if k in env_kwargs}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from agents import ACKTR, NPG
 from envs import make_vec_env
@@ -101,6 +102,7 @@ def test_same_seed_gives_identical_parameters(algorithm: type) -> None:
         (ACKTR, {"kl_clip": -1.0}, "Invalid kl_clip"),
         (ACKTR, {"cold_start_steps": -1}, "Invalid cold_start_steps"),
         (ACKTR, {"target_kl": 0.0}, "Invalid target_kl"),
+        (ACKTR, {"policy": ActorCriticPolicy}, "needs a KFACActorCriticPolicy.*MlpPolicy"),
         (ACKTR, {"curvature": "nope"}, "Invalid curvature.*kfac"),
         (ACKTR, {"policy_kwargs": {"kfac_kwargs": {}}}, "Invalid policy_kwargs"),
         (NPG, {"critic": "sgd"}, "Invalid critic"),
@@ -109,8 +111,10 @@ def test_same_seed_gives_identical_parameters(algorithm: type) -> None:
     ],
 )
 def test_bad_arguments_are_value_errors_naming_them(algorithm: type, kwargs: dict, match: str) -> None:
+    kwargs = dict(kwargs)
+    policy = kwargs.pop("policy", "MlpPolicy")
     with pytest.raises(ValueError, match=match):
-        algorithm("MlpPolicy", make_vec_env("CartPole", 1, seed=0), **kwargs)
+        algorithm(policy, make_vec_env("CartPole", 1, seed=0), **kwargs)
 
 
 def test_cold_start_then_kfac_steps() -> None:

@@ -117,3 +117,12 @@ def test_a_crashing_subprocess_env_raises_instead_of_hanging() -> None:
         for _ in range(5):
             env.step(np.zeros(2, dtype=np.int64))
     env.close()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"seed": -1}, "Invalid seed value: -1"),
+    ({"rank": 0, "world_size": 3}, "do not divide evenly over 3 ranks"),
+])
+def test_bad_seeds_and_uneven_shards_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_vec_env("CartPole", 8, **kwargs)
