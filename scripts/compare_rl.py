@@ -235,6 +235,10 @@ def run_folder_results(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     preset = config.get("preset", "default")
     label = config["algo"] if preset == "default" else f"{config['algo']}:{preset}"
+    command = config.get("command") or []
+    overrides = [command[i + 1] for i, word in enumerate(command[:-1]) if word == "--set"]
+    if overrides:  # not the preset as it stands: say how it differs
+        label += f"[{','.join(overrides)}]"
     env = resolve(config["env"]).name.split("/")[-1].split("-v")[0]
     steps, returns = read_episodes(folder / "episodes.csv")
     seconds = np.loadtxt(folder / "episodes.csv", delimiter=",", skiprows=1, usecols=3, ndmin=1)

@@ -142,14 +142,15 @@ def test_a_training_run_folder_merges_as_a_run(
 
     folder = tmp_path / "run"
     assert train(["acktr", "--env", "CartPole", "--timesteps", "2000", "--n-envs", "2", "--seed",
-                  "3", "--no-progress", "--eval-episodes", "0", "--log-dir", str(folder)]) == 0
+                  "3", "--no-progress", "--eval-episodes", "0", "--set", "damping=0.02",
+                  "--log-dir", str(folder)]) == 0
     script = load_script("compare_rl")
     (tmp_path / "a2c.json").write_text(json.dumps({"command": [], "results": [_one_run(algo="a2c")]}))
     assert script.main(["--merge", str(folder), str(tmp_path / "a2c.json"),
                         "--out", str(tmp_path / "m")]) == 0
     capsys.readouterr()
     data = json.loads((tmp_path / "m.json").read_text())
-    run = next(r for r in data["results"] if r["algo"] == "acktr")
+    run = next(r for r in data["results"] if r["algo"] == "acktr[damping=0.02]")
     assert (run["env"], run["seed"], run["timesteps"], run["n_envs"]) == ("CartPole", 3, 2000, 2)
     steps = [int(line.split(",")[0]) for line in
              (folder / "episodes.csv").read_text().splitlines()[1:]]
