@@ -271,6 +271,7 @@ def merged_results(
     """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
     the commands that made them."""
     thresholds = {t.env: t.threshold for tasks in SUITES.values() for t in tasks}
+    marks = {t.env: t.marks for tasks in SUITES.values() for t in tasks}
     results: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, int], Path] = {}
@@ -289,6 +290,11 @@ def merged_results(
             if key in seen:
                 raise ValueError(f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}")
             seen[key] = path
+        for r in runs:  # files written before the marks existed: read them off the curve
+            if "return_at" not in r:
+                steps, returns = np.array(r["curve_steps"]), np.array(r["curve_returns"])
+                r["return_at"] = {str(m): return_at(steps, returns, m)
+                                  for m in marks.get(r["env"], ()) if m <= r["timesteps"]}
         results.extend(runs)
         sources.append({"file": path.name, "command": data.get("command")})
     tasks: dict[str, Task] = {}

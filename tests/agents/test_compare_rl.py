@@ -176,3 +176,16 @@ def test_a_run_stopped_before_its_end_counts_to_its_checkpoint(
     run = json.loads((tmp_path / "m.json").read_text())["results"][0]
     assert 0 < run["timesteps"] < 1600 and run["timesteps"] % 320 == 0  # 20 updates of 16 steps
     assert max(run["curve_steps"]) <= run["timesteps"] and 99.0 not in run["curve_returns"]
+
+
+def test_a_file_without_marks_gets_them_from_its_curve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _one_run(env="Breakout", timesteps=1_500_000,
+                   curve_steps=[400_000.0, 900_000.0, 1_200_000.0], curve_returns=[2.0, 4.0, 9.0])
+    (tmp_path / "old.json").write_text(json.dumps({"command": [], "results": [run]}))
+    script = load_script("compare_rl")
+    assert script.main(["--merge", str(tmp_path / "old.json"), "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    merged = json.loads((tmp_path / "m.json").read_text())["results"][0]
+    assert merged["return_at"] == {"500000": 2.0, "1000000": 3.0, "1500000": 5.0}
