@@ -65,6 +65,15 @@ SUITES: dict[str, list[Task]] = {
     "breakout": [Task("Breakout", 1_500_000, 32, 10.0, (500_000, 1_000_000, 1_500_000))],
 }
 ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c", "ppo"]}
+#: Published curves drawn beside the runs: openai/baselines' means of 6 seeds on
+#: BreakoutNoFrameskip-v4 (its benchmark page), mean return at 1M, 1.5M and 2M steps.
+ANCHORS: dict[str, dict[str, list[tuple[float, float]]]] = {
+    "Breakout": {
+        "baselines ACKTR": [(1e6, 10.9), (1.5e6, 22.3), (2e6, 38.3)],
+        "baselines A2C": [(1e6, 2.9), (1.5e6, 8.2), (2e6, 18.9)],
+        "baselines PPO2": [(1e6, 22.1), (1.5e6, 32.1), (2e6, 47.5)],
+    },
+}
 WINDOW = 20
 MARK_WINDOW = 100  # episodes averaged at a mark (openai/baselines' curves)
 #: What every run in an ``OUT.json`` carries (what a merge reads).
@@ -216,6 +225,11 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
                 if len(curves) > 1:
                     ax.fill_between(grid, np.nanmin(stack, 0), np.nanmax(stack, 0),
                                     color=f"C{index}", alpha=0.15)
+        for (name, points), marker in zip(ANCHORS.get(task.env, {}).items(), "osd", strict=False):
+            shown = [(x, y) for x, y in points if x <= task.timesteps]
+            if shown:
+                ax.plot(*zip(*shown, strict=True), linestyle="--", marker=marker, color="gray",
+                        linewidth=1, label=f"{name} (published)")
         ax.axhline(task.threshold, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"{task.env} ({task.n_envs} envs)")
         ax.set_xlabel("timesteps")
