@@ -172,7 +172,8 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
                 continue
             ms = _median([r["ms_per_1000_steps"] for r in rows[algo]])
             steps = _median([r["steps_to_threshold"] for r in rows[algo]])
-            final = _median([r["final_return"] for r in rows[algo]])
+            finals = [r["final_return"] for r in rows[algo] if r["final_return"] is not None]
+            final = f"{float(np.median(finals)):.1f}" if finals else "—"
             reached = sum(r["steps_to_threshold"] is not None for r in rows[algo])
             ratio_ms = f"{ms / a2c_ms:.2f}" if ms and a2c_ms else "—"
             ratio_steps = f"{steps / a2c_steps:.2f}" if steps and a2c_steps else "—"
@@ -180,7 +181,7 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
             at = "".join(f" {_mark_cell(rows[algo], m)} |" for m in marks)
             lines.append(
                 f"| {task.env} (≥ {task.threshold:g}) | {algo} | {reached}/{len(rows[algo])} reached "
-                f"|{at} {steps_text} | {final:.1f} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
+                f"|{at} {steps_text} | {final} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
             )
     return "\n".join(lines)
 
@@ -242,10 +243,11 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
     plt.close(figure)
 
 
-def run_folder_results(folder: Path) -> dict[str, Any]:
+def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     """One run of ``python -m ngrl.train`` (its folder) as a comparison run: its training
-    episodes, its wall-clock, and 20 evaluation episodes of its ``model.zip``, scored as
-    :func:`run` scores. A run stopped early counts up to its last ``checkpoint.zip``."""
+    episodes, its wall-clock, and ``eval_episodes`` evaluation episodes of its
+    ``model.zip``, scored as :func:`run` scores (0: no final return). A run stopped early
+    counts up to its last ``checkpoint.zip``."""
     config = json.loads((folder / "config.json").read_text())
     preset = config.get("preset", "default")
     label = config["algo"] if preset == "default" else f"{config['algo']}:{preset}"
@@ -273,14 +275,15 @@ def run_folder_results(folder: Path) -> dict[str, Any]:
         "steps_to_threshold": steps_to_threshold(
             steps, returns, task.threshold if task is not None else np.inf),
         "return_at": {str(m): return_at(steps, returns, m) for m in marks if m <= timesteps},
-        "final_return": evaluate(model, env, 20, seed + 10_000)["mean_return"],
+        "final_return": (evaluate(model, env, eval_episodes, seed + 10_000)["mean_return"]
+                         if eval_episodes else None),
         "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
     }
     return {"command": config.get("command"), "results": [run]}
 
 
 def merged_results(
-    paths: list[Path],
+    paths: list[Path], eval_episodes: int = 20,
 ) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
     """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
     the commands that made them."""
@@ -291,7 +294,8 @@ def merged_results(
     seen: dict[tuple[str, str, int], Path] = {}
     for path in paths:
         try:
-            data = run_folder_results(path) if path.is_dir() else json.loads(path.read_text())
+            data = (run_folder_results(path, eval_episodes) if path.is_dir()
+                    else json.loads(path.read_text()))
             runs = data["results"]
             for r in runs:
                 missing = [k for k in RUN_KEYS if k not in r]
@@ -348,10 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="run nothing: combine the runs of earlier OUT.json files and "
                              "of `python -m ngrl.train` run folders (evaluated here)")
+    parser.add_argument("--eval-episodes", type=int, default=20, metavar="N",
+                        help="with --merge: evaluation episodes of each run folder's model "
+                             "(default: 20; 0: none, the table shows no final return)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
     command = ["scripts/compare_rl.py", *(sys.argv[1:] if argv is None else argv)]
+    if args.eval_episodes < 0:
+        print(f"compare_rl: --eval-episodes must be >= 0, got {args.eval_episodes}", file=sys.stderr)
+        return 2
     try:  # before any training, so that a bad --out costs nothing
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -359,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.merge:
         try:
-            write_outputs(args.out, command, *merged_results(args.merge))
+            write_outputs(args.out, command, *merged_results(args.merge, args.eval_episodes))
         except ValueError as error:
             print(f"compare_rl: {error}", file=sys.stderr)
             return 2
