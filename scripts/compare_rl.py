@@ -216,11 +216,11 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
             for r in results:
                 if r["algo"] == algo and r["env"] == task.env and r["curve_steps"]:
                     smooth = rolling_mean(np.array(r["curve_returns"]), WINDOW)
-                    curves.append(np.interp(grid, r["curve_steps"], smooth, left=np.nan))
+                    curves.append(np.interp(grid, r["curve_steps"], smooth, left=np.nan, right=np.nan))
             if not curves:
                 continue
             stack = np.array(curves)
-            with warnings.catch_warnings():  # grid points before any seed's first episode
+            with warnings.catch_warnings():  # grid points outside every seed's episodes
                 warnings.simplefilter("ignore", RuntimeWarning)
                 ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
                 if len(curves) > 1:
