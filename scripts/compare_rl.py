@@ -123,6 +123,20 @@ def return_at(steps: np.ndarray, returns: np.ndarray, mark: int) -> float | None
     return float(done.mean()) if len(done) else None
 
 
+def returns_at_marks(
+    steps: np.ndarray, returns: np.ndarray, env: str, timesteps: int
+) -> dict[str, float | None]:
+    """:func:`return_at` at each mark of ``env``'s task that the run reached."""
+    task = task_of(env)
+    marks = task.marks if task is not None else ()
+    return {str(m): return_at(steps, returns, m) for m in marks if m <= timesteps}
+
+
+def task_of(env: str) -> Task | None:
+    """The suites' task on ``env`` (its threshold and marks), if there is one."""
+    return next((t for tasks in SUITES.values() for t in tasks if t.env == env), None)
+
+
 def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
     model = build(algo, task, seed)
     log = folder / f"{algo.replace(':', '-')}-{task.env}-s{seed}.csv"
@@ -135,7 +149,7 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
         "n_envs": task.n_envs, "seconds": seconds,
         "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
         "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
-        "return_at": {str(m): return_at(steps, returns, m) for m in task.marks if m <= task.timesteps},
+        "return_at": returns_at_marks(steps, returns, task.env, task.timesteps),
         "final_return": evaluate(model, task.env, 20, seed + 10_000)["mean_return"],
         "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
     }
@@ -265,16 +279,17 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     timesteps = int(model.num_timesteps)
     keep = steps <= timesteps  # episodes after the checkpoint were never saved
     steps, returns, seconds = steps[keep], returns[keep], seconds[keep]
+    if not len(steps):
+        raise ValueError("no episode finished before its last save")
     seed = int(config["seed"])
-    task = next((t for tasks in SUITES.values() for t in tasks if t.env == env), None)
-    marks = task.marks if task is not None else ()
+    task = task_of(env)
     run = {
         "algo": label, "env": env, "seed": seed, "timesteps": timesteps,
         "n_envs": int(config["n_envs"]), "seconds": float(seconds[-1]),
         "ms_per_1000_steps": 1e6 * float(seconds[-1]) / float(steps[-1]),
         "steps_to_threshold": steps_to_threshold(
             steps, returns, task.threshold if task is not None else np.inf),
-        "return_at": {str(m): return_at(steps, returns, m) for m in marks if m <= timesteps},
+        "return_at": returns_at_marks(steps, returns, env, timesteps),
         "final_return": (evaluate(model, env, eval_episodes, seed + 10_000)["mean_return"]
                          if eval_episodes else None),
         "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
@@ -287,8 +302,6 @@ def merged_results(
 ) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
     """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
     the commands that made them."""
-    thresholds = {t.env: t.threshold for tasks in SUITES.values() for t in tasks}
-    marks = {t.env: t.marks for tasks in SUITES.values() for t in tasks}
     results: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, int], Path] = {}
@@ -303,23 +316,26 @@ def merged_results(
                     raise KeyError(", ".join(missing))
             keys = [(r["algo"], r["env"], int(r["seed"])) for r in runs]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"--merge: {path} is neither a compare_rl.py JSON file nor an ngrl.train run folder ({error})") from None
+            raise ValueError(f"--merge: {path} is neither a compare_rl.py JSON file nor an "
+                             f"ngrl.train run folder ({error})") from None
         for key in keys:
             if key in seen:
                 raise ValueError(f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}")
             seen[key] = path
         for r in runs:  # files written before the marks existed: read them off the curve
             if "return_at" not in r:
-                steps, returns = np.array(r["curve_steps"]), np.array(r["curve_returns"])
-                r["return_at"] = {str(m): return_at(steps, returns, m)
-                                  for m in marks.get(r["env"], ()) if m <= r["timesteps"]}
+                r["return_at"] = returns_at_marks(np.array(r["curve_steps"]),
+                                                  np.array(r["curve_returns"]), r["env"],
+                                                  r["timesteps"])
         results.extend(runs)
         sources.append({"file": path.name, "command": data.get("command")})
     tasks: dict[str, Task] = {}
     for r in results:
         previous = tasks.get(r["env"])
         timesteps = max(r["timesteps"], previous.timesteps if previous else 0)
-        tasks[r["env"]] = Task(r["env"], timesteps, r["n_envs"], thresholds.get(r["env"], np.inf))
+        known = task_of(r["env"])
+        tasks[r["env"]] = Task(r["env"], timesteps, r["n_envs"],
+                               known.threshold if known is not None else np.inf)
     algos = list(dict.fromkeys(r["algo"] for r in results))
     return results, list(tasks.values()), algos, sources
 
@@ -359,9 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output prefix: writes OUT.json, OUT.md and OUT.png")
     args = parser.parse_args(argv)
     command = ["scripts/compare_rl.py", *(sys.argv[1:] if argv is None else argv)]
-    if args.eval_episodes < 0:
-        print(f"compare_rl: --eval-episodes must be >= 0, got {args.eval_episodes}", file=sys.stderr)
-        return 2
+    for name, value, minimum in (("--eval-episodes", args.eval_episodes, 0),
+                                 ("--seeds", args.seeds, 1), ("--seed-start", args.seed_start, 0)):
+        if value < minimum:
+            print(f"compare_rl: {name} must be >= {minimum}, got {value}", file=sys.stderr)
+            return 2
     try:  # before any training, so that a bad --out costs nothing
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -189,3 +189,18 @@ def test_a_file_without_marks_gets_them_from_its_curve(
     capsys.readouterr()
     merged = json.loads((tmp_path / "m.json").read_text())["results"][0]
     assert merged["return_at"] == {"500000": 2.0, "1000000": 3.0, "1500000": 5.0}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seed-start", "-1"], "--seed-start must be >= 0"),
+    (["--eval-episodes", "-2"], "--eval-episodes must be >= 0"),
+])
+def test_bad_counts_stop_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    script = load_script("compare_rl")
+    assert script.main(["--suite", "classic", *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x.json").exists()
