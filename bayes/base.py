@@ -108,6 +108,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         self.vi_state: dict[str, Any] = {"step": 0, "momentum": torch.zeros_like(self.flat_mean())}
         self._grad_sum: Tensor | None = None
         self._samples = 0
+        self._in_sample = False
         self._reset_samples()
         self._begin_sample()
 
@@ -195,9 +196,15 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         per-example statistics), which :meth:`step` averages over the samples taken since
         the last step. The mean is restored exactly when the block ends, also on error.
         """
+        if self._in_sample:
+            raise RuntimeError(
+                "sampled_params blocks cannot be nested: the inner block would add a second "
+                "draw to the first (and count its gradient twice)"
+            )
         mean = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             self._add_to_params(self._noise())
+        self._in_sample = True
         try:
             if not train:
                 yield
@@ -225,6 +232,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
             self._grad_sum = grad.clone() if self._grad_sum is None else self._grad_sum.add_(grad)
             self._samples += 1
         finally:
+            self._in_sample = False
             with torch.no_grad():
                 for p, m in zip(self.params, mean, strict=True):
                     p.copy_(m)

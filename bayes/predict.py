@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ngrl.optim.hyperparams import check_choice
 
-__all__ = ["WeightSampler", "mix", "predict", "sample_outputs"]
+__all__ = ["WeightSampler", "check_owner", "mix", "predict", "sample_outputs"]
 
 Likelihood = Literal["classification", "regression"]
 
@@ -74,6 +74,7 @@ def sample_outputs(
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"Invalid samples value: {samples!r} (an integer >= 0)")
+    check_owner(model, optimizer)
     if samples == 0:
         return model(inputs).unsqueeze(0)
     outputs = []
@@ -81,6 +82,22 @@ def sample_outputs(
         with optimizer.sampled_params(train=False):
             outputs.append(model(inputs))
     return torch.stack(outputs)
+
+
+def check_owner(model: nn.Module, optimizer: WeightSampler) -> None:
+    """Refuse a model whose trainable parameters are not all the optimizer's: its samples
+    would go into the optimizer's own model and ``model`` would predict unsampled."""
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:  # a sampler that is not a torch optimizer: nothing to compare
+        return
+    owned = {id(p) for group in groups for p in group["params"]}
+    foreign = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"Invalid model: its parameters ({shown}) are not those of the "
+            f"{type(optimizer).__name__} given; pass the model the optimizer was built on"
+        )
 
 
 def mix(

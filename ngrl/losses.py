@@ -37,14 +37,20 @@ def fisher_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"Invalid reduction: {reduction!r} (use 'mean' or 'sum')")
     if isinstance(output, Distribution):
-        with torch.no_grad():
-            target = output.sample()
-        per_example = -output.log_prob(target)
-        per_example = per_example.reshape(per_example.shape[0], -1).sum(1)
+        try:
+            with torch.no_grad():
+                target = output.sample()
+        except (RuntimeError, ValueError):  # non-finite parameters cannot be sampled
+            per_example = _not_finite(output)
+        else:
+            per_example = -output.log_prob(target)
+            per_example = per_example.reshape(per_example.shape[0], -1).sum(1)
     elif isinstance(output, Tensor):
         if kind == "categorical":
             with torch.no_grad():
                 probs = torch.softmax(output.reshape(-1, output.shape[-1]), dim=-1)
+                # A row that is not finite gets any target: its loss is NaN all the same.
+                probs = torch.where(probs.isfinite().all(-1, keepdim=True), probs, 1.0)
                 target = torch.multinomial(probs, 1, generator=generator).reshape(
                     output.shape[:-1]
                 )
@@ -67,3 +73,16 @@ def fisher_loss(
             f"fisher_loss takes a torch Distribution or a Tensor, got {type(output).__name__}"
         )
     return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def _not_finite(output: Distribution) -> Tensor:
+    """A NaN per-example loss whose backward pass reaches the distribution's parameters,
+    so that ``capture()`` sees non-finite statistics and drops the batch (with a warning)
+    instead of the sampler raising."""
+    tensors = [v for v in vars(output).values() if isinstance(v, Tensor) and v.requires_grad]
+    if not tensors:
+        raise ValueError("fisher_loss: the distribution's parameters are not finite")
+    batch = tensors[0].shape[0]
+    return sum(  # type: ignore[return-value]
+        (t * float("nan")).reshape(batch, -1).sum(1) for t in tensors
+    )

@@ -29,6 +29,7 @@ from ngrl import distributed
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+_REPORT_GRACE_S = 30.0  # how long other ranks wait for rank 0 to report a usage error
 
 
 class UsageError(Exception):
@@ -253,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError) as error:  # before the ranks can agree: rank 0 speaks
         if os.environ.get("RANK", "0") == "0":
             print(f"ngrl.train: error: {error}", file=sys.stderr)
+        else:
+            # Every rank fails the same check. A rank that exited first would make torchrun
+            # kill rank 0 before it could print, so the others give it time to report
+            # (torchrun stops them as soon as rank 0 exits).
+            time.sleep(_REPORT_GRACE_S)
         return EXIT_USAGE
     try:
         return _train(args)

@@ -332,6 +332,26 @@ def symmetric_eigh(
     raise RuntimeError(f"eigendecomposition failed after {max_tries} tries") from error
 
 
+def jittered_cholesky(matrix: Tensor, max_tries: int = 4) -> Tensor | None:
+    """The Cholesky factor of a symmetric PD matrix, in float64, or ``None``.
+
+    When the factorisation fails (numerically not positive definite: a rank-deficient
+    matrix under a tiny damping), it is retried with a growing jitter on the diagonal
+    (``1e-10, 1e-8, …`` times its mean diagonal), as :func:`symmetric_eigh` does.
+    """
+    work = matrix.double()
+    work = 0.5 * (work + work.T)
+    scale = float(work.diagonal().abs().mean()) or 1.0
+    for attempt in range(max_tries):
+        jittered = work.clone()
+        if attempt:
+            jittered.diagonal().add_(scale * 10.0 ** (2 * attempt - 12))
+        factor, info = torch.linalg.cholesky_ex(jittered)
+        if int(info) == 0 and bool(torch.isfinite(factor).all()):
+            return factor
+    return None
+
+
 def damped_inverse(matrix: Tensor, damping: float, float64_max_dim: int = 1024) -> Tensor:
     """``(M + damping·I)⁻¹`` of a symmetric PSD factor, by Cholesky.
 

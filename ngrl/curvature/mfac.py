@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from ngrl.capture import example_gradients
-from ngrl.curvature.base import ExampleStatisticsBlock, checked_state, register
+from ngrl.curvature.base import (
+    ExampleStatisticsBlock,
+    checked_state,
+    jittered_cholesky,
+    register,
+)
 
 __all__ = ["MFACBlock"]
 
@@ -49,7 +54,7 @@ class MFACBlock(ExampleStatisticsBlock):
         self.gram: Tensor | None = None
         self.filled = 0
         self.cursor = 0
-        self._cholesky: tuple[float, Tensor] | None = None
+        self._cholesky: tuple[float, Tensor | None] | None = None
 
     # --- statistics -------------------------------------------------------------------
     def commit(self, factor_decay: float) -> None:
@@ -85,19 +90,25 @@ class MFACBlock(ExampleStatisticsBlock):
         return self.gradients[:k], self.gram[:k, :k]
 
     def refresh(self, damping: float) -> None:
-        """Cholesky factor of ``kλI + ΓΓᵀ`` (also recomputed whenever the window moves)."""
+        """Cholesky factor of ``kλI + ΓΓᵀ`` (also recomputed whenever the window moves).
+
+        If it cannot be factored even with jitter, the factor is ``None`` and
+        :meth:`precondition` returns NaN, so the optimizer skips the step with its warning.
+        """
         if not self.initialized:
             return
         _, gram = self._filled()
         inner = gram.double().clone()
         inner.diagonal().add_(self.filled * damping)
-        self._cholesky = (damping, torch.linalg.cholesky(inner))
+        self._cholesky = (damping, jittered_cholesky(inner))
 
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         assert self.initialized, "precondition() before any statistics"
         if self._cholesky is None or self._cholesky[0] != damping:
             self.refresh(damping)
         assert self._cholesky is not None
+        if self._cholesky[1] is None:
+            return torch.full_like(grad, float("nan"))
         gradients, _ = self._filled()
         v = grad.reshape(-1)
         coefficients = torch.cholesky_solve((gradients @ v).double()[:, None], self._cholesky[1])

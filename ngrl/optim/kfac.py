@@ -430,6 +430,8 @@ class KFAC(torch.optim.Optimizer):
         return loss
 
     # --- checkpoints ------------------------------------------------------------------
+    _STEP_KEYS = ("momentum_buffer",)  # what step() keeps per parameter, beside the blocks
+
     def _param_index(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
 
@@ -445,7 +447,29 @@ class KFAC(torch.optim.Optimizer):
             block_state = self.blocks[layer.name].state_dict()
             if block_state:
                 state["state"].setdefault(index[id(layer.params[0])], {}).update(block_state)
+        state["curvature"] = self.curvature
         return state
+
+    def _check_curvature(self, state_dict: dict[str, Any]) -> None:
+        """Refuse the state of another curvature (its statistics would be misread or left
+        as stray entries), also from a checkpoint that predates the ``curvature`` key."""
+        saved = state_dict.get("curvature")
+        if saved is not None and saved != self.curvature:
+            raise ValueError(
+                f"Invalid state_dict: it holds {saved!r} curvature statistics, and this "
+                f"optimizer uses {self.curvature!r}; build the optimizer with "
+                f"curvature={saved!r} to load it"
+            )
+        index = self._param_index()
+        for layer in self.layers:
+            entry = state_dict.get("state", {}).get(index[id(layer.params[0])], {})
+            stray = sorted(set(entry) - {*self._STEP_KEYS, *self.blocks[layer.name].state_keys})
+            if stray:
+                raise ValueError(
+                    f"Invalid state_dict: layer {layer.name or '<root>'!r} has entries "
+                    f"{', '.join(stray)} that {self.curvature!r} curvature does not keep "
+                    "(a state of another curvature?)"
+                )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a checkpoint that does not fit changes nothing.
@@ -454,6 +478,7 @@ class KFAC(torch.optim.Optimizer):
         at the next step, so a run resumed at an ``inv_update_steps`` boundary continues
         exactly, and one resumed elsewhere uses slightly fresher inverses.
         """
+        self._check_curvature(state_dict)
         index = self._param_index()
         saved = state_dict.get("state", {})
         restored: dict[str, dict[str, Tensor]] = {}

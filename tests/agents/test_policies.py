@@ -66,3 +66,13 @@ def test_save_load_round_trip_keeps_predictions_and_kfac_factors(tmp_path: Path)
             if key in entry:
                 torch.testing.assert_close(loaded_state["state"][index][key], entry[key], rtol=0, atol=0)
     assert loaded.kl_clip == model.kl_clip and loaded._n_updates == model._n_updates
+
+
+def test_load_refuses_a_checkpoint_of_another_curvature(tmp_path: Path) -> None:
+    env = make_vec_env("CartPole", 2, seed=0)
+    model = ACKTR("MlpPolicy", env, seed=0, cold_start_steps=0, curvature="ekfac")
+    model.learn(160)
+    model.save(tmp_path / "model.zip")
+    with pytest.raises(ValueError, match="'ekfac' curvature statistics.*uses 'kfac'"):
+        ACKTR.load(tmp_path / "model.zip", env=env, custom_objects={"curvature": "kfac"})
+    assert ACKTR.load(tmp_path / "model.zip", env=env).curvature == "ekfac"

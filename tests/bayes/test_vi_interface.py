@@ -235,3 +235,32 @@ def test_noisy_kfac_posterior_follows_the_factors_at_each_refresh(
     assert len(refreshes) >= 3, refreshes
     gaps = [b - a for a, b in zip(refreshes, refreshes[1:], strict=False)]
     assert all(inv_steps <= gap < inv_steps + factor_steps for gap in gaps), refreshes
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_predict_refuses_a_model_the_optimizer_was_not_built_on(name: str) -> None:
+    model, other = mlp(), mlp()
+    opt = OPTIMIZERS[name](model, 100, hess_init=1e-2)
+    x, _ = batch()
+    other_before, model_before = snapshot(other), snapshot(model)
+    with pytest.raises(ValueError, match=r"Invalid model: its parameters \(0.weight, 0.bias, 2.weight, \.\.\.\)"):
+        predict(other, opt, x, samples=3)
+    assert_identical(other, other_before)
+    assert_identical(model, model_before)
+    assert predict(model, opt, x, samples=2).shape == (16, 3)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_nested_sampling_blocks_are_refused(name: str) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[name](model, 100, hess_init=1e-2)
+    mean = snapshot(model)
+    x, y = batch()
+    for inner_train in (False, True):
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            with opt.sampled_params(train=True), opt.sampled_params(train=inner_train):
+                F.cross_entropy(model(x), y).backward()
+        assert_identical(model, mean)
+        assert opt._samples == 0
+    train(opt, model, 1)  # the optimizer still works
+    assert opt.steps == 1

@@ -77,6 +77,34 @@ def test_load_state_dict_rejects_a_checkpoint_that_does_not_fit_and_keeps_its_st
     torch.testing.assert_close(opt.blocks["2"].g_factor, good["state"][2]["g_factor"])
 
 
+@pytest.mark.parametrize(
+    ("saved", "loaded"),
+    [("ekfac", "kfac"), ("kfac", "shampoo"), ("kfac", "mfac"), ("tkfac", "kfac")],
+)
+def test_a_state_of_another_curvature_is_refused_and_changes_nothing(
+    saved: str, loaded: str
+) -> None:
+    source_model, source = make(lr=0.1, curvature=saved)
+    train_step(source_model, source, 0)
+    state = copy.deepcopy(source.state_dict())
+    assert state["curvature"] == saved
+    model, opt = make(lr=0.1, curvature=loaded)
+    train_step(model, opt, 1)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"{saved!r} curvature statistics.*uses {loaded!r}"):
+        opt.load_state_dict(state)
+    # A state written before the optimizer named its curvature: the stray entries tell.
+    del state["curvature"]
+    with pytest.raises(ValueError, match="another curvature"):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert after["state"].keys() == before["state"].keys()
+    for index, entry in before["state"].items():
+        assert after["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            torch.testing.assert_close(after["state"][index][key], value)
+
+
 def test_changed_lr_in_param_groups_takes_effect() -> None:
     model, opt = make(lr=0.1)
     train_step(model, opt, 0)

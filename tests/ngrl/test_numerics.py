@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from ngrl.curvature import base
 from ngrl.curvature.base import symmetric_eigh
 from ngrl.fisher import layer_indices
+from ngrl.losses import fisher_loss
 from ngrl.optim import KFAC
 from tests.helpers.oracle import (
     capture_batch,
@@ -77,6 +80,31 @@ def test_non_finite_statistics_are_dropped_and_factors_kept() -> None:
     assert torch.equal(opt.blocks["0"].a_factor, a_factor)
 
 
+@pytest.mark.parametrize("form", ["categorical", "gaussian", "distribution"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_fisher_loss_of_non_finite_outputs_is_dropped_inside_capture(form: str, bad: float) -> None:
+    """However the Fisher loss is formed, non-finite outputs never raise from the sampler:
+    the batch is dropped with the usual warning."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = KFAC(model)
+    x = torch.randn(6, 3)
+    capture_batch(opt, model, x, sample_classes(model(x)))
+    factors = [(b.a_factor.clone(), b.g_factor.clone()) for b in opt.blocks.values()]
+    with torch.no_grad():
+        model[2].bias[1] = bad  # the outputs, not the inputs, are bad
+    output = model(x)
+    if form == "distribution":
+        loss_input = torch.distributions.Categorical(logits=output, validate_args=False)
+        kind = None
+    else:
+        loss_input, kind = output, form
+    with pytest.warns(RuntimeWarning, match="non-finite curvature statistics"):
+        with opt.capture():
+            fisher_loss(loss_input, kind).backward()  # type: ignore[arg-type]
+    for block, (a, g) in zip(opt.blocks.values(), factors, strict=True):
+        assert torch.equal(block.a_factor, a) and torch.equal(block.g_factor, g)
+
+
 def test_an_exception_inside_capture_leaves_no_half_batch() -> None:
     model = nn.Linear(3, 2)
     opt = KFAC(model)
@@ -107,6 +135,48 @@ def test_eigh_failure_is_retried_with_jitter(monkeypatch: pytest.MonkeyPatch) ->
     assert len(calls) == 2 and calls[1] == torch.float64
     assert (values >= 0).all()
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, factor, atol=1e-4, rtol=0)
+
+
+def mfac_steps(model: nn.Module, opt: KFAC, x: torch.Tensor, steps: int) -> None:
+    for seed in range(steps):
+        out = model(x)
+        capture_batch(opt, model, x, sample_classes(out, seed))
+        opt.zero_grad()
+        F.cross_entropy(model(x), sample_classes(out, seed + 100)).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mfac_on_rank_deficient_statistics_with_tiny_damping_does_not_raise(seed: int) -> None:
+    """Constant inputs make the window's Gram matrix rank-deficient, and kλ = 1e-8 is below
+    its rounding: the Cholesky factorisation is retried with jitter, and a step it still
+    cannot take is skipped with the usual warning."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = KFAC(model, curvature="mfac", damping=1e-9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mfac_steps(model, opt, torch.ones(16, 4), 3)
+    skipped = [w for w in caught if "this step was skipped" in str(w.message)]
+    assert opt.steps + len(skipped) == 3 and opt.steps >= 1
+    assert torch.isfinite(flat_parameters(model)).all()
+
+
+def test_mfac_that_cannot_be_factored_skips_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = KFAC(model, curvature="mfac")
+    x = torch.randn(16, 4)
+    mfac_steps(model, opt, x, 1)
+    before = flat_parameters(model)
+
+    def failing(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return matrix, torch.tensor(1)
+
+    monkeypatch.setattr(base.torch.linalg, "cholesky_ex", failing)
+    with pytest.warns(RuntimeWarning, match="non-finite preconditioned gradients; this step was skipped"):
+        mfac_steps(model, opt, x, 1)
+    assert torch.equal(flat_parameters(model), before)
+    assert opt.steps == 1
 
 
 def test_eigendecomposition_of_a_large_factor_stays_in_its_dtype() -> None:
