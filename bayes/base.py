@@ -114,6 +114,17 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
 
     # --- per-example statistics ---------------------------------------------------------
     def _attach(self, model: nn.Module) -> None:
+        names: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                names.setdefault(id(module), []).append(name or "<root>")
+        repeated = [found for found in names.values() if len(found) > 1]
+        if repeated:
+            raise ValueError(
+                f"Invalid model: {type(self).__name__} needs each layer to run once per "
+                f"example, but one module is registered as {' and '.join(repeated[0])}; "
+                "use separate modules"
+            )
         self.layers = find_layers(model)
         unsupported = [
             f"{layer.name or '<root>'} ({type(layer.module).__name__})"
@@ -286,7 +297,19 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
             )
             return loss
         self.vi_state["step"] += 1
-        self._update(grad, samples)
+        try:
+            self._update(grad, samples)
+        except torch.linalg.LinAlgError as error:  # raised before _update changes anything
+            self.vi_state["step"] -= 1
+            self._reset_samples()
+            self._discard_step()
+            warnings.warn(
+                f"{type(self).__name__}: the posterior update failed ({error}); this step "
+                "was skipped and nothing was changed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
         self._reset_samples()
         return loss
 
@@ -309,7 +332,10 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
 
     @abstractmethod
     def _update(self, grad: Tensor, samples: int) -> None:
-        """The natural-gradient step of the posterior; ``grad`` is the MC mean gradient."""
+        """The natural-gradient step of the posterior; ``grad`` is the MC mean gradient.
+
+        May raise ``torch.linalg.LinAlgError``, but only before it changes any state: the
+        step is then skipped with a warning."""
 
     @abstractmethod
     def posterior(self) -> Posterior:

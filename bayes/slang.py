@@ -31,6 +31,16 @@ def top_singular(
     return left[:, :rank], values[:rank]
 
 
+def decompose(factor: Tensor, diagonal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d^{-1/2}, Q, S)`` with ``d^{-1/2}U = Q diag(S) Rᵀ`` (thin SVD); raises
+    ``torch.linalg.LinAlgError`` when the SVD fails or its result is not finite."""
+    inv_sqrt = diagonal.rsqrt()
+    q, s, _ = torch.linalg.svd(inv_sqrt[:, None] * factor, full_matrices=False)
+    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(s).all())):
+        raise torch.linalg.LinAlgError("the SVD of the low-rank precision is not finite")
+    return inv_sqrt, q, s
+
+
 class SLANG(VariationalOptimizer):
     r"""Stochastic Low-rank Approximate Natural-Gradient (Mishkin et al. 2018,
     arXiv:1811.04504): ``q = N(μ, (U Uᵀ + diag(d))⁻¹)`` with ``U`` of rank ``L``.
@@ -93,6 +103,11 @@ class SLANG(VariationalOptimizer):
             beta2=betas[1],
             rank=rank,
         )
+        if self.params[0].dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"Invalid model: SLANG needs float32 or float64 parameters (its SVDs have no "
+                f"{self.params[0].dtype} kernels); convert the model with .float()"
+            )
         if rank > self.numel:
             raise ValueError(
                 f"Invalid rank value: {rank} (at most the number of parameters, {self.numel})"
@@ -153,35 +168,42 @@ class SLANG(VariationalOptimizer):
 
     # --- the update --------------------------------------------------------------------
     def _update(self, grad: Tensor, samples: int) -> None:
-        momentum = self._momentum_direction(grad, self.hyperparameter("beta1"))
+        # Everything that can fail (the two SVDs) runs before any state changes.
         factor: Tensor = self.vi_state["factor"]
         diagonal: Tensor = self.vi_state["diagonal"]
-        weight = blend_weight(self.hyperparameter("beta2"), self.steps)
+        decomposition = self._decomposition
         if self._example_grads:
-            examples = torch.cat(self._example_grads)
-            scale = (weight * self.effective_size / examples.shape[0]) ** 0.5
-            blend = torch.cat([factor * (1.0 - weight) ** 0.5, examples.T * scale], dim=1)
-            vectors, values = top_singular(
-                blend, factor.shape[1], self.oversampling, self.power_iterations
-            )
-            new_factor = vectors * values
-            dropped = (blend.square().sum(1) - new_factor.square().sum(1)).clamp_(min=0.0)
-            factor.copy_(new_factor)
-            diagonal.mul_(1.0 - weight).add_(
-                dropped + self.hyperparameter("prior_precision") * weight
-            )
-            self._decomposition = None
+            factor, diagonal = self._blended_precision(factor, diagonal)
+            decomposition = None
+        if decomposition is None:
+            decomposition = decompose(factor, diagonal)
+        momentum = self._momentum_direction(grad, self.hyperparameter("beta1"))
+        self.vi_state["factor"], self.vi_state["diagonal"] = factor, diagonal
+        self._decomposition = decomposition
         step = self._solve(momentum) * self.effective_size
         self._add_to_params(step, alpha=-self.hyperparameter("lr"))
 
+    def _blended_precision(self, factor: Tensor, diagonal: Tensor) -> tuple[Tensor, Tensor]:
+        """The new ``(U, d)`` from this step's per-example gradients (new tensors)."""
+        weight = blend_weight(self.hyperparameter("beta2"), self.steps)
+        examples = torch.cat(self._example_grads)
+        scale = (weight * self.effective_size / examples.shape[0]) ** 0.5
+        blend = torch.cat([factor * (1.0 - weight) ** 0.5, examples.T * scale], dim=1)
+        vectors, values = top_singular(
+            blend, factor.shape[1], self.oversampling, self.power_iterations
+        )
+        new_factor = vectors * values
+        dropped = (blend.square().sum(1) - new_factor.square().sum(1)).clamp_(min=0.0)
+        new_diagonal = diagonal * (1.0 - weight) + (
+            dropped + self.hyperparameter("prior_precision") * weight
+        )
+        if not (bool(torch.isfinite(new_factor).all()) and bool(torch.isfinite(new_diagonal).all())):
+            raise torch.linalg.LinAlgError("the low-rank precision is not finite")
+        return new_factor, new_diagonal
+
     def _decompose(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(d^{-1/2}, Q, S)`` with ``d^{-1/2}U = Q diag(S) Rᵀ`` (thin SVD)."""
         if self._decomposition is None:
-            inv_sqrt = self.vi_state["diagonal"].rsqrt()
-            q, s, _ = torch.linalg.svd(
-                inv_sqrt[:, None] * self.vi_state["factor"], full_matrices=False
-            )
-            self._decomposition = (inv_sqrt, q, s)
+            self._decomposition = decompose(self.vi_state["factor"], self.vi_state["diagonal"])
         return self._decomposition
 
     def _solve(self, vector: Tensor) -> Tensor:

@@ -243,6 +243,8 @@ def _make_layer(name: str, module: nn.Module) -> Layer:
 def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer]:
     """Every module owning trainable parameters, in ``named_modules`` order.
 
+    A parameter owned by two of them (tied weights) is refused with a ``ValueError``.
+
     ``skip_layers`` holds regular expressions matched (``re.search``) against the module
     name and its class name; matching modules are left out (their parameters get plain
     gradient steps from the optimizer).
@@ -252,13 +254,26 @@ def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer
     except re.error as error:
         raise ValueError(f"Invalid skip_layers pattern: {error.pattern!r} ({error})") from None
     layers = []
+    owners: dict[int, str] = {}
     for name, module in model.named_modules():
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
             continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and owners.setdefault(id(param), name) != name:
+                raise ValueError(
+                    f"Invalid model: parameter {_qualified(name, param_name)!r} is shared "
+                    f"by layers {owners[id(param)] or '<root>'!r} and {name or '<root>'!r} "
+                    "(tied weights); a per-layer curvature block cannot precondition it. "
+                    "Untie it, or leave one of the layers out with skip_layers"
+                )
         layers.append(_make_layer(name, module))
     return layers
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 class Capture:

@@ -86,6 +86,9 @@ class KFAC(torch.optim.Optimizer):
             per example first; much cheaper for convolutions).
         curvature_options: keyword arguments for the curvature blocks of dense and conv
             layers, e.g. ``{"damping_rule": "factored"}`` for K-FAC.
+        statistics_dtype: the dtype in which statistics are kept, decomposed and applied
+            (inputs and gradients captured in bfloat16 under autocast are converted);
+            default float32, or float64 for a float64 model.
         grad_worker_fraction: under ``torch.distributed``, the fraction of ranks that
             hold each layer's decomposition and precondition its gradient (KAISA; see
             :mod:`ngrl.distributed`): 1 (default) sends every decomposition to every
@@ -121,6 +124,7 @@ class KFAC(torch.optim.Optimizer):
         weight_sharing: WeightSharing = "expand",
         curvature_options: Mapping[str, Any] | None = None,
         grad_worker_fraction: float = 1.0,
+        statistics_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -151,8 +155,19 @@ class KFAC(torch.optim.Optimizer):
                 f"Invalid model: {type(model).__name__} has no trainable parameters, "
                 "so there is nothing for K-FAC to precondition"
             )
+        if statistics_dtype is not None and not (
+            isinstance(statistics_dtype, torch.dtype) and statistics_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"Invalid statistics_dtype: {statistics_dtype!r} (a floating torch.dtype)"
+            )
         super().__init__(params, defaults)
         self.param_groups[0]["step"] = 0
+        #: The dtype of every statistic, decomposition and preconditioned gradient,
+        #: whatever the dtype of the forward pass (bf16 autocast, a half-precision model).
+        self.statistics_dtype = statistics_dtype or torch.promote_types(
+            params[0].dtype, torch.float32
+        )
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.curvature = curvature
@@ -210,6 +225,10 @@ class KFAC(torch.optim.Optimizer):
             for block in self.blocks.values():
                 block.discard()
             raise
+        with self._exact_dtype():
+            self._commit_statistics()
+
+    def _commit_statistics(self) -> None:
         finite = all(block.pending_is_finite() for block in self.blocks.values())
         if distributed.is_distributed():
             finite = distributed.all_agree(finite)
@@ -228,7 +247,7 @@ class KFAC(torch.optim.Optimizer):
                 "K-FAC: non-finite curvature statistics were captured and dropped; "
                 "the factors are unchanged",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller's `with opt.capture():` line
             )
 
     def capture_backward(self, loss: Tensor, retain_graph: bool = True) -> None:
@@ -253,7 +272,14 @@ class KFAC(torch.optim.Optimizer):
         self._capture.remove()
 
     def _sink(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
-        self.blocks[layer.name].accumulate(a, g)
+        dtype = self.statistics_dtype
+        with self._exact_dtype():
+            self.blocks[layer.name].accumulate(None if a is None else a.to(dtype), g.to(dtype))
+
+    def _exact_dtype(self) -> torch.autocast:
+        """Statistics are formed in :attr:`statistics_dtype`, also inside an autocast region."""
+        device = self.param_groups[0]["params"][0].device.type
+        return torch.autocast(device, enabled=False)
 
     # --- the update -------------------------------------------------------------------
     @torch.no_grad()
@@ -272,7 +298,7 @@ class KFAC(torch.optim.Optimizer):
             if not self.blocks[layer.name].initialized:
                 uncaptured.append(layer.name or type(layer.module).__name__)
                 continue
-            active[layer.name] = (layer, layer.gather(grads))
+            active[layer.name] = (layer, layer.gather(grads).to(self.statistics_dtype))
         shared = [name for name in active if plan is not None and name in plan.owners]
         if refresh and shared:
             assert plan is not None and self._groups is not None
@@ -318,7 +344,11 @@ class KFAC(torch.optim.Optimizer):
         if not math.isfinite(math.fsum(quadratics)):
             return None
         return [
-            (layer.params, layer.scatter(preconditioned[name]), quadratic)
+            (
+                layer.params,
+                [x.to(p.dtype) for x, p in zip(layer.scatter(preconditioned[name]), layer.params, strict=True)],
+                quadratic,
+            )
             for (name, (layer, _)), quadratic in zip(active.items(), quadratics, strict=True)
         ]
 
@@ -372,7 +402,8 @@ class KFAC(torch.optim.Optimizer):
         if not self._gradients_finite():
             self._skip("gradients")
             return None
-        found = self._directions(float(self.hyperparameter("damping")))
+        with self._exact_dtype():
+            found = self._directions(float(self.hyperparameter("damping")))
         if found is None:
             self._skip("preconditioned gradients")
             return None

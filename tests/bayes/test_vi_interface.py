@@ -264,3 +264,46 @@ def test_nested_sampling_blocks_are_refused(name: str) -> None:
         assert opt._samples == 0
     train(opt, model, 1)  # the optimizer still works
     assert opt.steps == 1
+
+
+@pytest.mark.parametrize("name", ["vogn", "slang", "noisy-kfac"])
+def test_a_layer_registered_twice_or_tied_weights_are_refused_at_construction(name: str) -> None:
+    shared = nn.Linear(4, 4)
+    activation = nn.Tanh()  # a module without parameters may be reused
+    with pytest.raises(ValueError, match="registered as 0 and 2"):
+        OPTIMIZERS[name](nn.Sequential(shared, activation, shared, activation, nn.Linear(4, 3)), 100)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(ValueError, match="parameter '2.weight' is shared by layers '0' and '2'"):
+        OPTIMIZERS[name](nn.Sequential(first, activation, second, activation, nn.Linear(4, 3)), 100)
+    OPTIMIZERS[name](nn.Sequential(nn.Linear(4, 4), activation, nn.Linear(4, 3), activation), 100)
+
+
+def test_slang_refuses_a_bfloat16_model_and_skips_a_step_whose_svd_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="SLANG needs float32 or float64 parameters"):
+        SLANG(mlp().to(torch.bfloat16), 100, rank=3)
+    model = mlp()
+    opt = SLANG(model, 100, rank=3)
+    train(opt, model, 2)
+    mean, state = snapshot(model), copy.deepcopy(opt.state_dict())
+    x, y = batch()
+    with opt.sampled_params(train=True):
+        F.cross_entropy(model(x), y).backward()
+
+    def diverging(*args: object, **kwargs: object) -> None:
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", diverging)
+    monkeypatch.setattr(torch, "svd_lowrank", diverging)
+    with pytest.warns(RuntimeWarning, match="failed to converge.*this step was skipped"):
+        opt.step()
+    assert_identical(model, mean)
+    assert opt.steps == 2
+    for key, value in state["variational"].items():
+        now = opt.state_dict()["variational"][key]
+        assert torch.equal(now, value) if isinstance(value, Tensor) else now == value
+    monkeypatch.undo()
+    train(opt, model, 1)  # the next step goes ahead
+    assert opt.steps == 3

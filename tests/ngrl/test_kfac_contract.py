@@ -337,3 +337,15 @@ def test_remove_hooks_detaches_the_optimizer_from_the_model() -> None:
 )
 def test_kl_clip_scale(quadratic: float, lr: float, kl_clip: float | None, expected: float) -> None:
     assert kl_clip_scale(quadratic, lr, kl_clip) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("curvature", available())
+def test_tied_weights_are_refused_at_construction_naming_the_parameter(curvature: str) -> None:
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second)
+    with pytest.raises(ValueError, match="parameter '2.weight' is shared by layers '0' and '2'"):
+        KFAC(model, curvature=curvature)
+    # Leaving one of the layers out is the documented way to train it anyway.
+    opt = KFAC(model, curvature=curvature, skip_layers=["^2$"])
+    assert [layer.name for layer in opt.layers] == ["0"]

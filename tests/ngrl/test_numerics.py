@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ngrl.curvature import base
+from ngrl.curvature import available, base
 from ngrl.curvature.base import symmetric_eigh
 from ngrl.fisher import layer_indices
 from ngrl.losses import fisher_loss
@@ -183,3 +183,48 @@ def test_eigendecomposition_of_a_large_factor_stays_in_its_dtype() -> None:
     factor = torch.eye(6)
     values, vectors = symmetric_eigh(factor, float64_max_dim=4)
     assert values.dtype == vectors.dtype == torch.float32
+
+
+@pytest.mark.parametrize("curvature", available())
+def test_statistics_keep_their_dtype_under_bfloat16_autocast(curvature: str) -> None:
+    """Statistics captured under bf16 autocast are kept (and decomposed) in float32, so a
+    later float32 step works; ``statistics_dtype`` chooses another."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = KFAC(model, curvature=curvature)
+    wide = KFAC(model, curvature=curvature, statistics_dtype=torch.float64)
+    x = torch.randn(16, 4)
+    for seed in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            assert out.dtype == torch.bfloat16
+            for optimizer in (opt, wide):
+                with optimizer.capture():
+                    fisher_loss(out.float(), "categorical").backward(retain_graph=True)
+        before = flat_parameters(model)
+        opt.zero_grad()
+        F.cross_entropy(model(x), sample_classes(out.float(), seed)).backward()
+        opt.step()
+        assert torch.isfinite(flat_parameters(model)).all()
+        assert not torch.equal(flat_parameters(model), before)
+    for optimizer, dtype in ((opt, torch.float32), (wide, torch.float64)):
+        statistics = [
+            value
+            for entry in optimizer.state_dict()["state"].values()
+            for key, value in entry.items()
+            if key != "momentum_buffer" and value.is_floating_point()
+        ]
+        assert statistics and {t.dtype for t in statistics} == {dtype}
+
+
+def test_a_bfloat16_model_steps_with_float32_statistics() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
+    opt = KFAC(model)
+    x = torch.randn(16, 4, dtype=torch.bfloat16)
+    capture_batch(opt, model, x, sample_classes(model(x).float()))
+    F.cross_entropy(model(x).float(), torch.zeros(16, dtype=torch.long)).backward()
+    opt.step()
+    assert opt.statistics_dtype == torch.float32 and opt.blocks["0"].a_factor.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="Invalid statistics_dtype"):
+        KFAC(model, statistics_dtype=torch.int32)
