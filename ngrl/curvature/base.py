@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,6 +74,41 @@ class CurvatureBlock(ABC):
     #: Whether :meth:`decomposition` and :meth:`load_decomposition` let one rank compute
     #: :meth:`refresh` for the others; if not, every rank refreshes the block itself.
     shares_decomposition: bool = False
+
+    #: Attributes holding what :meth:`refresh` derived (each ``None`` or a tuple of tensors
+    #: and floats). Checkpoints taken between two refreshes carry them
+    #: (:meth:`derived_state`), so that a resumed run continues bit for bit.
+    derived_keys: tuple[str, ...] = ()
+
+    def derived_state(self) -> dict[str, tuple[Tensor | float, ...]]:
+        """Copies of the derived quantities in use (the keys of :attr:`derived_keys` that are
+        set)."""
+        state = {}
+        for key in self.derived_keys:
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = tuple(v.clone() if isinstance(v, Tensor) else v for v in value)
+        return state
+
+    def load_derived_state(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Install a :meth:`derived_state` (after :meth:`load_state_dict`, which clears it);
+        ``ValueError`` for unknown keys or non-finite values, before anything changes."""
+        unknown = sorted(set(state) - set(self.derived_keys))
+        if unknown:
+            raise ValueError(
+                f"Invalid state_dict: {type(self).__name__} derives no {', '.join(unknown)}"
+            )
+        loaded = {}
+        for key, value in state.items():
+            if not isinstance(value, (tuple, list)) or not all(
+                isinstance(v, (Tensor, float)) for v in value
+            ):
+                raise ValueError(f"Invalid state_dict: derived {key!r} is not a tuple of tensors")
+            if not all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in value):
+                raise ValueError(f"Invalid state_dict: derived {key!r} is not finite")
+            loaded[key] = tuple(v.to(device) if isinstance(v, Tensor) else v for v in value)
+        for key, value in loaded.items():
+            setattr(self, key, value)
 
     def running_statistics(self) -> list[Tensor]:
         """The running statistics themselves (not copies), for averaging across ranks."""

@@ -52,6 +52,7 @@ class KFACBlock(CurvatureBlock):
     """
 
     state_keys = ("a_factor", "g_factor")
+    derived_keys = ("_eigen", "_inverses")
     shares_decomposition = True
 
     def __init__(

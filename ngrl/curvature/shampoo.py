@@ -54,6 +54,7 @@ class ShampooBlock(ExampleStatisticsBlock):
     """
 
     state_keys = ("left", "right", "second_moment")
+    derived_keys = ("_eigen",)
     name = "Shampoo"
 
     def __init__(

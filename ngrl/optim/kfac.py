@@ -462,6 +462,7 @@ class KFAC(torch.optim.Optimizer):
 
     # --- checkpoints ------------------------------------------------------------------
     _STEP_KEYS = ("momentum_buffer",)  # what step() keeps per parameter, beside the blocks
+    _DERIVED_KEY = "derived"  # a block's derived_state(), in its layer's entry
 
     def _param_index(self) -> dict[int, int]:
         return {id(p): i for i, p in enumerate(self.param_groups[0]["params"])}
@@ -474,8 +475,15 @@ class KFAC(torch.optim.Optimizer):
         """
         state = super().state_dict()
         index = self._param_index()
+        # Between two refreshes the next steps use decompositions of older statistics:
+        # they travel too, so that a resumed run continues bit for bit.
+        between = self.steps % int(self.hyperparameter("inv_update_steps")) != 0
         for layer in self.layers:
-            block_state = self.blocks[layer.name].state_dict()
+            block = self.blocks[layer.name]
+            block_state: dict[str, Any] = block.state_dict()
+            derived = block.derived_state() if between and block_state else {}
+            if derived:
+                block_state[self._DERIVED_KEY] = derived
             if block_state:
                 state["state"].setdefault(index[id(layer.params[0])], {}).update(block_state)
         state["curvature"] = self.curvature
@@ -494,7 +502,8 @@ class KFAC(torch.optim.Optimizer):
         index = self._param_index()
         for layer in self.layers:
             entry = state_dict.get("state", {}).get(index[id(layer.params[0])], {})
-            stray = sorted(set(entry) - {*self._STEP_KEYS, *self.blocks[layer.name].state_keys})
+            known = {*self._STEP_KEYS, self._DERIVED_KEY, *self.blocks[layer.name].state_keys}
+            stray = sorted(set(entry) - known)
             if stray:
                 raise ValueError(
                     f"Invalid state_dict: layer {layer.name or '<root>'!r} has entries "
@@ -505,30 +514,34 @@ class KFAC(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a checkpoint that does not fit changes nothing.
 
-        Eigendecompositions are not saved: they are recomputed from the restored factors
-        at the next step, so a run resumed at an ``inv_update_steps`` boundary continues
-        exactly, and one resumed elsewhere uses slightly fresher inverses.
+        Together with the statistics come the decompositions in use when the state was
+        taken between two refreshes, so a round trip at any step continues bit for bit.
         """
         self._check_curvature(state_dict)
         index = self._param_index()
         saved = state_dict.get("state", {})
-        restored: dict[str, dict[str, Tensor]] = {}
+        restored: dict[str, tuple[dict[str, Tensor], dict[str, Any]]] = {}
         for layer in self.layers:
             entry = saved.get(index[id(layer.params[0])], {})
             block = self.blocks[layer.name]
             block_state = {k: v for k, v in entry.items() if k in block.state_keys}
+            derived = entry.get(self._DERIVED_KEY, {})
             # Validate on a fresh block so that a bad checkpoint leaves this one untouched.
             options = self._block_options if layer.kronecker else {}
-            type(block)(layer.shape, **options).load_state_dict(block_state)
-            restored[layer.name] = block_state
+            fresh = type(block)(layer.shape, **options)
+            fresh.load_state_dict(block_state)
+            fresh.load_derived_state(derived)
+            restored[layer.name] = (block_state, derived)
         super().load_state_dict(state_dict)
         for layer in self.layers:
+            block_state, derived = restored[layer.name]
             entry = self.state.get(layer.params[0], {})
-            for key in restored[layer.name]:
+            for key in (*block_state, self._DERIVED_KEY):
                 entry.pop(key, None)
             if not entry and layer.params[0] in self.state:
                 del self.state[layer.params[0]]
-            self.blocks[layer.name].load_state_dict(
-                {k: v.to(layer.params[0].device) for k, v in restored[layer.name].items()}
-            )
+            device = layer.params[0].device
+            block = self.blocks[layer.name]
+            block.load_state_dict({k: v.to(device) for k, v in block_state.items()})
+            block.load_derived_state(derived, device)
         self._warned_uncaptured = False

@@ -307,3 +307,19 @@ def test_slang_refuses_a_bfloat16_model_and_skips_a_step_whose_svd_fails(
     monkeypatch.undo()
     train(opt, model, 1)  # the next step goes ahead
     assert opt.steps == 3
+
+
+@pytest.mark.parametrize("saved_at", [3, 4, 5])
+def test_noisy_kfac_round_trip_between_refreshes_continues_bit_for_bit(saved_at: int) -> None:
+    options = dict(lr=0.05, factor_update_steps=2, inv_update_steps=3)
+    model = mlp()
+    opt = NoisyKFAC(model, 100, **options)
+    train(opt, model, saved_at)
+    twin = copy.deepcopy(model)
+    twin_opt = NoisyKFAC(twin, 100, **options)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    torch.manual_seed(7)
+    train(opt, model, 4)
+    torch.manual_seed(7)
+    train(twin_opt, twin, 4)
+    assert_identical(twin, snapshot(model))

@@ -61,6 +61,38 @@ def test_state_dict_round_trip_gives_the_same_next_step() -> None:
         torch.testing.assert_close(flat_parameters(clone), flat_parameters(model))
 
 
+@pytest.mark.parametrize("curvature", available())
+@pytest.mark.parametrize("saved_at", [3, 4, 5])
+def test_a_round_trip_at_any_step_continues_bit_for_bit(curvature: str, saved_at: int) -> None:
+    """Off an ``inv_update_steps`` boundary the next steps use decompositions of older
+    statistics; the state carries them, so the clone takes exactly the same steps."""
+    options = dict(lr=0.1, curvature=curvature, factor_update_steps=2, inv_update_steps=3)
+    model, opt = make(**options)
+    for seed in range(saved_at):
+        train_step(model, opt, seed)
+    state = copy.deepcopy(opt.state_dict())
+    clone, clone_opt = make(seed=1, **options)
+    clone.load_state_dict(model.state_dict())
+    clone_opt.load_state_dict(state)
+    for seed in range(10, 14):
+        train_step(model, opt, seed)
+        train_step(clone, clone_opt, seed)
+        assert torch.equal(flat_parameters(clone), flat_parameters(model)), (curvature, seed)
+
+
+def test_a_corrupt_derived_state_is_refused_and_changes_nothing() -> None:
+    model, opt = make(lr=0.1, inv_update_steps=3)
+    for seed in range(4):
+        train_step(model, opt, seed)
+    good = copy.deepcopy(opt.state_dict())
+    assert "derived" in good["state"][0]
+    bad = copy.deepcopy(good)
+    bad["state"][0]["derived"]["_eigen"][1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="derived '_eigen' is not finite"):
+        opt.load_state_dict(bad)
+    torch.testing.assert_close(opt.blocks["0"]._eigen[1], good["state"][0]["derived"]["_eigen"][1])
+
+
 def test_load_state_dict_rejects_a_checkpoint_that_does_not_fit_and_keeps_its_state() -> None:
     model, opt = make(lr=0.1)
     train_step(model, opt, 0)
