@@ -20,6 +20,7 @@ from stable_baselines3.common.type_aliases import (
 )
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
+from agents.checkpoints import PolicyOnlyLoading
 from agents.data_parallel import GlobalTimesteps
 from agents.policies import (
     ACTION_SPACES,
@@ -45,7 +46,7 @@ class A2CLossTerms(NamedTuple):
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 
-class ACKTR(OnPolicyAlgorithm):
+class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     r"""Actor Critic using Kronecker-Factored Trust Region (Wu et al. 2017, arXiv:1708.05144).
 
     A2C's loss, minimised by K-FAC natural-gradient steps inside a KL trust region. Per

@@ -106,6 +106,26 @@ class PeriodicCheckpoint(BaseCallback):
         return True
 
 
+class FinalLog(BaseCallback):
+    """Writes the logs once more when training ends: SB3 logs every ``log_interval``
+    rollouts, before the update, so the last update's figures (and, in a run shorter than
+    the interval, all of them) would otherwise never reach progress.csv or TensorBoard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.iterations = 0
+
+    def _on_rollout_end(self) -> None:
+        self.iterations += 1
+
+    def _on_training_end(self) -> None:
+        if self.iterations:
+            self.model.dump_logs(self.iterations)  # type: ignore[attr-defined]
+
+    def _on_step(self) -> bool:
+        return True
+
+
 class Stopped(Exception):
     """Training stopped between two updates because of a signal (:class:`StopOnSignal`)."""
 

@@ -1,8 +1,15 @@
-"""Checkpoints written atomically, and read back only after they are checked."""
+"""Checkpoints written atomically, and read back only after they are checked.
+
+A run folder holds two kinds of file: ``checkpoint.zip``, everything a run continues from
+(the policy, the optimizers' state, a ``VecNormalize``'s statistics, all in one file),
+and ``model.zip``, what ``predict`` needs (the policy; for the K-FAC agents the optimizer
+state, most of a Breakout checkpoint, stays out).
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +21,12 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 __all__ = [
     "CheckpointError",
-    "normalizer_path",
+    "PolicyOnlyLoading",
+    "has_normalizer",
+    "load_normalizer",
     "read_run_metadata",
     "save_checkpoint",
+    "save_policy",
     "write_atomically",
 ]
 
@@ -43,27 +53,85 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def normalizer_path(checkpoint: Path) -> Path:
-    """Where the observation/reward normalisation statistics of a checkpoint live."""
-    return checkpoint.with_name(checkpoint.stem + "_vecnormalize.pkl")
+#: The entry of a checkpoint zip that holds a ``VecNormalize``'s statistics.
+NORMALIZER_ENTRY = "vecnormalize.pkl"
+
+
+class PolicyOnlyLoading:
+    """Mixin for an SB3 algorithm whose ``load`` also takes a zip that holds the policy
+    alone (:func:`save_policy`): the optimizers then start fresh."""
+
+    def set_parameters(  # type: ignore[no-untyped-def]
+        self, load_path_or_dict, exact_match: bool = True, device: Any = "auto"
+    ) -> None:
+        if isinstance(load_path_or_dict, dict) and set(load_path_or_dict) == {"policy"}:
+            self.policy.load_state_dict(load_path_or_dict["policy"])  # type: ignore[attr-defined]
+            return
+        super().set_parameters(load_path_or_dict, exact_match, device)  # type: ignore[misc]
 
 
 def save_checkpoint(model: BaseAlgorithm, path: Path, metadata: dict[str, Any]) -> None:
-    """Save ``model`` (with its optimizer state: the K-FAC factors) to ``path`` atomically.
+    """Save everything a run continues from to ``path``, atomically and in one file: the
+    model with its optimizer state (the K-FAC factors) and, for a ``VecNormalize``
+    environment, its statistics. ``metadata`` (algorithm, environment) travels inside."""
+    env = model.get_env()
+    normalizer = env if isinstance(env, VecNormalize) else None
+    _save(model, path, metadata, False, normalizer)
 
-    ``metadata`` (algorithm and environment) travels inside the zip; a ``VecNormalize``
-    environment's statistics are saved beside it.
-    """
-    setattr(model, METADATA, dict(metadata))
 
-    def write_model(target: Path) -> None:
+def save_policy(model: BaseAlgorithm, path: Path, metadata: dict[str, Any]) -> None:
+    """Save what ``predict`` needs to ``path``, atomically: for an algorithm with
+    :class:`PolicyOnlyLoading`, the policy without the optimizer state; otherwise the
+    whole model; and a ``VecNormalize``'s statistics, which predictions need. It loads
+    with ``Algorithm.load`` but is not a checkpoint to resume from."""
+    env = model.get_env()
+    normalizer = env if isinstance(env, VecNormalize) else None
+    _save(model, path, metadata, isinstance(model, PolicyOnlyLoading), normalizer)
+
+
+def _save(
+    model: BaseAlgorithm,
+    path: Path,
+    metadata: dict[str, Any],
+    policy_only: bool,
+    normalizer: VecNormalize | None,
+) -> None:
+    setattr(model, METADATA, {**metadata, "policy_only": policy_only})
+
+    def write(target: Path) -> None:
         with open(target, "wb") as handle:
             model.save(handle)
+        if policy_only:
+            _drop_entries(target, keep=lambda name: not name.endswith(".pth") or name in
+                          ("policy.pth", "pytorch_variables.pth"))
+        if normalizer is not None:
+            with zipfile.ZipFile(target, "a") as archive:
+                archive.writestr(NORMALIZER_ENTRY, pickle.dumps(normalizer))  # venv excluded
 
-    write_atomically(path, write_model)
-    env = model.get_env()
-    if isinstance(env, VecNormalize):
-        write_atomically(normalizer_path(path), lambda target: env.save(str(target)))
+    write_atomically(path, write)
+
+
+def _drop_entries(path: Path, keep: Callable[[str], bool]) -> None:
+    """Rewrite the zip at ``path`` with only the entries ``keep`` accepts."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist() if keep(info.filename)]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for info, content in entries:
+            archive.writestr(info, content)
+
+
+def has_normalizer(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a ``VecNormalize``'s statistics."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        return NORMALIZER_ENTRY in archive.namelist()
+
+
+def load_normalizer(checkpoint: Path, venv: Any) -> VecNormalize:
+    """The ``VecNormalize`` saved in ``checkpoint``, wrapping ``venv``."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        normalizer: VecNormalize = pickle.loads(archive.read(NORMALIZER_ENTRY))
+    normalizer.set_venv(venv)
+    return normalizer
 
 
 def read_run_metadata(path: Path) -> dict[str, Any]:
@@ -80,4 +148,9 @@ def read_run_metadata(path: Path) -> dict[str, Any]:
     metadata = (data or {}).get(METADATA)
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} was not written by ngrl.train")
+    if metadata.get("policy_only"):
+        raise CheckpointError(
+            f"{str(path)!r} holds the trained policy only (for predict and evaluation), not "
+            "the optimizer state a run continues from; resume from checkpoint.zip"
+        )
     return {**metadata, "num_timesteps": int((data or {}).get("num_timesteps", 0))}

@@ -21,6 +21,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch import Tensor
 
+from agents.checkpoints import PolicyOnlyLoading
 from agents.policies import (
     ACTION_SPACES,
     KFACActorCriticCnnPolicy,
@@ -39,7 +40,7 @@ SelfNPG = TypeVar("SelfNPG", bound="NPG")
 CRITIC_PREFIXES = ("value_net", "mlp_extractor.value_net", "vf_features_extractor")
 
 
-class NPG(OnPolicyAlgorithm):
+class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
     r"""Natural policy gradient (Kakade 2001; Rajeswaran et al. 2017) and TRPO (Schulman et
     al. 2015, arXiv:1502.05477) with a separately trained critic.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -76,12 +75,17 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
                         help="run folder; must not exist or be empty "
                              "(default: runs/ALGO-ENV-sSEED-TIME)")
     parser.add_argument("--resume", type=Path, metavar="PATH",
-                        help="continue from a checkpoint.zip or model.zip of an earlier run "
-                             "(same ALGO and env); --timesteps counts the earlier steps too")
+                        help="continue from the checkpoint.zip of an earlier run (same ALGO "
+                             "and env) in a new run folder; --timesteps counts the earlier "
+                             "steps too")
     parser.add_argument("--eval-episodes", type=int, default=10, metavar="N",
                         help="episodes to evaluate the final policy on (default: 10; 0: none)")
     parser.add_argument("--checkpoint-every", type=int, default=100, metavar="UPDATES",
-                        help="save checkpoint.zip every this many updates (default: 100)")
+                        help="save checkpoint.zip every this many updates, and at the end "
+                             "(default: 100)")
+    parser.add_argument("--log-interval", type=int, default=10, metavar="UPDATES",
+                        help="write progress.csv and TensorBoard every this many updates, "
+                             "and at the end (default: 10)")
     parser.add_argument("--preset", metavar="NAME",
                         help="a named preset instead of ALGO's default one, e.g. "
                              "`acktr --preset baselines` (openai/baselines' ACKTR recipe); "
@@ -171,21 +175,20 @@ def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> Non
 def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from agents.checkpoints import normalizer_path
+    from agents.checkpoints import has_normalizer, load_normalizer
     from envs import make_vec_env
 
     env = make_vec_env(config.env.gym_id, config.n_envs, seed=seed)
     if not config.normalize:
         return env
-    saved = normalizer_path(resume) if resume is not None else None
-    if saved is not None and saved.is_file():
-        return VecNormalize.load(str(saved), env)
+    if resume is not None and has_normalizer(resume):
+        return load_normalizer(resume, env)
     return VecNormalize(env)
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """Everything that can fail on bad input, before a file is written: (config, model, dir)."""
-    from agents.checkpoints import normalizer_path, read_run_metadata
+    from agents.checkpoints import has_normalizer, read_run_metadata
     from agents.presets import algorithm_class, parse_override, resolve_config
     from envs import resolve
 
@@ -193,7 +196,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     spec = resolve(args.env)
     overrides = [parse_override(text) for text in args.overrides]
     for name, value in (("--timesteps", args.timesteps), ("--n-envs", args.n_envs),
-                        ("--checkpoint-every", args.checkpoint_every)):
+                        ("--checkpoint-every", args.checkpoint_every),
+                        ("--log-interval", args.log_interval)):
         _check_positive(name, value)
     _check_positive("--eval-episodes", args.eval_episodes, minimum=0)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -225,7 +229,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     _check_positive("n_envs", config.n_envs)
     _check_distributed(args, config, world)
     if args.resume is not None:  # the checkpoint decides, not today's preset
-        config.normalize = normalizer_path(args.resume).is_file()
+        config.normalize = has_normalizer(args.resume)
     run_dir = _run_dir(args, spec.gym_id)
     env = _make_env(config, args.seed, args.resume)
     try:
@@ -272,8 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _learn(model: Any, timesteps: int, fresh: bool, callbacks: list[Any] | None = None) -> None:
-    """Train until the run's ``timesteps`` (a resumed model has already done some).
+def _learn(
+    model: Any, timesteps: int, fresh: bool, callbacks: list[Any] | None = None,
+    log_interval: int = 10,
+) -> None:
+    """Train until the run's ``timesteps`` (a resumed model has already done some),
+    logging every ``log_interval`` updates.
 
     SIGTERM and SIGINT stop it between two updates (:class:`agents.callbacks.Stopped`),
     on every rank at the same update.
@@ -289,7 +297,7 @@ def _learn(model: Any, timesteps: int, fresh: bool, callbacks: list[Any] | None 
     stop.install()
     try:
         model.learn(remaining, callback=CallbackList([stop, *(callbacks or [])]),
-                    reset_num_timesteps=fresh)
+                    reset_num_timesteps=fresh, log_interval=log_interval)
     finally:
         stop.restore()
 
@@ -314,7 +322,7 @@ def _train(args: argparse.Namespace) -> int:
 
         model.set_logger(Logger(folder=None, output_formats=[]))
         try:
-            _learn(model, config.timesteps, args.resume is None)
+            _learn(model, config.timesteps, args.resume is None, log_interval=args.log_interval)
         except Stopped as stop:
             return 128 + stop.signum
         except KeyboardInterrupt:
@@ -325,10 +333,11 @@ def _train(args: argparse.Namespace) -> int:
 
     from stable_baselines3.common.logger import configure
 
-    from agents.callbacks import EpisodeLog, PeriodicCheckpoint, ScoreProgressBar
-    from agents.checkpoints import save_checkpoint
+    from agents.callbacks import EpisodeLog, FinalLog, PeriodicCheckpoint, ScoreProgressBar
+    from agents.checkpoints import save_checkpoint, save_policy
     from agents.evaluation import evaluate
     from agents.plots import plot_learning_curve
+    from agents.records import continue_episodes, continue_progress
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"algo": args.algo, "env": config.env.gym_id}
@@ -342,11 +351,13 @@ def _train(args: argparse.Namespace) -> int:
         "command": args.command,
     }, indent=2, default=repr))
     episodes = run_dir / "episodes.csv"
-    if args.resume is not None and (args.resume.parent / "episodes.csv").is_file():
-        shutil.copyfile(args.resume.parent / "episodes.csv", episodes)  # one continuous curve
-    model.set_logger(configure(str(run_dir), ["csv", "tensorboard"]))
+    logger = configure(str(run_dir), ["csv", "tensorboard"])
+    if args.resume is not None:  # one continuous curve, up to the checkpoint's step
+        continue_episodes(args.resume.parent / "episodes.csv", episodes, model.num_timesteps)
+        continue_progress(args.resume.parent / "progress.csv", logger, model.num_timesteps)
+    model.set_logger(logger)
     checkpoint = run_dir / "checkpoint.zip"
-    callbacks = [EpisodeLog(episodes),
+    callbacks = [EpisodeLog(episodes), FinalLog(),
                  PeriodicCheckpoint(args.checkpoint_every,
                                     lambda: save_checkpoint(model, checkpoint, metadata))]
     if not args.no_progress:
@@ -356,7 +367,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
           f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}")
     try:
-        _learn(model, config.timesteps, args.resume is None, callbacks)
+        _learn(model, config.timesteps, args.resume is None, callbacks, args.log_interval)
     except Stopped as stop:
         save_checkpoint(model, checkpoint, metadata)
         print(f"\nngrl.train: stopped by {signal.Signals(stop.signum).name} after "
@@ -368,8 +379,9 @@ def _train(args: argparse.Namespace) -> int:
               if checkpoint.is_file() else "\nngrl.train: stopped at once, before any checkpoint",
               file=sys.stderr)
         return 130
-    save_checkpoint(model, run_dir / "model.zip", metadata)
-    print(f"model: {run_dir / 'model.zip'}")
+    save_checkpoint(model, checkpoint, metadata)
+    save_policy(model, run_dir / "model.zip", metadata)
+    print(f"model: {run_dir / 'model.zip'} (checkpoint: {checkpoint})")
     if episodes.is_file():
         curve = run_dir / "learning_curve.png"
         plot_learning_curve([episodes], curve, f"{args.algo} on {config.env.gym_id}")

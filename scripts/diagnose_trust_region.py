@@ -7,7 +7,7 @@ in ``∇``, the two parts say which loss sets the trust-region scale ``ν``. It 
 per layer, how much of the Kronecker spectrum ``d_G d_Aᵀ`` lies above the damping.
 
     python -m ngrl.train acktr --env Breakout --timesteps 100000 --log-dir runs/brk
-    python scripts/diagnose_trust_region.py runs/brk/model.zip --env Breakout
+    python scripts/diagnose_trust_region.py runs/brk/checkpoint.zip --env Breakout
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="an ACKTR model.zip written by ngrl.train")
+    parser.add_argument("model", help="an ACKTR checkpoint.zip written by ngrl.train (its "
+                        "K-FAC factors; model.zip holds the policy only)")
     parser.add_argument("--env", required=True, help="the environment it was trained on")
     parser.add_argument("--seed", type=int, default=123, help="rollout seed (default: 123)")
     parser.add_argument("--dampings", default="1e-2,1e-4,1e-6",

@@ -34,7 +34,7 @@ def test_two_ranks_train_and_a_single_process_resumes(tmp_path: Path) -> None:
     # The checkpoint counts every rank's steps, so one process continues where two stopped.
     code = main(["acktr", "--env", "CartPole", "--n-envs", "4", "--timesteps", "640",
                  "--no-progress", "--eval-episodes", "0", "--log-dir", str(tmp_path / "one"),
-                 "--resume", str(run / "model.zip")])
+                 "--resume", str(run / "checkpoint.zip")])
     assert code == 0
     second = ACKTR.load(tmp_path / "one" / "model.zip")
     assert second.num_timesteps == 640 and second._n_updates == 20

@@ -48,7 +48,7 @@ def test_acktr_on_atari_through_the_cli(tmp_path: Path) -> None:
                           "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
                           "--set", "n_steps=8")
     assert code == 0
-    model = ACKTR.load(run_dir / "model.zip")
+    model = ACKTR.load(run_dir / "checkpoint.zip")
     assert type(model.policy).__name__ == "KFACActorCriticCnnPolicy"
     assert model.policy.optimizer.blocks["features_extractor.cnn.0"].initialized
 
@@ -59,7 +59,7 @@ def test_acktr_runs_with_another_curvature_on_atari(tmp_path: Path) -> None:
                           "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
                           "--set", "n_steps=8", "--set", "curvature=ekfac")
     assert code == 0
-    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    optimizer = ACKTR.load(run_dir / "checkpoint.zip").policy.optimizer
     assert optimizer.curvature == "ekfac"
     assert type(optimizer.blocks["features_extractor.cnn.0"]).__name__ == "EKFACBlock"
     assert optimizer.blocks["features_extractor.cnn.0"].initialized
@@ -70,7 +70,7 @@ def test_set_reaches_kfac_options(tmp_path: Path) -> None:
                           *SMALL, "--set", "n_steps=8", "--set", "curvature=diag",
                           "--set", "kfac_kwargs.stats_batch_size=4")
     assert code == 0
-    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    optimizer = ACKTR.load(run_dir / "checkpoint.zip").policy.optimizer
     assert optimizer.curvature == "diag"
     assert optimizer._capture.batch_size == 4
 
@@ -82,7 +82,7 @@ def test_preset_baselines_is_the_reference_recipe(tmp_path: Path) -> None:
     assert code == 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preset"] == "baselines"
-    optimizer = ACKTR.load(run_dir / "model.zip").policy.optimizer
+    optimizer = ACKTR.load(run_dir / "checkpoint.zip").policy.optimizer
     assert optimizer.curvature == "kfac" and optimizer.hyperparameter("kl_clip") == 1e-3
 
 
@@ -90,11 +90,11 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
     args = ["acktr", "--env", "CartPole", *SMALL]  # a resumed run keeps its hyperparameters
     assert train(tmp_path, "first", *args, "--timesteps", "160", "--set", "n_steps=8",
                  "--set", "cold_start_steps=1")[0] == 0
-    first = ACKTR.load(tmp_path / "first" / "model.zip")
+    first = ACKTR.load(tmp_path / "first" / "checkpoint.zip")
     code, second_dir = train(tmp_path, "second", *args, "--timesteps", "320",
-                             "--resume", str(tmp_path / "first" / "model.zip"))
+                             "--resume", str(tmp_path / "first" / "checkpoint.zip"))
     assert code == 0
-    second = ACKTR.load(second_dir / "model.zip")
+    second = ACKTR.load(second_dir / "checkpoint.zip")
     assert (first.num_timesteps, second.num_timesteps) == (160, 320)
     assert second._n_updates == 2 * first._n_updates
     # Cold start is not repeated: every resumed update was a K-FAC step.
@@ -104,12 +104,17 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
     assert (second_dir / "episodes.csv").read_text().splitlines()[: len(first_rows)] == first_rows
     # Resumed with no steps left, the saved factors come back bit for bit.
     code, same_dir = train(tmp_path, "same", *args, "--timesteps", "160",
-                           "--resume", str(tmp_path / "first" / "model.zip"))
+                           "--resume", str(tmp_path / "first" / "checkpoint.zip"))
     assert code == 0
-    same = ACKTR.load(same_dir / "model.zip").policy.optimizer.state_dict()["state"]
+    same = ACKTR.load(same_dir / "checkpoint.zip").policy.optimizer.state_dict()["state"]
     for index, entry in first.policy.optimizer.state_dict()["state"].items():
         for key, value in entry.items():
-            assert torch.equal(same[index][key], value), key
+            if key == "derived":  # the decompositions in use, taken between two refreshes
+                for name, parts in value.items():
+                    assert all(torch.equal(a, b) for a, b in zip(same[index][key][name], parts,
+                                                                   strict=True)), name
+            else:
+                assert torch.equal(same[index][key], value), key
 
 
 def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -164,7 +169,7 @@ def test_corrupt_or_foreign_checkpoints_are_refused(
                                            "--resume", str(corrupt))
     assert train(tmp_path, "a2c", "a2c", "--env", "CartPole", "--timesteps", "40", *SMALL)[0] == 0
     capsys.readouterr()
-    a2c_model = str(tmp_path / "a2c" / "model.zip")
+    a2c_model = str(tmp_path / "a2c" / "checkpoint.zip")
     assert "is a a2c run on CartPole-v1, not acktr" in run_bad(
         tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model)
     assert "not a2c on Acrobot" in run_bad(
@@ -178,7 +183,7 @@ def test_resume_refuses_to_change_hyperparameters(
                  "--set", "n_steps=8")[0] == 0
     capsys.readouterr()
     message = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--resume",
-                      str(tmp_path / "run" / "model.zip"), "--set", "kl_clip=0.1")
+                      str(tmp_path / "run" / "checkpoint.zip"), "--set", "kl_clip=0.1")
     assert "cannot change the hyperparameters of a resumed run" in message
 
 
@@ -214,7 +219,7 @@ def test_resume_refuses_fewer_timesteps_than_the_checkpoint_has(
                  "--set", "n_steps=8")[0] == 0
     capsys.readouterr()
     err = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--timesteps", "100",
-                  "--resume", str(tmp_path / "first" / "model.zip"))
+                  "--resume", str(tmp_path / "first" / "checkpoint.zip"))
     assert "--timesteps 100 is below the 160 steps the checkpoint has trained" in err
 
 
@@ -223,3 +228,108 @@ def test_help_lists_hyperparameters_with_defaults() -> None:
                          capture_output=True, text=True, check=True).stdout
     for text in ("--env", "--resume", "--set", "kl_clip = 0.001", "vf_fisher_coef = 1.0"):
         assert text in out
+
+
+def test_model_zip_holds_the_policy_and_checkpoint_zip_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import zipfile
+
+    import numpy as np
+
+    code, run_dir = train(tmp_path, "run", "acktr", "--env", "CartPole", "--timesteps", "160",
+                          *SMALL, "--set", "n_steps=8")
+    assert code == 0
+    model_entries = set(zipfile.ZipFile(run_dir / "model.zip").namelist())
+    checkpoint_entries = set(zipfile.ZipFile(run_dir / "checkpoint.zip").namelist())
+    assert "policy.pth" in model_entries and "policy.optimizer.pth" not in model_entries
+    assert {"policy.pth", "policy.optimizer.pth", "cold_optimizer.pth"} <= checkpoint_entries
+    assert (run_dir / "model.zip").stat().st_size < (run_dir / "checkpoint.zip").stat().st_size
+    policy, full = ACKTR.load(run_dir / "model.zip"), ACKTR.load(run_dir / "checkpoint.zip")
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(policy.predict(obs, deterministic=True)[0],
+                                  full.predict(obs, deterministic=True)[0])
+    assert not any(b.initialized for b in policy.policy.optimizer.blocks.values())
+    capsys.readouterr()
+    err = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--resume",
+                  str(run_dir / "model.zip"))
+    assert "holds the trained policy only" in err and "resume from checkpoint.zip" in err
+
+
+def test_a_run_shorter_than_the_log_interval_leaves_logs_and_a_checkpoint(tmp_path: Path) -> None:
+    import csv
+
+    # 4 updates: below the default --log-interval (10) and --checkpoint-every (100).
+    code, run_dir = train(tmp_path, "short", "acktr", "--env", "CartPole", "--timesteps", "64",
+                          *SMALL, "--set", "n_steps=8")
+    assert code == 0
+    with open(run_dir / "progress.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and int(rows[-1]["time/total_timesteps"]) == 64
+    assert rows[-1]["train/policy_loss"] != ""  # the last update's figures are there
+    assert ACKTR.load(run_dir / "checkpoint.zip").num_timesteps == 64
+    code, every = train(tmp_path, "every", "acktr", "--env", "CartPole", "--timesteps", "64",
+                        *SMALL, "--set", "n_steps=8", "--log-interval", "1")
+    assert code == 0
+    assert len((every / "progress.csv").read_text().splitlines()) == 1 + 4 + 1  # + the final row
+
+
+def read_steps(path: Path, column: int | str = 0) -> list[int]:
+    import csv
+
+    with open(path, newline="") as handle:
+        if isinstance(column, int):
+            return [int(float(row[column])) for row in list(csv.reader(handle))[1:]]
+        return [int(float(row[column])) for row in csv.DictReader(handle) if row[column]]
+
+
+def test_a_resumed_run_drops_the_records_its_checkpoint_did_not_keep(tmp_path: Path) -> None:
+    """A run killed after its checkpoint logged a stretch the resumed run trains again:
+    the new records continue from the checkpoint's step, never twice."""
+    args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--log-interval", "1"]
+    assert train(tmp_path, "first", *args, "--timesteps", "160")[0] == 0
+    first = tmp_path / "first"
+    # What a crash after the checkpoint (at 160) leaves: records past it.
+    with open(first / "episodes.csv", "a") as handle:
+        handle.write("176,999.0,10,1.0\n192,999.0,10,1.0\n")
+    progress = (first / "progress.csv").read_text().splitlines()
+    header = progress[0].split(",")
+    late = [""] * len(header)
+    late[header.index("time/total_timesteps")] = "192"
+    (first / "progress.csv").write_text("\n".join([*progress, ",".join(late)]) + "\n")
+
+    code, second = train(tmp_path, "second", "acktr", "--env", "CartPole", *SMALL,
+                         "--log-interval", "1", "--timesteps", "320",
+                         "--resume", str(first / "checkpoint.zip"))
+    assert code == 0
+    for path, column in ((second / "episodes.csv", 0),
+                         (second / "progress.csv", "time/total_timesteps")):
+        steps = read_steps(path, column)
+        assert steps == sorted(steps) and 160 < steps[-1] <= 320, (path.name, steps)
+        assert read_steps(first / path.name, column)[: len([s for s in steps if s <= 160])] == [
+            s for s in steps if s <= 160
+        ]
+    assert "999.0" not in (second / "episodes.csv").read_text()
+
+
+def test_vecnormalize_statistics_travel_inside_the_checkpoint(tmp_path: Path) -> None:
+    import numpy as np
+
+    from agents.checkpoints import has_normalizer
+
+    args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--set", "normalize=true"]
+    code, first = train(tmp_path, "first", *args, "--timesteps", "160")
+    assert code == 0
+    assert [p.name for p in first.iterdir() if p.suffix == ".pkl"] == []  # no second file
+    assert has_normalizer(first / "checkpoint.zip") and has_normalizer(first / "model.zip")
+    code, second = train(tmp_path, "second", "acktr", "--env", "CartPole", *SMALL,
+                         "--timesteps", "160", "--resume", str(first / "checkpoint.zip"))
+    assert code == 0  # nothing left to train: the statistics come back as they were saved
+    from agents.checkpoints import load_normalizer
+    from envs import make_vec_env
+
+    saved = load_normalizer(first / "checkpoint.zip", make_vec_env("CartPole", 2))
+    again = load_normalizer(second / "checkpoint.zip", make_vec_env("CartPole", 2))
+    assert saved.obs_rms.count > 1
+    np.testing.assert_array_equal(again.obs_rms.mean, saved.obs_rms.mean)
+    assert json.loads((second / "config.json").read_text())["normalize"] is True
