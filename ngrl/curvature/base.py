@@ -36,6 +36,7 @@ __all__ = [
     "get_block_class",
     "register",
     "damped_inverse",
+    "eigenbasis_power",
     "eigenbasis_solve",
     "factored_kronecker",
     "kronecker_dense",
@@ -56,9 +57,8 @@ class CurvatureBlock(ABC):
        every ``inv_update_steps`` steps;
     4. ``precondition(grad, damping)`` returns ``(F̂ + damping·I)⁻¹ grad`` in matrix form.
 
-    ``update(a, g, factor_decay)`` is ``accumulate`` followed by ``commit``. Options a
-    block takes beyond its ``shape`` are keyword arguments of its constructor, passed by
-    ``KFAC(curvature_options=...)``.
+    Options a block takes beyond its ``shape`` are keyword arguments of its constructor,
+    passed by ``KFAC(curvature_options=...)``.
     """
 
     #: Shape of the gradient this block preconditions, e.g. ``(d_out, d_in)``.
@@ -123,11 +123,6 @@ class CurvatureBlock(ABC):
         """Install a :meth:`decomposition` computed by another rank."""
         raise NotImplementedError(f"{type(self).__name__} does not share its decomposition")
 
-    def update(self, a: Tensor | None, g: Tensor, factor_decay: float = 0.0) -> None:
-        """Add one batch of statistics and fold it into the running estimate."""
-        self.accumulate(a, g)
-        self.commit(factor_decay)
-
     @abstractmethod
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
         """Add the statistics of one captured batch to the pending estimate."""
@@ -159,6 +154,26 @@ class CurvatureBlock(ABC):
     @abstractmethod
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         """Return ``(F̂ + damping·I)⁻¹ grad`` with ``grad`` of shape :attr:`shape`."""
+
+    def multiply_matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        """``(F̂ + damping·I)^power v`` for ``v`` of shape :attr:`shape` (kfac-jax's name
+        and meaning): ``−1`` preconditions a gradient, ``−½`` turns white noise into a
+        sample of a Gaussian with that precision, ``+1`` gives the quadratic form.
+
+        The matrix is the one :meth:`precondition` inverts (:meth:`damped_dense`, with the
+        decompositions of the last :meth:`refresh`). Powers a block cannot take exactly
+        raise ``NotImplementedError`` naming the block and the power.
+        """
+        if power == -1.0:
+            return self.precondition(v, damping)
+        assert self.initialized, "multiply_matpower() before any statistics"
+        return self._matpower(v, damping, float(power))
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        """The powers other than −1 (subclasses that can take them exactly)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact matrix power {power:g} (only -1)"
+        )
 
     @abstractmethod
     def to_dense(self) -> Tensor:
@@ -417,6 +432,16 @@ def eigenbasis_solve(
     """
     rotated = g_vectors.T @ grad @ a_vectors
     rotated /= eigenvalues + damping
+    return g_vectors @ rotated @ a_vectors.T
+
+
+def eigenbasis_power(
+    v: Tensor, g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor, power: float
+) -> Tensor:
+    """``M^power v`` for ``M = (Q_G⊗Q_A) diag(vec S) (Q_G⊗Q_A)ᵀ`` with every ``S > 0``
+    (the damping already added): ``Q_G [(Q_Gᵀ v Q_A) · S^power] Q_Aᵀ``."""
+    rotated = g_vectors.T @ v @ a_vectors
+    rotated *= eigenvalues.pow(power)
     return g_vectors @ rotated @ a_vectors.T
 
 

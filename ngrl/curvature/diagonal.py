@@ -77,6 +77,10 @@ class DiagonalBlock(CurvatureBlock):
         assert self.diagonal is not None, "precondition() before any statistics"
         return grad / (self.diagonal.reshape(grad.shape) + damping)
 
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        assert self.diagonal is not None
+        return v * (self.diagonal.reshape(v.shape) + damping).pow(power)
+
     def to_dense(self) -> Tensor:
         assert self.diagonal is not None
         return torch.diag(self.diagonal)

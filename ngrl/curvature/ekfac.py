@@ -9,6 +9,7 @@ from ngrl.curvature.base import (
     PendingStatistics,
     blend,
     checked_state,
+    eigenbasis_power,
     eigenbasis_solve,
     kronecker_dense,
     register,
@@ -105,6 +106,11 @@ class EKFACBlock(KFACBlock):
         )
         g_basis, a_basis = self._basis
         return eigenbasis_solve(grad, g_basis, a_basis, self.scalings, damping)
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        assert self._basis is not None and self.scalings is not None
+        g_basis, a_basis = self._basis
+        return eigenbasis_power(v, g_basis, a_basis, self.scalings + damping, power)
 
     def to_dense(self) -> Tensor:
         assert self._basis is not None and self.scalings is not None

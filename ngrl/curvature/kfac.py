@@ -12,6 +12,7 @@ from ngrl.curvature.base import (
     blend,
     checked_state,
     damped_inverse,
+    eigenbasis_power,
     eigenbasis_solve,
     factored_kronecker,
     pi_split,
@@ -152,6 +153,21 @@ class KFACBlock(CurvatureBlock):
         assert self._eigen is not None, "precondition() before any statistics"
         a_values, a_vectors, g_values, g_vectors = self._eigen
         return eigenbasis_solve(grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping)
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        if self._eigen is None and self._inverses is None:
+            self.refresh(damping)
+        if self._inverses is not None:
+            # Factored damping: (G + γ_G I)^p ⊗ (A + γ_A I)^p from the inverses refresh()
+            # stored, so that every power uses the same matrix as precondition().
+            a_inverse, g_inverse = self._inverses
+            a_values, a_vectors = symmetric_eigh(a_inverse, self.float64_max_dim)
+            g_values, g_vectors = symmetric_eigh(g_inverse, self.float64_max_dim)
+            return eigenbasis_power(v, g_vectors, a_vectors, torch.outer(g_values, a_values), -power)
+        assert self._eigen is not None
+        a_values, a_vectors, g_values, g_vectors = self._eigen
+        eigenvalues = torch.outer(g_values, a_values) + damping
+        return eigenbasis_power(v, g_vectors, a_vectors, eigenvalues, power)
 
     def decomposition(self) -> list[Tensor] | None:
         if self._inverses is not None:

@@ -114,7 +114,6 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         self.g_correction: Tensor | None = None
         self.a_correction: Tensor | None = None
         self._solver: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        self._solver_damping: tuple[float, float] = (0.0, 0.0)
 
     @abstractmethod
     def batch_terms(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -162,7 +161,6 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         g_basis, mu = self._joint_basis(g1, g2, g_damping)
         a_basis, nu = self._joint_basis(a1, a2, a_damping)
         self._solver = (g_basis, mu, a_basis, nu)
-        self._solver_damping = (g_damping, a_damping)
 
     def _factored_solve(self, grad: Tensor) -> Tensor:
         assert self._solver is not None
@@ -193,6 +191,17 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         if not bool(solution.any()):  # negative curvature at once: F̂ + λI is indefinite
             return self._factored_solve(grad)
         return solution.reshape(shape)
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        """``+1`` only: a sum of two Kronecker products has no cheap exact root."""
+        if power != 1.0:
+            return super()._matpower(v, damping, power)
+        g1, a1, g2, a2 = self.terms()
+        if self.damping_rule == "exact":
+            return g1 @ v @ a1 + g2 @ v @ a2 + damping * v
+        a_damping, g_damping = pi_split(a1, g1, damping)
+        first = (g1 @ v + g_damping * v) @ a1 + a_damping * (g1 @ v + g_damping * v)
+        return first + g2 @ v @ a2
 
     # --- inspection and checkpoints ---------------------------------------------------
     def to_dense(self) -> Tensor:

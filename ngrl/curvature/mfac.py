@@ -13,6 +13,7 @@ from ngrl.curvature.base import (
     checked_state,
     jittered_cholesky,
     register,
+    symmetric_eigh,
 )
 
 __all__ = ["MFACBlock"]
@@ -114,6 +115,19 @@ class MFACBlock(ExampleStatisticsBlock):
         coefficients = torch.cholesky_solve((gradients @ v).double()[:, None], self._cholesky[1])
         x = (v - gradients.T @ coefficients[:, 0].to(v.dtype)) / damping
         return x.reshape(grad.shape)
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        """Any power, from the window's Gram matrix: with ``ΓΓᵀ/k = W diag(σ) Wᵀ`` the rows
+        of ``U = diag(σ)^{-½} Wᵀ Γ / √k`` are orthonormal and ``F̂ = Uᵀ diag(σ) U``, so
+        ``(F̂ + λI)^p v = λ^p v + Uᵀ [((σ + λ)^p − λ^p) · U v]``."""
+        gradients, gram = self._filled()
+        values, vectors = symmetric_eigh(gram / self.filled)
+        keep = values > values.max() * 1e-12  # the window's rank
+        values, vectors = values[keep], vectors[:, keep]
+        basis = (vectors / (values * self.filled).sqrt()).T @ gradients
+        flat = v.reshape(-1)
+        change = ((values + damping).pow(power) - damping**power) * (basis @ flat)
+        return (damping**power * flat + basis.T @ change).reshape(v.shape)
 
     # --- inspection and checkpoints ---------------------------------------------------
     def state_shapes(self) -> dict[str, tuple[int, ...]]:

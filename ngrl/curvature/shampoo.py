@@ -11,6 +11,7 @@ from ngrl.capture import example_gradients, squared_gradient_sum
 from ngrl.curvature.base import (
     ExampleStatisticsBlock,
     blend,
+    eigenbasis_power,
     eigenbasis_solve,
     kronecker_dense,
     register,
@@ -143,6 +144,15 @@ class ShampooBlock(ExampleStatisticsBlock):
             target = (grad / (self.second_moment.sqrt() + self.graft_epsilon)).norm()
         norm = x.norm()
         return x * (target / norm) if float(norm) > 0.0 else x
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        if self.grafting != "none":  # a grafted step is not a matrix product
+            return super()._matpower(v, damping, power)
+        if self._eigen is None:
+            self.refresh(damping)
+        assert self._eigen is not None
+        l_vectors, r_vectors, scale = self._eigen
+        return eigenbasis_power(v, l_vectors, r_vectors, scale + damping, power)
 
     # --- inspection and checkpoints ---------------------------------------------------
     def to_dense(self) -> Tensor:

@@ -21,18 +21,6 @@ from ngrl.optim.trust_region import kl_clip_scale
 
 __all__ = ["KFAC"]
 
-_SCHEDULED = (
-    "lr",
-    "damping",
-    "kl_clip",
-    "momentum",
-    "dampening",
-    "weight_decay",
-    "factor_decay",
-    "factor_update_steps",
-    "inv_update_steps",
-)
-
 
 class KFAC(torch.optim.Optimizer):
     r"""Natural-gradient descent with Kronecker-factored curvature and a KL trust region.

@@ -403,3 +403,54 @@ def test_a_batch_whose_derived_statistics_overflow_is_dropped(name: str) -> None
             F.cross_entropy(model(huge), sample_classes(model(huge))).backward()
     for key, value in opt.blocks["0"].state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+def dense_power(matrix: Tensor, power: float) -> Tensor:
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    return (vectors * values.pow(power)) @ vectors.T
+
+
+# The powers each block takes exactly (−1 is the preconditioner, checked above).
+POWERS: dict[str, tuple[float, ...]] = {name: (-0.5, 1.0, 2.0) for name in available()}
+POWERS.update({"kfac-corrected": (1.0,), "deflation": (1.0,)})
+
+
+# Blocks with a factored damping rule beside the exact one.
+FACTORED = ("kfac", "tkfac", "kpsvd", *TWO_TERM)
+DAMPING_RULES = [
+    (name, rule) for name in available() for rule in ("exact", "factored")
+    if rule == "exact" or name in FACTORED
+]
+
+
+@pytest.mark.parametrize("model_kind", sorted(MODELS))
+@pytest.mark.parametrize(("name", "damping_rule"), DAMPING_RULES)
+def test_multiply_matpower_is_the_dense_matrix_power(
+    name: str, damping_rule: str, model_kind: str
+) -> None:
+    """``(F̂ + λI)^p v`` against the dense matrix power of :meth:`damped_dense` (the
+    matrix ``precondition`` inverts), for −1, −½, +1 and +2 where the block takes them."""
+    options = {"damping_rule": damping_rule} if name in FACTORED else {}
+    damping = TWO_TERM_DAMPING if name in TWO_TERM else DAMPING
+    opt, _, _, _ = captured(name, model_kind, batches=2, **options)
+    for layer in MODELS[model_kind][2]:
+        block = opt.blocks[layer]
+        block.refresh(damping)
+        dense = block.damped_dense(damping)
+        v = torch.randn(block.shape)
+        for power in (-1.0, *POWERS[name]):
+            if name in TWO_TERM and power == -1.0 and damping_rule == "factored":
+                continue  # the factored two-term solve is a preconditioner, not the inverse
+            expected = dense_power(dense, power) @ v.reshape(-1)
+            got = block.multiply_matpower(v, damping, power).reshape(-1)
+            torch.testing.assert_close(got, expected, msg=f"{name} {layer} power {power}")
+        if name in TWO_TERM:
+            with pytest.raises(NotImplementedError, match=f"{get_block_class(name).__name__} has no exact matrix power -0.5"):
+                block.multiply_matpower(v, damping, -0.5)
+
+
+def test_a_grafted_shampoo_step_is_not_a_matrix_power() -> None:
+    opt, _, _, _ = captured("shampoo", "mlp", batches=2, grafting="sgd")
+    block = opt.blocks["0"]
+    with pytest.raises(NotImplementedError, match="ShampooBlock has no exact matrix power 0.5"):
+        block.multiply_matpower(torch.randn(block.shape), DAMPING, 0.5)
