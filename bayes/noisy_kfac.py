@@ -11,13 +11,12 @@ from bayes.base import VariationalOptimizer
 from bayes.posterior import KroneckerFactors, KroneckerPosterior
 from ngrl.capture import Layer
 from ngrl.curvature import KFACBlock
-from ngrl.curvature.base import symmetric_eigh
+from ngrl.curvature.base import checked_state
 
 __all__ = ["NoisyKFAC"]
 
-# (Q_G, damped eigenvalues of G, Q_A, damped eigenvalues of A) of one layer.
-Eigen = tuple[Tensor, Tensor, Tensor, Tensor]
-EIGEN_KEYS = ("g_vectors", "g_values", "a_vectors", "a_values")
+# The K-FAC block's derived state: (A_γ⁻¹, G_γ⁻¹), saved as these keys per layer.
+INVERSE_KEYS = ("a_inverse", "g_inverse")
 
 
 class NoisyKFAC(VariationalOptimizer):
@@ -40,8 +39,10 @@ class NoisyKFAC(VariationalOptimizer):
     (the paper writes ``W = M + A^{-1/2} E G^{-1/2}`` for the transposed layout). The
     statistics are the per-example gradients of the training loss at the sampled weights
     (the empirical Fisher, as VOGN and SLANG use), taken every ``factor_update_steps``
-    steps; the eigendecompositions are refreshed every ``inv_update_steps`` steps. Before
-    the first statistics the posterior is ``N(M, I/(N·hess_init + prior_precision))``.
+    steps; the damped factors' inverses are refreshed every ``inv_update_steps`` steps.
+    Each layer's :class:`ngrl.curvature.KFACBlock` (factored damping) takes the step with
+    its matrix power −1 and the sample with −½. Before the first statistics the
+    posterior is ``N(M, I/(N·hess_init + prior_precision))``.
 
     Args:
         model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
@@ -88,10 +89,9 @@ class NoisyKFAC(VariationalOptimizer):
             inv_update_steps=inv_update_steps,
         )
         self.blocks: dict[str, KFACBlock] = {
-            layer.name: KFACBlock(layer.shape) for layer in self.layers
+            layer.name: KFACBlock(layer.shape, damping_rule="factored") for layer in self.layers
         }
-        self._eigen: dict[str, Eigen] = {}
-        self.vi_state["refreshed_at"] = 0  # the step of the last eigendecomposition
+        self.vi_state["refreshed_at"] = 0  # the step of the last refresh
 
     # --- statistics ---------------------------------------------------------------------
     def _capture_due(self) -> bool:
@@ -122,16 +122,14 @@ class NoisyKFAC(VariationalOptimizer):
         """``γ = prior_precision / N + damping``: the product of the two factor dampings."""
         return self.damping + self.hyperparameter("damping")
 
+    def _refreshed(self) -> dict[str, KFACBlock]:
+        """The blocks whose damped factors have been inverted (by :meth:`_refresh`)."""
+        return {n: b for n, b in self.blocks.items() if b.decomposition() is not None}
+
     def _refresh(self) -> None:
         gamma = self.total_damping
-        for name, block in self.blocks.items():
-            if not block.initialized:
-                continue
-            assert block.a_factor is not None and block.g_factor is not None
-            a_damping, g_damping = block.factored_damping(gamma)
-            a_values, a_vectors = symmetric_eigh(block.a_factor)
-            g_values, g_vectors = symmetric_eigh(block.g_factor)
-            self._eigen[name] = (g_vectors, g_values + g_damping, a_vectors, a_values + a_damping)
+        for block in self.blocks.values():
+            block.refresh(gamma)  # (G_γ⁻¹, A_γ⁻¹) with the π split of γ
         self.vi_state["refreshed_at"] = self.steps
 
     def _update(self, grad: Tensor, samples: int) -> None:
@@ -141,35 +139,36 @@ class NoisyKFAC(VariationalOptimizer):
             # Due by the steps since the last refresh, so that it never depends on
             # inv_update_steps being a multiple of factor_update_steps.
             since = self.steps - int(self.vi_state["refreshed_at"])
-            missing = len(self._eigen) < sum(b.initialized for b in self.blocks.values())
+            missing = len(self._refreshed()) < sum(b.initialized for b in self.blocks.values())
             if missing or since >= int(self.hyperparameter("inv_update_steps")):
                 self._refresh()
         momentum = self._momentum_direction(grad, self.hyperparameter("momentum"))
         step = momentum / (self.hyperparameter("hess_init") + self.damping)
-        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+        gamma = self.total_damping
+        for name, block in self._refreshed().items():
             index = self._index[name]
-            rotated = g_vectors.T @ momentum[index] @ a_vectors
-            rotated /= torch.outer(g_values, a_values)
-            step[index] = g_vectors @ rotated @ a_vectors.T
+            step[index] = block.multiply_matpower(momentum[index], gamma, -1.0)
         self._add_to_params(step, alpha=-self.hyperparameter("lr"))
 
     def _noise(self) -> Tensor:
         noise = torch.randn_like(self.vi_state["momentum"]) * self._isotropic_precision() ** -0.5
         scale = self.effective_size**-0.5
-        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+        gamma = self.total_damping
+        for name, block in self._refreshed().items():
             index = self._index[name]
-            # Q_G Z Q_Aᵀ with Z ~ N(0, diag(1/(d_G d_Aᵀ))) has covariance G_γ⁻¹ ⊗ A_γ⁻¹.
-            z = torch.randn_like(index, dtype=noise.dtype) * torch.outer(g_values, a_values).rsqrt()
-            noise[index] = (g_vectors @ z @ a_vectors.T) * scale
+            # (G_γ ⊗ A_γ)^{-1/2} z with z ~ N(0, I) has covariance G_γ⁻¹ ⊗ A_γ⁻¹.
+            z = torch.randn_like(index, dtype=noise.dtype)
+            noise[index] = block.multiply_matpower(z, gamma, -0.5) * scale
         return noise
 
     def posterior(self) -> KroneckerPosterior:
-        """Per layer, the factors with their damping, in the eigenbases now in use."""
+        """Per layer, the damped factors ``G_γ``, ``A_γ`` of the last refresh."""
         layers = {}
-        for name, (g_vectors, g_values, a_vectors, a_values) in self._eigen.items():
+        for name, block in self._refreshed().items():
+            a_inverse, g_inverse = block.decomposition()  # type: ignore[misc]
             layers[name] = KroneckerFactors(
-                g_factor=(g_vectors * g_values) @ g_vectors.T,
-                a_factor=(a_vectors * a_values) @ a_vectors.T,
+                g_factor=torch.linalg.inv(g_inverse),
+                a_factor=torch.linalg.inv(a_inverse),
                 scale=self.effective_size,
                 index=self._index[name].reshape(-1),
             )
@@ -177,26 +176,31 @@ class NoisyKFAC(VariationalOptimizer):
 
     # --- checkpoints -------------------------------------------------------------------
     def _variational_state(self) -> dict[str, Any]:
-        # The factors, and the decompositions in use: they define the posterior, which
-        # must survive a round trip even between two refreshes.
+        # The factors, and the inverses in use: they define the posterior, which must
+        # survive a round trip even between two refreshes.
         state = super()._variational_state()
         for name, block in self.blocks.items():
             for key, value in block.state_dict().items():
                 state[f"{key}/{name}"] = value
-        for name, eigen in self._eigen.items():
-            for key, value in zip(EIGEN_KEYS, eigen, strict=True):
-                state[f"{key}/{name}"] = value
+        for name, block in self._refreshed().items():
+            for key, value in zip(INVERSE_KEYS, block.decomposition() or (), strict=True):
+                state[f"{key}/{name}"] = value.clone()
         return state
 
     def _load_variational_state(self, state: dict[str, Any]) -> None:
         super()._load_variational_state({k: v for k, v in state.items() if "/" not in k})
-        self._eigen.clear()
         for name, block in self.blocks.items():
             factors = [f"{key}/{name}" for key in KFACBlock.state_keys]
             saved = all(key in state for key in factors)
             block.load_state_dict({key.split("/")[0]: state[key] for key in factors} if saved else {})
-            eigen = [f"{key}/{name}" for key in EIGEN_KEYS]
-            if saved and all(key in state for key in eigen):
-                self._eigen[name] = tuple(state[key].clone() for key in eigen)  # type: ignore[assignment]
-        if len(self._eigen) < sum(block.initialized for block in self.blocks.values()):
+            inverses = [f"{key}/{name}" for key in INVERSE_KEYS]
+            if saved and all(key in state for key in inverses):
+                d_out, d_in = block.shape
+                shapes = {"a_inverse": (d_in, d_in), "g_inverse": (d_out, d_out)}
+                loaded = tuple(
+                    checked_state({key: state[f"{key}/{name}"]}, key, shapes[key], "NoisyKFAC")
+                    for key in INVERSE_KEYS
+                )
+                block.load_derived_state({"_inverses": loaded}, self.params[0].device)
+        if len(self._refreshed()) < sum(block.initialized for block in self.blocks.values()):
             self._refresh()

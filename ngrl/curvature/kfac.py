@@ -80,6 +80,9 @@ class KFACBlock(CurvatureBlock):
         self._positions = 0
         self._eigen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._inverses: tuple[Tensor, Tensor] | None = None
+        # The eigendecompositions of ``_inverses`` (for powers other than −1), with the
+        # inverses they were computed from: whoever replaces the inverses invalidates them.
+        self._inverse_eigen: tuple[tuple[Tensor, Tensor], tuple[Tensor, ...]] | None = None
 
     # --- statistics -------------------------------------------------------------------
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
@@ -160,9 +163,12 @@ class KFACBlock(CurvatureBlock):
         if self._inverses is not None:
             # Factored damping: (G + γ_G I)^p ⊗ (A + γ_A I)^p from the inverses refresh()
             # stored, so that every power uses the same matrix as precondition().
-            a_inverse, g_inverse = self._inverses
-            a_values, a_vectors = symmetric_eigh(a_inverse, self.float64_max_dim)
-            g_values, g_vectors = symmetric_eigh(g_inverse, self.float64_max_dim)
+            if self._inverse_eigen is None or self._inverse_eigen[0] is not self._inverses:
+                a_inverse, g_inverse = self._inverses
+                a_values, a_vectors = symmetric_eigh(a_inverse, self.float64_max_dim)
+                g_values, g_vectors = symmetric_eigh(g_inverse, self.float64_max_dim)
+                self._inverse_eigen = (self._inverses, (a_values, a_vectors, g_values, g_vectors))
+            a_values, a_vectors, g_values, g_vectors = self._inverse_eigen[1]
             return eigenbasis_power(v, g_vectors, a_vectors, torch.outer(g_values, a_values), -power)
         assert self._eigen is not None
         a_values, a_vectors, g_values, g_vectors = self._eigen
