@@ -20,6 +20,7 @@ from stable_baselines3.common.type_aliases import (
 )
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
+from agents.advantages import standardize
 from agents.checkpoints import PolicyOnlyLoading
 from agents.data_parallel import GlobalTimesteps
 from agents.policies import (
@@ -30,6 +31,7 @@ from agents.policies import (
     MultiInputPolicy,
 )
 from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
+from ngrl.optim.hyperparams import check_integer
 
 __all__ = ["A2CLossTerms", "ACKTR"]
 
@@ -145,10 +147,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "
                 "named arguments, not to policy_kwargs['kfac_kwargs']"
             )
-        if isinstance(cold_start_steps, bool) or not (
-            isinstance(cold_start_steps, int) and cold_start_steps >= 0
-        ):
-            raise ValueError(f"Invalid cold_start_steps value: {cold_start_steps!r} (an integer >= 0)")
+        check_integer("cold_start_steps", cold_start_steps, 0)
         if target_kl is not None and not target_kl > 0.0:
             raise ValueError(f"Invalid target_kl value: {target_kl!r} (> 0, or None)")
         super().__init__(
@@ -292,7 +291,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         entropy = distribution.entropy()
         advantages = rollout_data.advantages
         if self.normalize_advantage:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = standardize(advantages)
         return A2CLossTerms(
             policy=-(advantages * log_prob).mean(),
             entropy=-torch.mean(-log_prob if entropy is None else entropy),

@@ -8,7 +8,6 @@ state, most of a Breakout checkpoint, stays out).
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from typing import Any
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import VecNormalize
+
+from ngrl.helpers import write_atomically
 
 __all__ = [
     "CheckpointError",
@@ -36,21 +37,6 @@ METADATA = "ngrl_run"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or made for another run."""
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash leaves either the old file or the new one, never half of one.
-    """
-    partial = path.with_name(path.name + ".part")
-    try:
-        write(partial)
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 #: The entry of a checkpoint zip that holds a ``VecNormalize``'s statistics.

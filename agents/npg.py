@@ -21,6 +21,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch import Tensor
 
+from agents.advantages import standardize
 from agents.checkpoints import PolicyOnlyLoading
 from agents.policies import (
     ACTION_SPACES,
@@ -232,7 +233,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         log_prob = distribution.log_prob(actions)
         advantages = data.advantages
         if self.normalize_advantage:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = standardize(advantages)
         ratio = torch.exp(log_prob - data.old_log_prob)
         surrogate = (advantages * ratio).mean()
         kl = kl_divergence(old_distribution, distribution).mean()

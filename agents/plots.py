@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agents.checkpoints import write_atomically  # noqa: E402
+from ngrl.helpers import write_atomically  # noqa: E402
 
 __all__ = ["read_episodes", "rolling_mean", "plot_learning_curve"]
 

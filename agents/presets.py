@@ -17,6 +17,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from agents.acktr import ACKTR
 from agents.npg import NPG
 from envs import EnvSpec
+from ngrl.helpers import parse_override
 
 __all__ = [
     "ALGORITHMS",
@@ -157,19 +158,6 @@ def _is_section(key: str, value: Any) -> bool:
     # Sub-tables of an algorithm are families or env names; dict-valued hyperparameters
     # (kfac_kwargs, policy_kwargs) are written inline and are never capitalised families.
     return isinstance(value, dict) and (key in ("atari", "mujoco", "classic", "gym") or key[:1].isupper())
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` with the value read as a TOML literal (a bare word is a string)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"--set takes key=value, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key, value
 
 
 def _check_type(key: str, value: Any, reference: Any) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stable_baselines3.common.logger import Logger
 
-from agents.checkpoints import write_atomically
+from ngrl.helpers import write_atomically
 
 __all__ = ["continue_episodes", "continue_progress"]
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from bayes.posterior import Posterior
 from ngrl.capture import Capture, Layer, find_layers
+from ngrl.linalg import flatten_like
 from ngrl.optim.hyperparams import check
 
 __all__ = ["VariationalOptimizer", "blend_weight"]
@@ -191,12 +192,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         grads = [p.grad for p in self.params]
         if all(g is None for g in grads):
             return None
-        return torch.cat(
-            [
-                torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
-                for p, g in zip(self.params, grads, strict=True)
-            ]
-        )
+        return flatten_like(grads, self.params)
 
     # --- sampling ----------------------------------------------------------------------
     @contextmanager

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from ngrl.optim.hyperparams import check_integer
+
 __all__ = [
     "ReliabilityDiagram",
     "accuracy",
@@ -86,8 +88,7 @@ def _confidence_and_correct(probs: Any, labels: Any) -> tuple[np.ndarray, np.nda
 
 
 def _check_bins(bins: int) -> None:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"Invalid bins value: {bins!r} (an integer >= 1)")
+    check_integer("bins", bins, 1)
 
 
 def accuracy(probs: Any, labels: Any) -> float:

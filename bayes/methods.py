@@ -45,7 +45,7 @@ from bayes.noisy_kfac import NoisyKFAC
 from bayes.predict import WeightSampler, mix, sample_outputs
 from bayes.slang import SLANG
 from bayes.vogn import VOGN
-from ngrl.optim.hyperparams import check
+from ngrl.optim.hyperparams import check, check_integer
 
 __all__ = [
     "METHODS",
@@ -85,8 +85,7 @@ class Settings:
 
 
 def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= 1)")
+    check_integer(name, value, 1)
 
 
 SETTINGS: dict[str, Settings] = {

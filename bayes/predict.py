@@ -8,7 +8,7 @@ from typing import Literal, Protocol, overload
 import torch
 from torch import Tensor, nn
 
-from ngrl.optim.hyperparams import check_choice
+from ngrl.optim.hyperparams import check_choice, check_integer
 
 __all__ = ["WeightSampler", "check_owner", "mix", "predict", "sample_outputs"]
 
@@ -72,8 +72,7 @@ def sample_outputs(
 
     ``samples=0`` gives the outputs at the posterior mean, ``(1, N, D)``.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-        raise ValueError(f"Invalid samples value: {samples!r} (an integer >= 0)")
+    check_integer("samples", samples, 0)
     check_owner(model, optimizer)
     if samples == 0:
         return model(inputs).unsqueeze(0)

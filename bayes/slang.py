@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from bayes.base import VariationalOptimizer, blend_weight
 from bayes.posterior import LowRankPosterior
 from ngrl.capture import Layer, example_gradients
+from ngrl.optim.hyperparams import check_integer
 
 __all__ = ["SLANG", "top_singular"]
 
@@ -112,16 +113,8 @@ class SLANG(VariationalOptimizer):
             raise ValueError(
                 f"Invalid rank value: {rank} (at most the number of parameters, {self.numel})"
             )
-        if isinstance(oversampling, bool) or not (
-            isinstance(oversampling, int) and oversampling >= 0
-        ):
-            raise ValueError(f"Invalid oversampling value: {oversampling!r} (an integer >= 0)")
-        if isinstance(power_iterations, bool) or not (
-            isinstance(power_iterations, int) and power_iterations >= 0
-        ):
-            raise ValueError(
-                f"Invalid power_iterations value: {power_iterations!r} (an integer >= 0)"
-            )
+        check_integer("oversampling", oversampling, 0)
+        check_integer("power_iterations", power_iterations, 0)
         self.oversampling = oversampling
         self.power_iterations = power_iterations
         mean = self.flat_mean()

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from ngrl.linalg import flatten_like
+
 __all__ = [
     "empirical_fisher",
     "exact_fisher",
@@ -98,13 +100,8 @@ def exact_fisher(model: nn.Module, inputs: Tensor, likelihood: Likelihood) -> Te
 
 def flat_gradient(model: nn.Module) -> Tensor:
     """The current ``.grad`` of the trainable parameters, in the order of this module."""
-    return torch.cat(
-        [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-            for p in model.parameters()
-            if p.requires_grad
-        ]
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    return flatten_like([p.grad for p in params], params)
 
 
 def layer_indices(model: nn.Module, layer_name: str) -> Tensor:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["MatVec", "conjugate_gradient"]
+__all__ = ["MatVec", "conjugate_gradient", "flatten_like"]
 
 MatVec = Callable[[Tensor], Tensor]
+
+
+def flatten_like(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """One flat vector of ``tensors`` shaped like ``params``, a ``None`` counting as
+    zeros (a parameter that received no gradient)."""
+    return torch.cat([
+        torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
+        for t, p in zip(tensors, params, strict=True)
+    ])
 
 
 def conjugate_gradient(

@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC  # noqa: E402
-from bayes.base import VariationalOptimizer  # noqa: E402
+from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
+from bayes.base import VariationalOptimizer
 
 DATASET_SIZE = 50_000
 Step = Callable[[], None]

@@ -48,9 +48,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from agents.checkpoints import write_atomically  # noqa: E402
 from ngrl.curvature import available  # noqa: E402
 from ngrl.fisher import layer_indices, per_example_gradients  # noqa: E402
+from ngrl.helpers import write_atomically  # noqa: E402
 from ngrl.optim import KFAC  # noqa: E402
 
 FIRST_ORDER = ("sgd", "adam")

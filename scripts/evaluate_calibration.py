@@ -43,10 +43,6 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.checkpoints import write_atomically  # noqa: E402
-from agents.presets import parse_override  # noqa: E402
 from bayes import calibration  # noqa: E402
 from bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
 from bayes.methods import (  # noqa: E402
@@ -59,6 +55,7 @@ from bayes.methods import (  # noqa: E402
     options_for,
     settings_for,
 )
+from ngrl.helpers import parse_override, write_atomically  # noqa: E402
 
 EXIT_USAGE = 2
 DEFAULT_METHODS = "adam,vogn,noisy-kfac,slang,noisy-adam,ensemble"

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from agents import ACKTR
-from agents.presets import parse_override, resolve_config
+from agents.presets import resolve_config
 from envs import make_vec_env, resolve
+from ngrl.helpers import parse_override
 from ngrl.optim.trust_region import kl_clip_scale
 
 

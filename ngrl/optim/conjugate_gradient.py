@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ngrl.linalg import MatVec, conjugate_gradient
+from ngrl.linalg import MatVec, conjugate_gradient, flatten_like
 
 __all__ = ["conjugate_gradient", "fisher_vector_product", "flat_grad"]
 
@@ -23,9 +23,7 @@ def flat_grad(
     grads = torch.autograd.grad(
         output, params, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
     )
-    return torch.cat(
-        [torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for g, p in zip(grads, params, strict=True)]
-    )
+    return flatten_like(grads, params)
 
 
 def fisher_vector_product(kl: Tensor, params: Sequence[Tensor], damping: float = 0.0) -> MatVec:

@@ -44,6 +44,14 @@ def check(name: str, value: float) -> float:
     return value
 
 
+def check_integer(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an integer (not a bool) ``>= minimum``, else raise
+    ``ValueError`` naming both."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name} value: {value!r} (an integer >= {minimum})")
+    return value
+
+
 def check_choice(name: str, value: object, choices: tuple[object, ...]) -> object:
     """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
     if value not in choices:
