@@ -45,6 +45,7 @@ class A2CLossTerms(NamedTuple):
     actions: torch.Tensor  # the rollout's actions, as the distribution takes them
     log_prob: torch.Tensor  # log π(a|s)
 
+
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 

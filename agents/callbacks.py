@@ -42,8 +42,13 @@ class ScoreProgressBar(BaseCallback):
         self.bar: tqdm | None = None
 
     def _on_training_start(self) -> None:
-        self.bar = tqdm(total=self.total_timesteps, initial=self.model.num_timesteps,
-                        unit="step", dynamic_ncols=True, smoothing=0.05)
+        self.bar = tqdm(
+            total=self.total_timesteps,
+            initial=self.model.num_timesteps,
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.05,
+        )
 
     def _on_rollout_end(self) -> None:
         assert self.bar is not None
@@ -77,8 +82,12 @@ class EpisodeLog(BaseCallback):
 
     def _on_step(self) -> bool:
         rows = [
-            (self.num_timesteps, info["episode"]["r"], info["episode"]["l"],
-             round(time.monotonic() - self.start, 3))
+            (
+                self.num_timesteps,
+                info["episode"]["r"],
+                info["episode"]["l"],
+                round(time.monotonic() - self.start, 3),
+            )
             for info in self.locals.get("infos", ())
             if "episode" in info
         ]

@@ -88,8 +88,12 @@ def _save(
         with open(target, "wb") as handle:
             model.save(handle)
         if policy_only:
-            _drop_entries(target, keep=lambda name: not name.endswith(".pth") or name in
-                          ("policy.pth", "pytorch_variables.pth"))
+            _drop_entries(
+                target,
+                keep=lambda name: (
+                    not name.endswith(".pth") or name in ("policy.pth", "pytorch_variables.pth")
+                ),
+            )
         if normalizer is not None:
             with zipfile.ZipFile(target, "a") as archive:
                 archive.writestr(NORMALIZER_ENTRY, pickle.dumps(normalizer))  # venv excluded

@@ -32,7 +32,10 @@ def merge_running_stats(stats: RunningMeanStd, base: list[np.ndarray]) -> list[n
     the ranks' moments minus ``(world − 1)·base`` is the statistics of all the data.
     """
     local = _moments(stats)
-    deltas = [torch.from_numpy(np.asarray(m - b, dtype=np.float64)) for m, b in zip(local, base, strict=True)]
+    deltas = [
+        torch.from_numpy(np.asarray(m - b, dtype=np.float64))
+        for m, b in zip(local, base, strict=True)
+    ]
     all_reduce_mean(deltas)  # the mean over ranks; times world is the sum
     merged = [b + world_size() * d.numpy() for b, d in zip(base, deltas, strict=True)]
     count, first, second = merged

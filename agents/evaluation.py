@@ -22,7 +22,9 @@ def evaluate(model: BaseAlgorithm, env_name: str, episodes: int, seed: int) -> d
     with the deterministic one. Atari returns are whole-game raw scores (envs' episode info).
     """
     spec = resolve(env_name)
-    env = make_vec_env(spec.gym_id, min(episodes, 8), seed=seed, rank=0, world_size=1)  # one process
+    env = make_vec_env(
+        spec.gym_id, min(episodes, 8), seed=seed, rank=0, world_size=1
+    )  # one process
     train_env = model.get_env()
     if isinstance(train_env, VecNormalize):
         env = VecNormalize(env, training=False, norm_reward=False)
@@ -30,7 +32,10 @@ def evaluate(model: BaseAlgorithm, env_name: str, episodes: int, seed: int) -> d
     deterministic = spec.family != "atari"
     try:
         returns, lengths = evaluate_policy(
-            model, env, n_eval_episodes=episodes, deterministic=deterministic,
+            model,
+            env,
+            n_eval_episodes=episodes,
+            deterministic=deterministic,
             return_episode_rewards=True,
         )
     finally:

@@ -207,9 +207,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         return (names + ["actor_kfac"] if self.actor_kfac is not None else names), []
 
     # --- the actor: one natural-gradient step ---------------------------------------------
-    def _search_direction(
-        self, policy_gradient: Tensor, product: Any, distribution: Any
-    ) -> Tensor:
+    def _search_direction(self, policy_gradient: Tensor, product: Any, distribution: Any) -> Tensor:
         """``s ≈ (F + damping·I)⁻¹ g``, by CG or by the K-FAC inverse."""
         if self.actor_kfac is None:
             return conjugate_gradient(product, policy_gradient, self.cg_max_steps)
@@ -243,7 +241,11 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         direction = self._search_direction(gradient, product, distribution)
         quadratic = float(direction @ product(direction))
         if not quadratic > 0.0 or not torch.isfinite(direction).all():
-            return {"policy_objective": surrogate.item(), "kl_divergence": 0.0, "step_fraction": 0.0}
+            return {
+                "policy_objective": surrogate.item(),
+                "kl_divergence": 0.0,
+                "step_fraction": 0.0,
+            }
         max_step = (2.0 * self.target_kl / quadratic) ** 0.5
 
         start = torch.nn.utils.parameters_to_vector(self.actor_params).detach()
@@ -267,7 +269,9 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
                 self._set_actor(start)
             elif not self.line_search:
                 new_kl = float(
-                    kl_divergence(old_distribution, self.policy.get_distribution(data.observations)).mean()
+                    kl_divergence(
+                        old_distribution, self.policy.get_distribution(data.observations)
+                    ).mean()
                 )
         return {
             "policy_objective": surrogate.item(),

@@ -35,7 +35,10 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_learning_curve(
-    episode_logs: Sequence[Path], png: Path, title: str, labels: Sequence[str] | None = None,
+    episode_logs: Sequence[Path],
+    png: Path,
+    title: str,
+    labels: Sequence[str] | None = None,
     window: int = 100,
 ) -> None:
     """Episode returns against timesteps (faint) with their rolling mean, one line per log.

@@ -40,12 +40,19 @@ ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
 }
 #: Keys of a run that are not arguments of the algorithm, with their types.
 RUN_KEYS: dict[str, type] = {
-    "n_envs": int, "timesteps": int, "policy": str, "normalize": bool, "schedule_timesteps": int,
+    "n_envs": int,
+    "timesteps": int,
+    "policy": str,
+    "normalize": bool,
+    "schedule_timesteps": int,
 }
 #: Arguments the CLI sets itself (from its own flags), never from presets or ``--set``.
 _MANAGED = {"policy", "env", "seed", "device", "verbose", "tensorboard_log", "_init_setup_model"}
 _RUN_DEFAULTS: dict[str, Any] = {
-    "n_envs": 8, "timesteps": 1_000_000, "policy": "MlpPolicy", "normalize": False,
+    "n_envs": 8,
+    "timesteps": 1_000_000,
+    "policy": "MlpPolicy",
+    "normalize": False,
     "schedule_timesteps": 0,
 }
 
@@ -53,8 +60,15 @@ _RUN_DEFAULTS: dict[str, Any] = {
 #: Valid values of the common numeric settings, checked once presets and overrides merge.
 _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     **dict.fromkeys(
-        ("timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "n_critic_updates",
-         "cg_max_steps"),
+        (
+            "timesteps",
+            "n_envs",
+            "n_steps",
+            "batch_size",
+            "n_epochs",
+            "n_critic_updates",
+            "cg_max_steps",
+        ),
         (lambda v: v >= 1, ">= 1"),
     ),
     "gamma": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
@@ -93,8 +107,10 @@ class RunConfig:
     def algorithm_kwargs(self) -> dict[str, Any]:
         """The hyperparameters as algorithm arguments (``"lin_X"`` strings become schedules)."""
         horizon = self.schedule_timesteps or self.timesteps
-        return {key: _schedule(value, self.timesteps, horizon)
-                for key, value in self.hyperparameters.items()}
+        return {
+            key: _schedule(value, self.timesteps, horizon)
+            for key, value in self.hyperparameters.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,9 @@ def hyperparameter_defaults(algo: str) -> dict[str, Any]:
     return {
         name: parameter.default
         for name, parameter in signature.parameters.items()
-        if name not in _MANAGED and name != "self" and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+        if name not in _MANAGED
+        and name != "self"
+        and parameter.kind is parameter.POSITIONAL_OR_KEYWORD
     }
 
 
@@ -157,7 +175,9 @@ def _preset_tables(algo: str, spec: EnvSpec) -> dict[str, Any]:
 def _is_section(key: str, value: Any) -> bool:
     # Sub-tables of an algorithm are families or env names; dict-valued hyperparameters
     # (kfac_kwargs, policy_kwargs) are written inline and are never capitalised families.
-    return isinstance(value, dict) and (key in ("atari", "mujoco", "classic", "gym") or key[:1].isupper())
+    return isinstance(value, dict) and (
+        key in ("atari", "mujoco", "classic", "gym") or key[:1].isupper()
+    )
 
 
 def _check_type(key: str, value: Any, reference: Any) -> None:
@@ -255,8 +275,10 @@ def _drop_foreign_curvature_options(
     preset_curvature = preset.get("curvature", defaults.get("curvature"))
     if settings.get("curvature", preset_curvature) == preset_curvature:
         return
-    if any(key == "kfac_kwargs" or key.startswith("kfac_kwargs.curvature_options")
-           for key, _ in overrides):
+    if any(
+        key == "kfac_kwargs" or key.startswith("kfac_kwargs.curvature_options")
+        for key, _ in overrides
+    ):
         return
     settings["kfac_kwargs"] = {k: v for k, v in kfac_kwargs.items() if k != "curvature_options"}
 

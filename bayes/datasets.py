@@ -107,9 +107,7 @@ def _digits_split(seed: int, classes: range) -> tuple[np.ndarray, ...]:
     data = sk.load_digits()
     keep = np.isin(data.target, classes)
     x, y = data.data[keep] / 16.0, data.target[keep]
-    return tuple(
-        train_test_split(x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y)
-    )
+    return tuple(train_test_split(x, y, test_size=TEST_FRACTION, random_state=seed, stratify=y))
 
 
 def _rotate(images: np.ndarray) -> np.ndarray:

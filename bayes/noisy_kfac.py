@@ -192,7 +192,9 @@ class NoisyKFAC(VariationalOptimizer):
         for name, block in self.blocks.items():
             factors = [f"{key}/{name}" for key in KFACBlock.state_keys]
             saved = all(key in state for key in factors)
-            block.load_state_dict({key.split("/")[0]: state[key] for key in factors} if saved else {})
+            block.load_state_dict(
+                {key.split("/")[0]: state[key] for key in factors} if saved else {}
+            )
             inverses = [f"{key}/{name}" for key in INVERSE_KEYS]
             if saved and all(key in state for key in inverses):
                 d_out, d_in = block.shape

@@ -90,7 +90,9 @@ def check_owner(model: nn.Module, optimizer: WeightSampler) -> None:
     if groups is None:  # a sampler that is not a torch optimizer: nothing to compare
         return
     owned = {id(p) for group in groups for p in group["params"]}
-    foreign = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    foreign = [
+        name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned
+    ]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(

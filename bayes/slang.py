@@ -190,7 +190,9 @@ class SLANG(VariationalOptimizer):
         new_diagonal = diagonal * (1.0 - weight) + (
             dropped + self.hyperparameter("prior_precision") * weight
         )
-        if not (bool(torch.isfinite(new_factor).all()) and bool(torch.isfinite(new_diagonal).all())):
+        if not (
+            bool(torch.isfinite(new_factor).all()) and bool(torch.isfinite(new_diagonal).all())
+        ):
             raise torch.linalg.LinAlgError("the low-rank precision is not finite")
         return new_factor, new_diagonal
 

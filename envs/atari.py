@@ -82,6 +82,7 @@ def wrapper_vector_env(
     ``FrameStackObservation``, in a gymnasium vector env. It has no fire-on-reset; the
     fast path fires on reset by default (``use_fire_reset``).
     """
+
     def make_one(env: gym.Env) -> gym.Env:
         env = AtariPreprocessing(
             env, noop_max=noop_max, frame_skip=frame_skip, screen_size=screen_size

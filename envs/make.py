@@ -55,7 +55,9 @@ def make_vec_env(
     """
     spec = resolve(name)
     if atari_backend not in ("ale", "wrappers"):
-        raise ValueError(f"Invalid atari_backend value: {atari_backend!r} (use 'ale' or 'wrappers')")
+        raise ValueError(
+            f"Invalid atari_backend value: {atari_backend!r} (use 'ale' or 'wrappers')"
+        )
     if vectorization not in ("auto", "sync", "async"):
         raise ValueError(
             f"Invalid vectorization value: {vectorization!r} (use 'auto', 'sync' or 'async')"
@@ -74,7 +76,9 @@ def make_vec_env(
     if spec.family == "atari":
         assert spec.game is not None
         life = {k: env_kwargs.pop(k) for k in ("episodic_life", "clip_rewards") if k in env_kwargs}
-        life["fire_on_life_loss"] = env_kwargs.pop("fire_on_life_loss", True) and needs_fire(spec.game)
+        life["fire_on_life_loss"] = env_kwargs.pop("fire_on_life_loss", True) and needs_fire(
+            spec.game
+        )
         if atari_backend == "ale":
             vector = ale_vector_env(spec.game, part.n_envs, **env_kwargs)
         else:

@@ -70,7 +70,7 @@ def known_names() -> dict[str, EnvSpec]:
             # ale-py registers ALE/<Game>-v5 (and older ids without the namespace).
             if not gym_id.startswith("ALE/"):
                 continue
-            short = gym_id[len("ALE/"):].rsplit("-v", 1)[0]
+            short = gym_id[len("ALE/") :].rsplit("-v", 1)[0]
             game = spec.kwargs.get("game")
         else:
             short = gym_id.rsplit("-v", 1)[0]

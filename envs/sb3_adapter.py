@@ -144,12 +144,15 @@ class GymnasiumVecEnv(VecEnv):
             raise NotImplementedError("gymnasium vector envs set an attribute on every env")
         self.env.set_attr(attr_name, value)
 
-    def env_method(self, method_name: str, *args: Any, indices: VecEnvIndices = None,
-                   **kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *args: Any, indices: VecEnvIndices = None, **kwargs: Any
+    ) -> list[Any]:
         values = self.env.call(method_name, *args, **kwargs)
         return [values[i] for i in self._indices(indices)]
 
-    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+    def env_is_wrapped(
+        self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None
+    ) -> list[bool]:
         # SB3 asks whether Monitor is present, to know if episode statistics exist:
         # this adapter reports them itself.
         from stable_baselines3.common.monitor import Monitor

@@ -178,8 +178,12 @@ class Conv2dLayer(LinearLayer):
         out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
         out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
         sums = [
-            x[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
-              j * dw : j * dw + sw * (out_w - 1) + 1 : sw].sum((2, 3))
+            x[
+                :,
+                :,
+                i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
+                j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
+            ].sum((2, 3))
             for i in range(kh)
             for j in range(kw)
         ]

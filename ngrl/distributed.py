@@ -214,9 +214,7 @@ class WorkPlan:
         return (rank // self.columns) * self.columns + self.owners[name] % self.columns
 
     @classmethod
-    def build(
-        cls, costs: Mapping[str, float], world: int, grad_worker_fraction: float
-    ) -> WorkPlan:
+    def build(cls, costs: Mapping[str, float], world: int, grad_worker_fraction: float) -> WorkPlan:
         """Assign each layer to the least-loaded rank, most expensive layers first."""
         check_grad_worker_fraction(grad_worker_fraction)
         workers = max(1, round(grad_worker_fraction * world))
@@ -314,8 +312,13 @@ def share_from_owners(
 
 
 def share_with_row(
-    names: Sequence[str], plan: WorkPlan, groups: Groups, directions: Mapping[str, Tensor],
-    shapes: Mapping[str, Sequence[int]], device: torch.device, dtype: torch.dtype,
+    names: Sequence[str],
+    plan: WorkPlan,
+    groups: Groups,
+    directions: Mapping[str, Tensor],
+    shapes: Mapping[str, Sequence[int]],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict[str, Tensor]:
     """Every layer's preconditioned gradient on every rank of this rank's row.
 

@@ -118,7 +118,7 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
             offsets[name] = torch.arange(start, start + p.numel()).reshape(p.shape)
             start += p.numel()
     prefix = f"{layer_name}." if layer_name else ""
-    own = {n[len(prefix):]: idx for n, idx in offsets.items() if n.startswith(prefix)}
+    own = {n[len(prefix) :]: idx for n, idx in offsets.items() if n.startswith(prefix)}
     own = {n: idx for n, idx in own.items() if "." not in n}
     if not own:
         raise ValueError(f"layer {layer_name!r} has no trainable parameters of its own")

@@ -15,10 +15,12 @@ MatVec = Callable[[Tensor], Tensor]
 def flatten_like(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """One flat vector of ``tensors`` shaped like ``params``, a ``None`` counting as
     zeros (a parameter that received no gradient)."""
-    return torch.cat([
-        torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
-        for t, p in zip(tensors, params, strict=True)
-    ])
+    return torch.cat(
+        [
+            torch.zeros_like(p).reshape(-1) if t is None else t.reshape(-1)
+            for t, p in zip(tensors, params, strict=True)
+        ]
+    )
 
 
 def conjugate_gradient(

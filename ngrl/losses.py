@@ -51,12 +51,14 @@ def fisher_loss(
                 probs = torch.softmax(output.reshape(-1, output.shape[-1]), dim=-1)
                 # A row that is not finite gets any target: its loss is NaN all the same.
                 probs = torch.where(probs.isfinite().all(-1, keepdim=True), probs, 1.0)
-                target = torch.multinomial(probs, 1, generator=generator).reshape(
-                    output.shape[:-1]
+                target = torch.multinomial(probs, 1, generator=generator).reshape(output.shape[:-1])
+            per_example = (
+                F.cross_entropy(
+                    output.reshape(-1, output.shape[-1]), target.reshape(-1), reduction="none"
                 )
-            per_example = F.cross_entropy(
-                output.reshape(-1, output.shape[-1]), target.reshape(-1), reduction="none"
-            ).reshape(output.shape[0], -1).sum(1)
+                .reshape(output.shape[0], -1)
+                .sum(1)
+            )
         elif kind == "gaussian":
             noise = torch.randn(
                 output.shape, dtype=output.dtype, device=output.device, generator=generator

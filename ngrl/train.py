@@ -62,43 +62,90 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
         epilog=epilog,
     )
     parser.add_argument("algo", metavar="ALGO", help=f"one of: {', '.join(ALGORITHMS)}")
-    parser.add_argument("--env", required=True, metavar="NAME",
-                        help="short name (Breakout, HalfCheetah, CartPole) or a gymnasium id")
-    parser.add_argument("--timesteps", type=int, metavar="N",
-                        help="total environment steps of the run (default: the preset's)")
-    parser.add_argument("--n-envs", type=int, metavar="N",
-                        help="parallel environments (default: the preset's)")
+    parser.add_argument(
+        "--env",
+        required=True,
+        metavar="NAME",
+        help="short name (Breakout, HalfCheetah, CartPole) or a gymnasium id",
+    )
+    parser.add_argument(
+        "--timesteps",
+        type=int,
+        metavar="N",
+        help="total environment steps of the run (default: the preset's)",
+    )
+    parser.add_argument(
+        "--n-envs", type=int, metavar="N", help="parallel environments (default: the preset's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the networks run (default: auto, the GPU if there is one)")
-    parser.add_argument("--log-dir", type=Path, metavar="DIR",
-                        help="run folder; must not exist or be empty "
-                             "(default: runs/ALGO-ENV-sSEED-TIME)")
-    parser.add_argument("--resume", type=Path, metavar="PATH",
-                        help="continue from the checkpoint.zip of an earlier run (same ALGO "
-                             "and env) in a new run folder; --timesteps counts the earlier "
-                             "steps too")
-    parser.add_argument("--eval-episodes", type=int, default=10, metavar="N",
-                        help="episodes to evaluate the final policy on (default: 10; 0: none)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, metavar="UPDATES",
-                        help="save checkpoint.zip every this many updates, and at the end "
-                             "(default: 100)")
-    parser.add_argument("--log-interval", type=int, default=10, metavar="UPDATES",
-                        help="write progress.csv and TensorBoard every this many updates, "
-                             "and at the end (default: 10)")
-    parser.add_argument("--preset", metavar="NAME",
-                        help="a named preset instead of ALGO's default one, e.g. "
-                             "`acktr --preset baselines` (openai/baselines' ACKTR recipe); "
-                             "an unknown name lists ALGO's presets")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a hyperparameter (a TOML value: 0.1, true, \"x\", "
-                             "{a = 1}); KEY.SUB sets one entry of a table, e.g. "
-                             "--set kfac_kwargs.weight_sharing=reduce; repeatable")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the networks run (default: auto, the GPU if there is one)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="run folder; must not exist or be empty (default: runs/ALGO-ENV-sSEED-TIME)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="PATH",
+        help="continue from the checkpoint.zip of an earlier run (same ALGO "
+        "and env) in a new run folder; --timesteps counts the earlier "
+        "steps too",
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="episodes to evaluate the final policy on (default: 10; 0: none)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        metavar="UPDATES",
+        help="save checkpoint.zip every this many updates, and at the end (default: 100)",
+    )
+    parser.add_argument(
+        "--log-interval",
+        type=int,
+        default=10,
+        metavar="UPDATES",
+        help="write progress.csv and TensorBoard every this many updates, "
+        "and at the end (default: 10)",
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a named preset instead of ALGO's default one, e.g. "
+        "`acktr --preset baselines` (openai/baselines' ACKTR recipe); "
+        "an unknown name lists ALGO's presets",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='override a hyperparameter (a TOML value: 0.1, true, "x", '
+        "{a = 1}); KEY.SUB sets one entry of a table, e.g. "
+        "--set kfac_kwargs.weight_sharing=reduce; repeatable",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
-                        help="under torchrun: how long a rank waits for the others before "
-                             "stopping with an error, e.g. when one has died (default: 300)")
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before "
+        "stopping with an error, e.g. when one has died (default: 300)",
+    )
     return parser
 
 
@@ -114,7 +161,9 @@ def _run_dir(args: argparse.Namespace, gym_id: str) -> Path:
             raise UsageError(f"--log-dir {str(run_dir)!r} is a file, not a folder")
         blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
-            raise UsageError(f"--log-dir {str(run_dir)!r}: {str(blocking)!r} is a file, not a folder")
+            raise UsageError(
+                f"--log-dir {str(run_dir)!r}: {str(blocking)!r} is a file, not a folder"
+            )
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(
                 f"--log-dir {str(run_dir)!r} exists and is not empty; choose a new folder"
@@ -153,8 +202,9 @@ def _start_distributed(args: argparse.Namespace) -> None:
         args.device = f"cuda:{info.local_rank}"
     elif args.device == "auto":
         args.device = "cpu"
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=timedelta(seconds=args.dist_timeout))
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout)
+    )
 
 
 def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> None:
@@ -195,9 +245,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     cls = algorithm_class(args.algo)
     spec = resolve(args.env)
     overrides = [parse_override(text) for text in args.overrides]
-    for name, value in (("--timesteps", args.timesteps), ("--n-envs", args.n_envs),
-                        ("--checkpoint-every", args.checkpoint_every),
-                        ("--log-interval", args.log_interval)):
+    for name, value in (
+        ("--timesteps", args.timesteps),
+        ("--n-envs", args.n_envs),
+        ("--checkpoint-every", args.checkpoint_every),
+        ("--log-interval", args.log_interval),
+    ):
         _check_positive(name, value)
     _check_positive("--eval-episodes", args.eval_episodes, minimum=0)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -236,8 +289,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         if args.resume is not None:
             model = cls.load(args.resume, env=env, device=args.device)
         else:
-            model = cls(config.policy, env, seed=args.seed, device=args.device,
-                        **config.algorithm_kwargs())
+            model = cls(
+                config.policy, env, seed=args.seed, device=args.device, **config.algorithm_kwargs()
+            )
     except BaseException:
         env.close()
         raise
@@ -277,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _learn(
-    model: Any, timesteps: int, fresh: bool, callbacks: list[Any] | None = None,
+    model: Any,
+    timesteps: int,
+    fresh: bool,
+    callbacks: list[Any] | None = None,
     log_interval: int = 10,
 ) -> None:
     """Train until the run's ``timesteps`` (a resumed model has already done some),
@@ -296,8 +353,12 @@ def _learn(
     stop = StopOnSignal(agree=lambda received: not distributed.all_agree(not received))
     stop.install()
     try:
-        model.learn(remaining, callback=CallbackList([stop, *(callbacks or [])]),
-                    reset_num_timesteps=fresh, log_interval=log_interval)
+        model.learn(
+            remaining,
+            callback=CallbackList([stop, *(callbacks or [])]),
+            reset_num_timesteps=fresh,
+            log_interval=log_interval,
+        )
     finally:
         stop.restore()
 
@@ -341,15 +402,26 @@ def _train(args: argparse.Namespace) -> int:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"algo": args.algo, "env": config.env.gym_id}
-    (run_dir / "config.json").write_text(json.dumps({
-        **metadata, "seed": args.seed, "n_envs": config.n_envs, "timesteps": config.timesteps,
-        "policy": config.policy, "normalize": config.normalize, "device": str(model.device),
-        "resumed_from": str(args.resume) if args.resume else None,
-        "preset": args.preset or "default",
-        # A resumed run keeps the hyperparameters saved in its checkpoint.
-        "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
-        "command": args.command,
-    }, indent=2, default=repr))
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                **metadata,
+                "seed": args.seed,
+                "n_envs": config.n_envs,
+                "timesteps": config.timesteps,
+                "policy": config.policy,
+                "normalize": config.normalize,
+                "device": str(model.device),
+                "resumed_from": str(args.resume) if args.resume else None,
+                "preset": args.preset or "default",
+                # A resumed run keeps the hyperparameters saved in its checkpoint.
+                "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
+                "command": args.command,
+            },
+            indent=2,
+            default=repr,
+        )
+    )
     episodes = run_dir / "episodes.csv"
     logger = configure(str(run_dir), ["csv", "tensorboard"])
     if args.resume is not None:  # one continuous curve, up to the checkpoint's step
@@ -357,27 +429,38 @@ def _train(args: argparse.Namespace) -> int:
         continue_progress(args.resume.parent / "progress.csv", logger, model.num_timesteps)
     model.set_logger(logger)
     checkpoint = run_dir / "checkpoint.zip"
-    callbacks = [EpisodeLog(episodes), FinalLog(),
-                 PeriodicCheckpoint(args.checkpoint_every,
-                                    lambda: save_checkpoint(model, checkpoint, metadata))]
+    callbacks = [
+        EpisodeLog(episodes),
+        FinalLog(),
+        PeriodicCheckpoint(
+            args.checkpoint_every, lambda: save_checkpoint(model, checkpoint, metadata)
+        ),
+    ]
     if not args.no_progress:
         callbacks.insert(0, ScoreProgressBar(config.timesteps))
     ranks = distributed.world_size()
     where = f"device {model.device}" + (f" on each of {ranks} ranks" if ranks > 1 else "")
-    print(f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
-          f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}")
+    print(
+        f"ngrl.train: {args.algo} on {config.env.gym_id}, {config.n_envs} envs, "
+        f"{config.timesteps:,} timesteps, {where}; run folder {run_dir}"
+    )
     try:
         _learn(model, config.timesteps, args.resume is None, callbacks, args.log_interval)
     except Stopped as stop:
         save_checkpoint(model, checkpoint, metadata)
-        print(f"\nngrl.train: stopped by {signal.Signals(stop.signum).name} after "
-              f"{model.num_timesteps:,} timesteps; resume with --resume {checkpoint}",
-              file=sys.stderr)
+        print(
+            f"\nngrl.train: stopped by {signal.Signals(stop.signum).name} after "
+            f"{model.num_timesteps:,} timesteps; resume with --resume {checkpoint}",
+            file=sys.stderr,
+        )
         return 128 + stop.signum
     except KeyboardInterrupt:  # a second signal: in the middle of an update, nothing saved
-        print(f"\nngrl.train: stopped at once; the last checkpoint is {checkpoint}"
-              if checkpoint.is_file() else "\nngrl.train: stopped at once, before any checkpoint",
-              file=sys.stderr)
+        print(
+            f"\nngrl.train: stopped at once; the last checkpoint is {checkpoint}"
+            if checkpoint.is_file()
+            else "\nngrl.train: stopped at once, before any checkpoint",
+            file=sys.stderr,
+        )
         return 130
     save_checkpoint(model, checkpoint, metadata)
     save_policy(model, run_dir / "model.zip", metadata)
@@ -389,8 +472,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.eval_episodes:
         result = evaluate(model, config.env.gym_id, args.eval_episodes, args.seed + 10_000)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        print(f"eval: {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
-              f"{args.eval_episodes} episodes")
+        print(
+            f"eval: {result['mean_return']:.1f} ± {result['std_return']:.1f} over "
+            f"{args.eval_episodes} episodes"
+        )
     model.get_env().close()
     return 0
 

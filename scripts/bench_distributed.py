@@ -44,13 +44,19 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
         index = rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store}",
-                            rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
     spec = resolve(args.env)
     config = resolve_config("acktr", spec, [])
     kwargs = config.algorithm_kwargs()
-    env = make_vec_env(spec.gym_id, args.n_envs, seed=0, rank=rank, world_size=world,
-                       normalize=config.normalize)
+    env = make_vec_env(
+        spec.gym_id, args.n_envs, seed=0, rank=rank, world_size=world, normalize=config.normalize
+    )
     model = ACKTR(config.policy, env, seed=rank, device=device, **kwargs)
     per_update = model.n_steps * args.n_envs
     model.learn(per_update)  # warm-up: one update, buffers and first decompositions
@@ -66,37 +72,55 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
     env.close()
     if rank == 0:
         seconds = statistics.median(times)
-        Path(out).write_text(json.dumps({
-            "ranks": world, "env": spec.gym_id, "n_envs": args.n_envs, "device": args.device,
-            "updates": args.updates, "steps_per_update": per_update, "seconds": times,
-            "env_steps_per_s": args.updates * per_update / seconds,
-            "updates_per_s": args.updates / seconds,
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "ranks": world,
+                    "env": spec.gym_id,
+                    "n_envs": args.n_envs,
+                    "device": args.device,
+                    "updates": args.updates,
+                    "steps_per_update": per_update,
+                    "seconds": times,
+                    "env_steps_per_s": args.updates * per_update / seconds,
+                    "updates_per_s": args.updates / seconds,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
 def run(world: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         store, out = os.path.join(folder, "store"), os.path.join(folder, "result.json")
-        mp.start_processes(_worker, args=(world, store, args, out), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, store, args, out), nprocs=world, start_method="spawn"
+        )
         return json.loads(Path(out).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="CartPole", help="environment name (default: CartPole)")
-    parser.add_argument("--n-envs", type=int, default=8,
-                        help="environments over all ranks (default: 8)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
-                        help="world sizes to measure (default: 1 2)")
-    parser.add_argument("--updates", type=int, default=50,
-                        help="updates per timed run (default: 50)")
+    parser.add_argument(
+        "--n-envs", type=int, default=8, help="environments over all ranks (default: 8)"
+    )
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=[1, 2], help="world sizes to measure (default: 1 2)"
+    )
+    parser.add_argument(
+        "--updates", type=int, default=50, help="updates per timed run (default: 50)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (default: 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per rank (default: 1)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu (gloo) or cuda (NCCL; ranks share GPUs round-robin)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per rank (default: 1)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (gloo) or cuda (NCCL; ranks share GPUs round-robin)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     for name in ("n_envs", "updates", "repeats", "threads"):
@@ -111,14 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: its folder does not exist")  # before the runs, not after
     results = [run(world, args) for world in args.ranks]
     base = results[0]
-    print(f"ACKTR on {base['env']}, {args.n_envs} envs in total, {args.device}, "
-          f"{args.updates} updates x {args.repeats} runs (median)")
+    print(
+        f"ACKTR on {base['env']}, {args.n_envs} envs in total, {args.device}, "
+        f"{args.updates} updates x {args.repeats} runs (median)"
+    )
     print("| ranks | env steps/s | updates/s | ÷ first |")
     print("|---:|---:|---:|---:|")
     for result in results:
         ratio = result["env_steps_per_s"] / base["env_steps_per_s"]
-        print(f"| {result['ranks']} | {result['env_steps_per_s']:,.0f} | "
-              f"{result['updates_per_s']:.2f} | {ratio:.2f} |")
+        print(
+            f"| {result['ranks']} | {result['env_steps_per_s']:,.0f} | "
+            f"{result['updates_per_s']:.2f} | {ratio:.2f} |"
+        )
     if args.out is not None:
         args.out.write_text(json.dumps({"command": sys.argv, "results": results}, indent=2))
     return 0

@@ -55,13 +55,19 @@ class GymnasiumStepper:
 
 def steps_per_second(env: VecEnv | GymnasiumStepper, seconds: float, repeats: int) -> float:
     space = env.env.action_space if isinstance(env, GymnasiumStepper) else env.action_space
-    single = getattr(env.env, "single_action_space", None) if isinstance(env, GymnasiumStepper) else space
+    single = (
+        getattr(env.env, "single_action_space", None)
+        if isinstance(env, GymnasiumStepper)
+        else space
+    )
     rng = np.random.default_rng(0)
 
     def actions() -> np.ndarray:
         if isinstance(single, gym.spaces.Discrete):
             return rng.integers(0, single.n, env.num_envs)
-        return rng.uniform(single.low, single.high, (env.num_envs, *single.shape)).astype(single.dtype)
+        return rng.uniform(single.low, single.high, (env.num_envs, *single.shape)).astype(
+            single.dtype
+        )
 
     env.reset()
     for _ in range(50):
@@ -79,18 +85,25 @@ def steps_per_second(env: VecEnv | GymnasiumStepper, seconds: float, repeats: in
 
 def atari_rows(n: int) -> dict[str, Callable[[], VecEnv | GymnasiumStepper]]:
     def gym_async() -> GymnasiumStepper:
-        return GymnasiumStepper(gym.make_vec(
-            "ALE/Breakout-v5", n, vectorization_mode="async", frameskip=1,
-            repeat_action_probability=0.0,
-            wrappers=[lambda e: FrameStackObservation(AtariPreprocessing(e), 4)],
-        ))
+        return GymnasiumStepper(
+            gym.make_vec(
+                "ALE/Breakout-v5",
+                n,
+                vectorization_mode="async",
+                frameskip=1,
+                repeat_action_probability=0.0,
+                wrappers=[lambda e: FrameStackObservation(AtariPreprocessing(e), 4)],
+            )
+        )
 
     return {
         "ngrl make_vec_env (ale-py threads)": lambda: make_vec_env("Breakout", n, seed=0),
         "SB3 make_atari_env + DummyVecEnv": lambda: VecFrameStack(
-            make_atari_env("BreakoutNoFrameskip-v4", n, seed=0, vec_env_cls=DummyVecEnv), 4),
+            make_atari_env("BreakoutNoFrameskip-v4", n, seed=0, vec_env_cls=DummyVecEnv), 4
+        ),
         "SB3 make_atari_env + SubprocVecEnv": lambda: VecFrameStack(
-            make_atari_env("BreakoutNoFrameskip-v4", n, seed=0, vec_env_cls=SubprocVecEnv), 4),
+            make_atari_env("BreakoutNoFrameskip-v4", n, seed=0, vec_env_cls=SubprocVecEnv), 4
+        ),
         "gymnasium AsyncVectorEnv + wrappers": gym_async,
     }
 
@@ -99,9 +112,15 @@ def gym_rows(name: str, gym_id: str, n: int) -> dict[str, Callable[[], VecEnv | 
     return {
         "ngrl make_vec_env (auto)": lambda: make_vec_env(name, n, seed=0),
         "ngrl make_vec_env (async)": lambda: make_vec_env(name, n, seed=0, vectorization="async"),
-        "SB3 make_vec_env + DummyVecEnv": lambda: sb3_make_vec_env(gym_id, n, seed=0, vec_env_cls=DummyVecEnv),
-        "SB3 make_vec_env + SubprocVecEnv": lambda: sb3_make_vec_env(gym_id, n, seed=0, vec_env_cls=SubprocVecEnv),
-        "gymnasium AsyncVectorEnv": lambda: GymnasiumStepper(gym.make_vec(gym_id, n, vectorization_mode="async")),
+        "SB3 make_vec_env + DummyVecEnv": lambda: sb3_make_vec_env(
+            gym_id, n, seed=0, vec_env_cls=DummyVecEnv
+        ),
+        "SB3 make_vec_env + SubprocVecEnv": lambda: sb3_make_vec_env(
+            gym_id, n, seed=0, vec_env_cls=SubprocVecEnv
+        ),
+        "gymnasium AsyncVectorEnv": lambda: GymnasiumStepper(
+            gym.make_vec(gym_id, n, vectorization_mode="async")
+        ),
     }
 
 
@@ -112,8 +131,9 @@ def raw_emulator() -> Callable[[], VecEnv]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per row (median)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

@@ -90,7 +90,9 @@ def nature_cnn(batch: int) -> Workload:
 
     def fisher(out: object) -> Tensor:
         logits, values = out  # type: ignore[misc]
-        return fisher_loss(Categorical(logits=logits)) + fisher_loss(values[:, None], kind="gaussian")
+        return fisher_loss(Categorical(logits=logits)) + fisher_loss(
+            values[:, None], kind="gaussian"
+        )
 
     return Workload("nature-cnn", ActorCritic(), loss, fisher, data)
 
@@ -116,7 +118,9 @@ def autoencoder(batch: int) -> Workload:
 
 
 # --- the updates -----------------------------------------------------------------------
-def first_order_update(work: Workload, model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
+def first_order_update(
+    work: Workload, model: nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[], None]:
     def update() -> None:
         loss = work.loss(work.forward(model))
         opt.zero_grad()
@@ -127,7 +131,9 @@ def first_order_update(work: Workload, model: nn.Module, opt: torch.optim.Optimi
     return update
 
 
-def kfac_update(work: Workload, model: nn.Module, opt: KFAC, stats_only: bool) -> Callable[[], None]:
+def kfac_update(
+    work: Workload, model: nn.Module, opt: KFAC, stats_only: bool
+) -> Callable[[], None]:
     def update() -> None:
         out = work.forward(model)
         if opt.capture_due:
@@ -166,7 +172,9 @@ def kfac_ladder(batch: int) -> list[Config]:
             Config(f"K-FAC f={f} +… +factored", f, True, "reduce", "factored"),
             Config(f"K-FAC f={f} +… +stats {sub}/{batch}", f, True, "reduce", "factored", sub),
         ]
-    configs.append(Config("K-FAC f=10 +… +inv_update_steps=20", 10, True, "reduce", "factored", sub, 20))
+    configs.append(
+        Config("K-FAC f=10 +… +inv_update_steps=20", 10, True, "reduce", "factored", sub, 20)
+    )
     return configs
 
 
@@ -203,8 +211,15 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
     def forward_backward(which: Callable[[object], Tensor]) -> None:
         which(work.forward(model)).backward()
 
-    rows.append(("forward + loss backward", median_time(lambda: forward_backward(work.loss), repeats)))
-    rows.append(("forward + Fisher backward (full)", median_time(lambda: forward_backward(work.fisher), repeats)))
+    rows.append(
+        ("forward + loss backward", median_time(lambda: forward_backward(work.loss), repeats))
+    )
+    rows.append(
+        (
+            "forward + Fisher backward (full)",
+            median_time(lambda: forward_backward(work.fisher), repeats),
+        )
+    )
     opt = KFAC(model)
     batch = work.batch["x"].shape[0]
     cheap = KFAC(model, weight_sharing="reduce", stats_batch_size=batch // 5)
@@ -215,16 +230,22 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
             for block in kfac.blocks.values():
                 block.discard()
 
-        rows.append((f"forward + stats-only Fisher backward + statistics ({label})",
-                     median_time(stats_only_backward, repeats)))
+        rows.append(
+            (
+                f"forward + stats-only Fisher backward + statistics ({label})",
+                median_time(stats_only_backward, repeats),
+            )
+        )
     cheap.remove_hooks()
 
     # Layer inputs and output gradients, to time each statistic on its own.
     stash: dict[str, tuple[Tensor, Tensor]] = {}
     handles = []
     for layer in opt.layers:
+
         def hook(module: nn.Module, inputs: tuple, output: Tensor, layer: Layer = layer) -> None:
             output.register_hook(lambda g: stash.__setitem__(layer.name, (inputs[0].detach(), g)))
+
         handles.append(layer.module.register_forward_hook(hook))
     with opt.capture():
         forward_backward(work.fisher)
@@ -243,7 +264,12 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
                 block.accumulate(a, gg)
                 block.discard()
 
-            rows.append((f"statistics {layer.name} {tuple(layer.shape)} {sharing}", median_time(stats, repeats)))
+            rows.append(
+                (
+                    f"statistics {layer.name} {tuple(layer.shape)} {sharing}",
+                    median_time(stats, repeats),
+                )
+            )
     for layer in opt.layers:
         if not isinstance(opt.blocks[layer.name], KFACBlock):
             continue
@@ -253,10 +279,18 @@ def breakdown(work: Workload, repeats: int) -> list[tuple[str, float]]:
             block.load_state_dict(opt.blocks[layer.name].state_dict())
             label = "eigendecomposition" if rule == "exact" else "Cholesky inverses"
             big = max(layer.shape) > 1024  # one eigendecomposition of a big factor is enough
-            rows.append((f"{label} {layer.name} {tuple(layer.shape)}",
-                         median_time(partial(block.refresh, 1e-2), 1 if big else repeats)))
-            rows.append((f"precondition ({rule}) {layer.name}",
-                         median_time(partial(block.precondition, grad, 1e-2), repeats)))
+            rows.append(
+                (
+                    f"{label} {layer.name} {tuple(layer.shape)}",
+                    median_time(partial(block.refresh, 1e-2), 1 if big else repeats),
+                )
+            )
+            rows.append(
+                (
+                    f"precondition ({rule}) {layer.name}",
+                    median_time(partial(block.precondition, grad, 1e-2), repeats),
+                )
+            )
     return rows
 
 
@@ -276,16 +310,33 @@ def run(work: Workload, args: argparse.Namespace) -> dict:
     batch = work.batch["x"].shape[0]
     results: dict[str, float] = {}
     configs: list[tuple[str, int, Callable[[nn.Module], Callable[[], None]]]] = [
-        ("SGD (A2C-style)", args.cycle, lambda m: first_order_update(work, m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))),
-        ("Adam", args.cycle, lambda m: first_order_update(work, m, torch.optim.Adam(m.parameters(), lr=1e-4))),
+        (
+            "SGD (A2C-style)",
+            args.cycle,
+            lambda m: first_order_update(
+                work, m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+            ),
+        ),
+        (
+            "Adam",
+            args.cycle,
+            lambda m: first_order_update(work, m, torch.optim.Adam(m.parameters(), lr=1e-4)),
+        ),
     ]
     for config in kfac_ladder(batch):
+
         def build(m: nn.Module, c: Config = config) -> Callable[[], None]:
-            opt = KFAC(m, lr=0.1, factor_update_steps=c.factor_update_steps,
-                       inv_update_steps=c.inv_update_steps, weight_sharing=c.weight_sharing,  # type: ignore[arg-type]
-                       stats_batch_size=c.stats_batch_size,
-                       curvature_options={"damping_rule": c.damping_rule})
+            opt = KFAC(
+                m,
+                lr=0.1,
+                factor_update_steps=c.factor_update_steps,
+                inv_update_steps=c.inv_update_steps,
+                weight_sharing=c.weight_sharing,  # type: ignore[arg-type]
+                stats_batch_size=c.stats_batch_size,
+                curvature_options={"damping_rule": c.damping_rule},
+            )
             return kfac_update(work, m, opt, c.stats_only)
+
         cycle = math.lcm(args.cycle, config.factor_update_steps, config.inv_update_steps)
         configs.append((config.label, cycle, build))
     for label, cycle, build in tqdm(configs, desc=work.name):
@@ -306,18 +357,35 @@ def report(name: str, result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=["nature-cnn", "autoencoder", "all"], default="all",
-                        help="which workload to time")
-    parser.add_argument("--cnn-batch", type=int, default=640, help="frames per Atari update (32 envs × 20 steps)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=["nature-cnn", "autoencoder", "all"],
+        default="all",
+        help="which workload to time",
+    )
+    parser.add_argument(
+        "--cnn-batch", type=int, default=640, help="frames per Atari update (32 envs × 20 steps)"
+    )
     parser.add_argument("--ae-batch", type=int, default=512, help="examples per autoencoder update")
-    parser.add_argument("--cycle", type=int, default=10,
-                        help="updates per timed cycle (raised to a multiple of each configuration's step counts)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed cycles per configuration (median taken)")
+    parser.add_argument(
+        "--cycle",
+        type=int,
+        default=10,
+        help="updates per timed cycle (raised to a multiple of each configuration's step counts)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed cycles per configuration (median taken)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                        help="skip the per-piece breakdown")
+    parser.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-piece breakdown",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:

@@ -77,8 +77,18 @@ ANCHORS: dict[str, dict[str, list[tuple[float, float]]]] = {
 WINDOW = 20
 MARK_WINDOW = 100  # episodes averaged at a mark (openai/baselines' curves)
 #: What every run in an ``OUT.json`` carries (what a merge reads).
-RUN_KEYS = ("algo", "env", "seed", "timesteps", "n_envs", "ms_per_1000_steps",
-            "steps_to_threshold", "final_return", "curve_steps", "curve_returns")
+RUN_KEYS = (
+    "algo",
+    "env",
+    "seed",
+    "timesteps",
+    "n_envs",
+    "ms_per_1000_steps",
+    "steps_to_threshold",
+    "final_return",
+    "curve_steps",
+    "curve_returns",
+)
 
 
 def build_config(label: str, task: Task) -> Any:
@@ -102,12 +112,21 @@ def build(label: str, task: Task, seed: int) -> Any:
         from sb3_contrib import TRPO
 
         # sb3-contrib's TRPO with the preset's rollout and critic settings.
-        keys = ("n_steps", "batch_size", "gamma", "gae_lambda", "target_kl", "cg_max_steps",
-                "n_critic_updates", "learning_rate")
+        keys = (
+            "n_steps",
+            "batch_size",
+            "gamma",
+            "gae_lambda",
+            "target_kl",
+            "cg_max_steps",
+            "n_critic_updates",
+            "learning_rate",
+        )
         kwargs = {k: v for k, v in config.algorithm_kwargs().items() if k in keys}
         return TRPO(config.policy, env, seed=seed, device="cpu", **kwargs)
-    return algorithm_class(algo)(config.policy, env, seed=seed, device="cpu",
-                                 **config.algorithm_kwargs())
+    return algorithm_class(algo)(
+        config.policy, env, seed=seed, device="cpu", **config.algorithm_kwargs()
+    )
 
 
 def steps_to_threshold(steps: np.ndarray, returns: np.ndarray, threshold: float) -> float | None:
@@ -145,13 +164,18 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     steps, returns = read_episodes(log)
     result = {
-        "algo": algo, "env": task.env, "seed": seed, "timesteps": task.timesteps,
-        "n_envs": task.n_envs, "seconds": seconds,
+        "algo": algo,
+        "env": task.env,
+        "seed": seed,
+        "timesteps": task.timesteps,
+        "n_envs": task.n_envs,
+        "seconds": seconds,
         "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
         "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
         "return_at": returns_at_marks(steps, returns, task.env, task.timesteps),
         "final_return": evaluate(model, task.env, 20, seed + 10_000)["mean_return"],
-        "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
+        "curve_steps": steps.tolist(),
+        "curve_returns": returns.tolist(),
     }
     model.get_env().close()
     return result
@@ -173,10 +197,12 @@ def _marks(results: list[dict[str, Any]]) -> list[int]:
 def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> str:
     marks = _marks(results)
     mark_heads = "".join(f" return at {m / 1e6:g}M (median [min, max]) |" for m in marks)
-    lines = ["| env | algorithm | seeds |" + mark_heads + " steps to threshold (median) "
-             "| final return (median) | ms per 1000 steps (median) | ÷ A2C wall-clock "
-             "| ÷ A2C steps to threshold |",
-             "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|---:|"]
+    lines = [
+        "| env | algorithm | seeds |" + mark_heads + " steps to threshold (median) "
+        "| final return (median) | ms per 1000 steps (median) | ÷ A2C wall-clock "
+        "| ÷ A2C steps to threshold |",
+        "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|---:|",
+    ]
     for task in tasks:
         rows = {a: [r for r in results if r["algo"] == a and r["env"] == task.env] for a in algos}
         a2c_ms = _median([r["ms_per_1000_steps"] for r in rows.get("a2c", [])])
@@ -211,14 +237,18 @@ def _mark_cell(runs: list[dict[str, Any]], mark: int) -> str:
 
 
 def results_json(
-    command: list[str], results: list[dict[str, Any]], merged_from: list[dict[str, Any]] | None = None
+    command: list[str],
+    results: list[dict[str, Any]],
+    merged_from: list[dict[str, Any]] | None = None,
 ) -> str:
     """Every run with its curve, one run per line (the curves are long); a merge also
     keeps the commands of the files it merged."""
     runs = ",\n  ".join(json.dumps(r) for r in results)
     sources = f'"merged_from": {json.dumps(merged_from)}, ' if merged_from else ""
-    return (f'{{"command": {json.dumps(command)}, {sources}"torch_threads": 1, '
-            f'"results": [\n  {runs}\n]}}\n')
+    return (
+        f'{{"command": {json.dumps(command)}, {sources}"torch_threads": 1, '
+        f'"results": [\n  {runs}\n]}}\n'
+    )
 
 
 def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png: Path) -> None:
@@ -230,7 +260,9 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
             for r in results:
                 if r["algo"] == algo and r["env"] == task.env and r["curve_steps"]:
                     smooth = rolling_mean(np.array(r["curve_returns"]), WINDOW)
-                    curves.append(np.interp(grid, r["curve_steps"], smooth, left=np.nan, right=np.nan))
+                    curves.append(
+                        np.interp(grid, r["curve_steps"], smooth, left=np.nan, right=np.nan)
+                    )
             if not curves:
                 continue
             stack = np.array(curves)
@@ -238,13 +270,24 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
                 warnings.simplefilter("ignore", RuntimeWarning)
                 ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
                 if len(curves) > 1:
-                    ax.fill_between(grid, np.nanmin(stack, 0), np.nanmax(stack, 0),
-                                    color=f"C{index}", alpha=0.15)
+                    ax.fill_between(
+                        grid,
+                        np.nanmin(stack, 0),
+                        np.nanmax(stack, 0),
+                        color=f"C{index}",
+                        alpha=0.15,
+                    )
         for (name, points), marker in zip(ANCHORS.get(task.env, {}).items(), "osd", strict=False):
             shown = [(x, y) for x, y in points if x <= task.timesteps]
             if shown:
-                ax.plot(*zip(*shown, strict=True), linestyle="--", marker=marker, color="gray",
-                        linewidth=1, label=f"{name} (published)")
+                ax.plot(
+                    *zip(*shown, strict=True),
+                    linestyle="--",
+                    marker=marker,
+                    color="gray",
+                    linewidth=1,
+                    label=f"{name} (published)",
+                )
         ax.axhline(task.threshold, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"{task.env} ({task.n_envs} envs)")
         ax.set_xlabel("timesteps")
@@ -284,21 +327,31 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     seed = int(config["seed"])
     task = task_of(env)
     run = {
-        "algo": label, "env": env, "seed": seed, "timesteps": timesteps,
-        "n_envs": int(config["n_envs"]), "seconds": float(seconds[-1]),
+        "algo": label,
+        "env": env,
+        "seed": seed,
+        "timesteps": timesteps,
+        "n_envs": int(config["n_envs"]),
+        "seconds": float(seconds[-1]),
         "ms_per_1000_steps": 1e6 * float(seconds[-1]) / float(steps[-1]),
         "steps_to_threshold": steps_to_threshold(
-            steps, returns, task.threshold if task is not None else np.inf),
+            steps, returns, task.threshold if task is not None else np.inf
+        ),
         "return_at": returns_at_marks(steps, returns, env, timesteps),
-        "final_return": (evaluate(model, env, eval_episodes, seed + 10_000)["mean_return"]
-                         if eval_episodes else None),
-        "curve_steps": steps.tolist(), "curve_returns": returns.tolist(),
+        "final_return": (
+            evaluate(model, env, eval_episodes, seed + 10_000)["mean_return"]
+            if eval_episodes
+            else None
+        ),
+        "curve_steps": steps.tolist(),
+        "curve_returns": returns.tolist(),
     }
     return {"command": config.get("command"), "results": [run]}
 
 
 def merged_results(
-    paths: list[Path], eval_episodes: int = 20,
+    paths: list[Path],
+    eval_episodes: int = 20,
 ) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
     """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
     the commands that made them."""
@@ -307,8 +360,11 @@ def merged_results(
     seen: dict[tuple[str, str, int], Path] = {}
     for path in paths:
         try:
-            data = (run_folder_results(path, eval_episodes) if path.is_dir()
-                    else json.loads(path.read_text()))
+            data = (
+                run_folder_results(path, eval_episodes)
+                if path.is_dir()
+                else json.loads(path.read_text())
+            )
             runs = data["results"]
             for r in runs:
                 missing = [k for k in RUN_KEYS if k not in r]
@@ -316,17 +372,24 @@ def merged_results(
                     raise KeyError(", ".join(missing))
             keys = [(r["algo"], r["env"], int(r["seed"])) for r in runs]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"--merge: {path} is neither a compare_rl.py JSON file nor an "
-                             f"ngrl.train run folder ({error})") from None
+            raise ValueError(
+                f"--merge: {path} is neither a compare_rl.py JSON file nor an "
+                f"ngrl.train run folder ({error})"
+            ) from None
         for key in keys:
             if key in seen:
-                raise ValueError(f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}")
+                raise ValueError(
+                    f"--merge: {path} and {seen[key]} both hold {'/'.join(map(str, key))}"
+                )
             seen[key] = path
         for r in runs:  # files written before the marks existed: read them off the curve
             if "return_at" not in r:
-                r["return_at"] = returns_at_marks(np.array(r["curve_steps"]),
-                                                  np.array(r["curve_returns"]), r["env"],
-                                                  r["timesteps"])
+                r["return_at"] = returns_at_marks(
+                    np.array(r["curve_steps"]),
+                    np.array(r["curve_returns"]),
+                    r["env"],
+                    r["timesteps"],
+                )
         results.extend(runs)
         sources.append({"file": path.name, "command": data.get("command")})
     tasks: dict[str, Task] = {}
@@ -334,15 +397,20 @@ def merged_results(
         previous = tasks.get(r["env"])
         timesteps = max(r["timesteps"], previous.timesteps if previous else 0)
         known = task_of(r["env"])
-        tasks[r["env"]] = Task(r["env"], timesteps, r["n_envs"],
-                               known.threshold if known is not None else np.inf)
+        tasks[r["env"]] = Task(
+            r["env"], timesteps, r["n_envs"], known.threshold if known is not None else np.inf
+        )
     algos = list(dict.fromkeys(r["algo"] for r in results))
     return results, list(tasks.values()), algos, sources
 
 
 def write_outputs(
-    out: Path, command: list[str], results: list[dict[str, Any]], tasks: list[Task],
-    algos: list[str], merged_from: list[dict[str, Any]] | None = None,
+    out: Path,
+    command: list[str],
+    results: list[dict[str, Any]],
+    tasks: list[Task],
+    algos: list[str],
+    merged_from: list[dict[str, Any]] | None = None,
 ) -> None:
     """``OUT.json`` (every run), ``OUT.md`` (the table) and ``OUT.png`` (the curves)."""
     table = summarise(results, tasks, algos)
@@ -354,29 +422,55 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=sorted(SUITES), default="classic",
-                        help="classic: CartPole and InvertedPendulum; breakout: Breakout")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="number of seeds (default: 3), from --seed-start on")
-    parser.add_argument("--seed-start", type=int, default=0, metavar="K",
-                        help="first seed (default: 0): seeds K..K+N-1, so that the seeds of "
-                             "one comparison can run in separate processes")
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="classic",
+        help="classic: CartPole and InvertedPendulum; breakout: Breakout",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="number of seeds (default: 3), from --seed-start on"
+    )
+    parser.add_argument(
+        "--seed-start",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first seed (default: 0): seeds K..K+N-1, so that the seeds of "
+        "one comparison can run in separate processes",
+    )
     parser.add_argument("--timesteps", type=int, help="override every task's budget")
-    parser.add_argument("--algos",
-                        help="comma-separated algorithms (default: the suite's); ALGO:NAME "
-                             "runs ALGO's named preset, e.g. acktr:baselines")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                        help="run nothing: combine the runs of earlier OUT.json files and "
-                             "of `python -m ngrl.train` run folders (evaluated here)")
-    parser.add_argument("--eval-episodes", type=int, default=20, metavar="N",
-                        help="with --merge: evaluation episodes of each run folder's model "
-                             "(default: 20; 0: none, the table shows no final return)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output prefix: writes OUT.json, OUT.md and OUT.png")
+    parser.add_argument(
+        "--algos",
+        help="comma-separated algorithms (default: the suite's); ALGO:NAME "
+        "runs ALGO's named preset, e.g. acktr:baselines",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: combine the runs of earlier OUT.json files and "
+        "of `python -m ngrl.train` run folders (evaluated here)",
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=int,
+        default=20,
+        metavar="N",
+        help="with --merge: evaluation episodes of each run folder's model "
+        "(default: 20; 0: none, the table shows no final return)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output prefix: writes OUT.json, OUT.md and OUT.png"
+    )
     args = parser.parse_args(argv)
     command = ["scripts/compare_rl.py", *(sys.argv[1:] if argv is None else argv)]
-    for name, value, minimum in (("--eval-episodes", args.eval_episodes, 0),
-                                 ("--seeds", args.seeds, 1), ("--seed-start", args.seed_start, 0)):
+    for name, value, minimum in (
+        ("--eval-episodes", args.eval_episodes, 0),
+        ("--seeds", args.seeds, 1),
+        ("--seed-start", args.seed_start, 0),
+    ):
         if value < minimum:
             print(f"compare_rl: {name} must be >= {minimum}, got {value}", file=sys.stderr)
             return 2
@@ -393,15 +487,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     torch.set_num_threads(1)
-    tasks = [Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold)
-             for t in SUITES[args.suite]]
+    tasks = [
+        Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold)
+        for t in SUITES[args.suite]
+    ]
     algos = args.algos.split(",") if args.algos else ALGOS[args.suite]
     if "trpo-sb3" in algos:
         try:
             import sb3_contrib  # noqa: F401
         except ImportError:
-            print("compare_rl: sb3-contrib is not installed (pip install -e .[bench]); "
-                  "skipping TRPO", file=sys.stderr)
+            print(
+                "compare_rl: sb3-contrib is not installed (pip install -e .[bench]); skipping TRPO",
+                file=sys.stderr,
+            )
             algos.remove("trpo-sb3")
     seeds = range(args.seed_start, args.seed_start + args.seeds)
     jobs = [(a, t, s) for t in tasks for s in seeds for a in algos]

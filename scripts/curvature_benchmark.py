@@ -120,10 +120,15 @@ def make_optimizer(method: str, model: nn.Module, hyper: dict[str, float], setup
     if method == "adam":
         return torch.optim.Adam(model.parameters(), lr=hyper["lr"])
     return KFAC(
-        model, lr=SECOND_ORDER_LR, damping=hyper["damping"], kl_clip=hyper["kl_clip"],
-        momentum=setup.momentum, factor_decay=setup.factor_decay,
+        model,
+        lr=SECOND_ORDER_LR,
+        damping=hyper["damping"],
+        kl_clip=hyper["kl_clip"],
+        momentum=setup.momentum,
+        factor_decay=setup.factor_decay,
         factor_update_steps=setup.factor_update_steps,
-        inv_update_steps=setup.inv_update_steps, curvature=method,
+        inv_update_steps=setup.inv_update_steps,
+        curvature=method,
     )
 
 
@@ -205,8 +210,9 @@ def frobenius_table(
     try:
         data = data.double()
         model = autoencoder(SMALL_ARCHITECTURE)
-        trainer = KFAC(model, lr=SECOND_ORDER_LR, damping=1e-2, kl_clip=1e-2,
-                       momentum=setup.momentum)
+        trainer = KFAC(
+            model, lr=SECOND_ORDER_LR, damping=1e-2, kl_clip=1e-2, momentum=setup.momentum
+        )
         layers = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         table: dict[str, dict[str, float]] = {}
         for epoch in tqdm(range(max(points) + 1), desc="frobenius", disable=not progress):
@@ -230,7 +236,9 @@ def _errors_at(
     model: nn.Module, x: Tensor, layers: list[str], curvatures: Sequence[str]
 ) -> dict[str, float]:
     with torch.no_grad():
-        targets = torch.bernoulli(torch.sigmoid(model(x)), generator=torch.Generator().manual_seed(1))
+        targets = torch.bernoulli(
+            torch.sigmoid(model(x)), generator=torch.Generator().manual_seed(1)
+        )
 
     def per_example_loss(output: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
@@ -282,8 +290,9 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(top=1.5 * start)  # a diverged run leaves the plot instead of flattening it
     by_time.legend(fontsize=8, ncol=2)
     fig.suptitle("Deep autoencoder on digits " + "-".join(map(str, ARCHITECTURE)))
-    write_atomically(path, lambda target: fig.savefig(target, format="png", dpi=110,
-                                                      bbox_inches="tight"))
+    write_atomically(
+        path, lambda target: fig.savefig(target, format="png", dpi=110, bbox_inches="tight")
+    )
     plt.close(fig)
 
 
@@ -311,19 +320,30 @@ def markdown(report: dict[str, Any]) -> str:
             f"{result['seconds_per_epoch']:.3f} | {_format_time(result['time_to_adam'])} | "
             f"{_format_time(result['time_to_kfac'])} |"
         )
-    lines += ["", "Grid (worst of the last five epoch losses of a grid run, seed 0; lr for SGD and Adam, "
-              f"kl_clip/damping at lr {SECOND_ORDER_LR} for the rest):", "",
-              "| method | setting → loss |", "|---|---|"]
+    lines += [
+        "",
+        "Grid (worst of the last five epoch losses of a grid run, seed 0; lr for SGD and Adam, "
+        f"kl_clip/damping at lr {SECOND_ORDER_LR} for the rest):",
+        "",
+        "| method | setting → loss |",
+        "|---|---|",
+    ]
     for method, trials in report["grid"].items():
         cells = ", ".join(
             "/".join(f"{v:g}" for v in trial["hyperparameters"].values())
-            + f" → {trial['loss']:.3g}" for trial in trials
+            + f" → {trial['loss']:.3g}"
+            for trial in trials
         )
         lines.append(f"| {method} | {cells} |")
     table = report["frobenius"]
     names = list(next(iter(table.values())))
-    lines += ["", "Relative Frobenius error against the exact Fisher block (mean over layers):", "",
-              "| point | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Relative Frobenius error against the exact Fisher block (mean over layers):",
+        "",
+        "| point | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for point, errors in table.items():
         lines.append(f"| {point} | " + " | ".join(f"{errors[n]:.4f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
@@ -334,21 +354,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default=",".join([*FIRST_ORDER, *available()]),
-                        help="comma-separated methods (default: sgd, adam and every curvature)")
-    parser.add_argument("--epochs", type=int, default=100,
-                        help="epochs of the curves (default: 100)")
-    parser.add_argument("--grid-epochs", type=int, default=40,
-                        help="epochs of each grid run (default: 40); a setting scores the "
-                        "worst of its last five epoch losses")
+    parser.add_argument(
+        "--methods",
+        default=",".join([*FIRST_ORDER, *available()]),
+        help="comma-separated methods (default: sgd, adam and every curvature)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=100, help="epochs of the curves (default: 100)"
+    )
+    parser.add_argument(
+        "--grid-epochs",
+        type=int,
+        default=40,
+        help="epochs of each grid run (default: 40); a setting scores the "
+        "worst of its last five epoch losses",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
-    parser.add_argument("--out", type=Path, default=Path("results/curvature"),
-                        help="folder for results.json, results.md, curves.png")
-    parser.add_argument("--frobenius-epochs", default=",".join(map(str, FROBENIUS_EPOCHS)),
-                        help="training epochs of the small autoencoder at which the "
-                        "Frobenius errors are measured (default: 0,10,50)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default: 1, so timings do not share cores)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/curvature"),
+        help="folder for results.json, results.md, curves.png",
+    )
+    parser.add_argument(
+        "--frobenius-epochs",
+        default=",".join(map(str, FROBENIUS_EPOCHS)),
+        help="training epochs of the small autoencoder at which the "
+        "Frobenius errors are measured (default: 0,10,50)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1, so timings do not share cores)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -359,8 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in valid]
     if unknown:
-        print(f"curvature_benchmark: unknown method(s) {', '.join(unknown)}; "
-              f"valid: {', '.join(valid)}", file=sys.stderr)
+        print(
+            f"curvature_benchmark: unknown method(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(valid)}",
+            file=sys.stderr,
+        )
         return 2
     for name in ("epochs", "grid_epochs", "seeds", "threads"):
         if getattr(args, name) < 1:
@@ -371,8 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         points = []
     if not points or points[0] < 0:
-        print("curvature_benchmark: --frobenius-epochs must be comma-separated epochs >= 0",
-              file=sys.stderr)
+        print(
+            "curvature_benchmark: --frobenius-epochs must be comma-separated epochs >= 0",
+            file=sys.stderr,
+        )
         return 2
     if "adam" not in methods:
         methods.insert(0, "adam")  # the target everyone is measured against
@@ -408,13 +452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.update()
             results[method] = {"hyperparameters": chosen[method], "runs": runs}
     adam_final = statistics.median(run["loss"][-1] for run in results["adam"]["runs"])
-    kfac_final = (statistics.median(run["loss"][-1] for run in results["kfac"]["runs"])
-                  if "kfac" in results else float("nan"))
+    kfac_final = (
+        statistics.median(run["loss"][-1] for run in results["kfac"]["runs"])
+        if "kfac" in results
+        else float("nan")
+    )
     for result in results.values():
         runs = result["runs"]
         result["final_loss"] = statistics.median(run["loss"][-1] for run in runs)
         result["seconds_per_epoch"] = statistics.median(
-            run["seconds"][-1] / (len(run["seconds"]) - 1) for run in runs)
+            run["seconds"][-1] / (len(run["seconds"]) - 1) for run in runs
+        )
         for key, target in (("time_to_adam", adam_final), ("time_to_kfac", kfac_final)):
             times = [time_to_reach(run, target) for run in runs]
             reached = [t for t in times if t is not None]
@@ -424,14 +472,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     frobenius = frobenius_table(data, curvatures, setup, progress, points) if curvatures else {}
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"torch thread(s), torch {torch.__version__}",
-        "epochs": args.epochs, "grid_epochs": args.grid_epochs, "seeds": args.seeds,
-        "setup": setup.__dict__, "grid": grid, "results": results,
+        f"torch thread(s), torch {torch.__version__}",
+        "epochs": args.epochs,
+        "grid_epochs": args.grid_epochs,
+        "seeds": args.seeds,
+        "setup": setup.__dict__,
+        "grid": grid,
+        "results": results,
         "targets": {"adam_final_loss": adam_final, "kfac_final_loss": kfac_final},
         "frobenius": frobenius,
     }
-    write_atomically(args.out / "results.json",
-                     lambda target: target.write_text(json.dumps(report, indent=1)))
+    write_atomically(
+        args.out / "results.json", lambda target: target.write_text(json.dumps(report, indent=1))
+    )
     write_atomically(args.out / "results.md", lambda target: target.write_text(markdown(report)))
     plot_curves(results, args.out / "curves.png")
     print(markdown(report))

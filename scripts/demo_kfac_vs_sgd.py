@@ -24,7 +24,9 @@ from tqdm import tqdm
 from ngrl import KFAC, fisher_loss
 
 
-def spirals(n: int, classes: int, noise: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def spirals(
+    n: int, classes: int, noise: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``n`` points on ``classes`` interleaved spiral arms in the plane."""
     labels = torch.randint(0, classes, (n,), generator=generator)
     radius = torch.rand(n, generator=generator)
@@ -36,20 +38,33 @@ def spirals(n: int, classes: int, noise: float, generator: torch.Generator) -> t
 
 def make_model(width: int, classes: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, classes)
+        nn.Linear(2, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, classes),
     )
 
 
 def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     if name == "kfac":
-        return KFAC(model, lr=args.kfac_lr, damping=args.damping, kl_clip=args.kl_clip,
-                    momentum=0.9, factor_decay=0.95, inv_update_steps=10)
+        return KFAC(
+            model,
+            lr=args.kfac_lr,
+            damping=args.damping,
+            kl_clip=args.kl_clip,
+            momentum=0.9,
+            factor_decay=0.95,
+            inv_update_steps=10,
+        )
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.sgd_lr, momentum=0.9)
     return torch.optim.Adam(model.parameters(), lr=args.adam_lr)
 
 
-def train(name: str, model: nn.Module, data: dict[str, Tensor], args: argparse.Namespace) -> list[dict]:
+def train(
+    name: str, model: nn.Module, data: dict[str, Tensor], args: argparse.Namespace
+) -> list[dict]:
     opt = make_optimizer(name, model, args)
     generator = torch.Generator().manual_seed(args.seed)
     x, y = data["x_train"], data["y_train"]
@@ -70,8 +85,15 @@ def train(name: str, model: nn.Module, data: dict[str, Tensor], args: argparse.N
             total += loss.item() * batch.numel()
         with torch.no_grad():
             accuracy = (model(data["x_test"]).argmax(1) == data["y_test"]).double().mean()
-        rows.append(dict(optimizer=name, epoch=epoch, train_loss=total / x.shape[0],
-                         test_accuracy=float(accuracy), seconds=time.perf_counter() - start))
+        rows.append(
+            dict(
+                optimizer=name,
+                epoch=epoch,
+                train_loss=total / x.shape[0],
+                test_accuracy=float(accuracy),
+                seconds=time.perf_counter() - start,
+            )
+        )
     return rows
 
 
@@ -95,8 +117,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per update")
     parser.add_argument("--train-size", type=int, default=3000, help="training points")
@@ -104,7 +127,9 @@ def main() -> None:
     parser.add_argument("--kfac-lr", type=float, default=0.05, help="K-FAC learning rate")
     parser.add_argument("--damping", type=float, default=0.1, help="K-FAC damping")
     parser.add_argument("--kl-clip", type=float, default=1e-3, help="K-FAC trust region")
-    parser.add_argument("--sgd-lr", type=float, default=0.1, help="SGD (momentum 0.9) learning rate")
+    parser.add_argument(
+        "--sgd-lr", type=float, default=0.1, help="SGD (momentum 0.9) learning rate"
+    )
     parser.add_argument("--adam-lr", type=float, default=1e-2, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and batches")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
@@ -131,8 +156,10 @@ def main() -> None:
     print(f"{'optimizer':>9} {'train loss':>11} {'test acc':>9} {'seconds':>8}")
     for name in ("kfac", "sgd", "adam"):
         last = [r for r in rows if r["optimizer"] == name][-1]
-        print(f"{name:>9} {last['train_loss']:>11.4f} {last['test_accuracy']:>9.3f} "
-              f"{last['seconds']:>8.1f}")
+        print(
+            f"{name:>9} {last['train_loss']:>11.4f} {last['test_accuracy']:>9.3f} "
+            f"{last['seconds']:>8.1f}"
+        )
     print(f"curves: {args.out / 'curves.csv'}, plot: {args.out / 'learning_curves.png'}")
 
 

@@ -45,12 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", help="an ACKTR checkpoint.zip written by ngrl.train (its "
-                        "K-FAC factors; model.zip holds the policy only)")
+    parser.add_argument(
+        "model",
+        help="an ACKTR checkpoint.zip written by ngrl.train (its "
+        "K-FAC factors; model.zip holds the policy only)",
+    )
     parser.add_argument("--env", required=True, help="the environment it was trained on")
     parser.add_argument("--seed", type=int, default=123, help="rollout seed (default: 123)")
-    parser.add_argument("--dampings", default="1e-2,1e-4,1e-6",
-                        help="comma-separated dampings to split the quadratic at")
+    parser.add_argument(
+        "--dampings",
+        default="1e-2,1e-4,1e-6",
+        help="comma-separated dampings to split the quadratic at",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:
@@ -66,8 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = next(model.rollout_buffer.get(batch_size=None))
     parts = {part: layer_gradients(model, data, part) for part in ("policy", "value")}
     optimizer = model.policy.optimizer
-    print(f"advantages std {float(data.advantages.std()):.4g}, returns std "
-          f"{float(data.returns.std()):.4g}")
+    print(
+        f"advantages std {float(data.advantages.std()):.4g}, returns std "
+        f"{float(data.returns.std()):.4g}"
+    )
     print("| damping | policy Σ⟨X,∇⟩ | value Σ⟨X,∇⟩ | value / policy |\n|---|---|---|---|")
     for damping in dampings:
         totals = dict.fromkeys(parts, 0.0)
@@ -80,20 +88,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if layer.name in grads:
                     x = block.precondition(grads[layer.name], damping)
                     totals[part] += float((x * grads[layer.name]).sum())
-        print(f"| {damping:g} | {totals['policy']:.4g} | {totals['value']:.4g} | "
-              f"{totals['value'] / totals['policy']:.3g} |")
-    norms = {p: sum(float(g.square().sum()) for g in grads.values()) ** 0.5
-             for p, grads in parts.items()}
+        print(
+            f"| {damping:g} | {totals['policy']:.4g} | {totals['value']:.4g} | "
+            f"{totals['value'] / totals['policy']:.3g} |"
+        )
+    norms = {
+        p: sum(float(g.square().sum()) for g in grads.values()) ** 0.5 for p, grads in parts.items()
+    }
     print(f"gradient norms: policy {norms['policy']:.4g}, value {norms['value']:.4g}")
     print("| layer | largest d_G·d_A | share of d_G·d_A above 1e-2 | median |\n|---|---|---|---|")
     for layer in optimizer.layers:
         block = optimizer.blocks[layer.name]
         if getattr(block, "a_factor", None) is None or not block.initialized:
             continue
-        products = torch.outer(torch.linalg.eigvalsh(block.g_factor.double()),
-                               torch.linalg.eigvalsh(block.a_factor.double())).flatten()
-        print(f"| {layer.name} | {float(products.max()):.3g} | "
-              f"{float((products > 1e-2).double().mean()):.3g} | {float(products.median()):.3g} |")
+        products = torch.outer(
+            torch.linalg.eigvalsh(block.g_factor.double()),
+            torch.linalg.eigvalsh(block.a_factor.double()),
+        ).flatten()
+        print(
+            f"| {layer.name} | {float(products.max()):.3g} | "
+            f"{float((products > 1e-2).double().mean()):.3g} | {float(products.median()):.3g} |"
+        )
     return 0
 
 

@@ -61,8 +61,15 @@ EXIT_USAGE = 2
 DEFAULT_METHODS = "adam,vogn,noisy-kfac,slang,noisy-adam,ensemble"
 TABLE_METRICS = {
     "classification": [
-        "accuracy", "nll", "brier", "ece_15", "ece_20", "adaptive_ece_15", "mce_15",
-        "auroc_misclassification", "aurc",
+        "accuracy",
+        "nll",
+        "brier",
+        "ece_15",
+        "ece_20",
+        "adaptive_ece_15",
+        "mce_15",
+        "auroc_misclassification",
+        "aurc",
     ],
     "regression": ["nll", "rmse", "coverage_50", "coverage_90", "coverage_95"],
 }
@@ -156,7 +163,9 @@ def parse_request(args: argparse.Namespace) -> tuple[list[str], Settings, dict[s
         if not dot:
             settings[name] = value
         elif method not in METHOD_OPTIONS:
-            raise UsageError(f"unknown method {method!r} in --set {text}; valid: {', '.join(METHODS)}")
+            raise UsageError(
+                f"unknown method {method!r} in --set {text}; valid: {', '.join(METHODS)}"
+            )
         else:
             overrides.setdefault(method, {})[name] = value
     try:
@@ -241,7 +250,11 @@ def markdown_table(task: str, results: dict[str, Any]) -> str:
             stat = result["metrics"][column]
             cells.append(f"{stat['mean']:.4f} ± {stat['std']:.4f}")
         seconds = result["train_seconds"]["mean"]
-        note = f" ({len(result['diverged_seeds'])} seed(s) diverged)" if result["diverged_seeds"] else ""
+        note = (
+            f" ({len(result['diverged_seeds'])} seed(s) diverged)"
+            if result["diverged_seeds"]
+            else ""
+        )
         lines.append(f"| {method}{note} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -251,8 +264,9 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    write_atomically(path, lambda target: fig.savefig(target, format="png", dpi=120,
-                                                      bbox_inches="tight"))
+    write_atomically(
+        path, lambda target: fig.savefig(target, format="png", dpi=120, bbox_inches="tight")
+    )
 
 
 def _panels(n: int, height: float) -> tuple[Any, list[Any]]:
@@ -277,11 +291,23 @@ def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
             centres = (diagram.edges[:-1] + diagram.edges[1:]) / 2
             filled = diagram.count > 0
             width = 1.0 / len(centres)
-            ax.bar(centres[filled], diagram.accuracy[filled], width=width, edgecolor="black",
-                   color="tab:blue", label="accuracy")
-            ax.bar(centres[filled], (diagram.confidence - diagram.accuracy)[filled],
-                   bottom=diagram.accuracy[filled], width=width, color="tab:red", alpha=0.35,
-                   label="gap")
+            ax.bar(
+                centres[filled],
+                diagram.accuracy[filled],
+                width=width,
+                edgecolor="black",
+                color="tab:blue",
+                label="accuracy",
+            )
+            ax.bar(
+                centres[filled],
+                (diagram.confidence - diagram.accuracy)[filled],
+                bottom=diagram.accuracy[filled],
+                width=width,
+                color="tab:red",
+                alpha=0.35,
+                label="gap",
+            )
             ece = calibration.ece(probs, labels, 15)
             ax.set_title(f"{method}\nECE {ece:.3f} (seeds pooled)", fontsize=9)
             ax.set_xlabel("confidence")

@@ -160,13 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=100, help="trials per optimizer")
     parser.add_argument("--seed", type=int, default=0, help="draws the trials")
     parser.add_argument(
-        "--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS, metavar="NAME",
+        "--optimizers",
+        nargs="+",
+        default=OPTIMIZERS,
+        choices=OPTIMIZERS,
+        metavar="NAME",
         help=f"which to fuzz (default all: {', '.join(OPTIMIZERS)})",
     )
     args = parser.parse_args(argv)
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
-    print("| optimizer | trials | stepped | skipped a step | refused (clear error) | crashes | corruptions |")
+    print(
+        "| optimizer | trials | stepped | skipped a step | refused (clear error) | crashes | corruptions |"
+    )
     print("|---|---|---|---|---|---|---|")
     failures = 0
     for name in args.optimizers:

@@ -44,8 +44,11 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
         return found
 
     def recording_train() -> None:
-        observations = torch.as_tensor(model.rollout_buffer.observations).reshape(
-            -1, *model.observation_space.shape).to(policy.device)
+        observations = (
+            torch.as_tensor(model.rollout_buffer.observations)
+            .reshape(-1, *model.observation_space.shape)
+            .to(policy.device)
+        )
         with torch.no_grad():
             # SB3 reuses one Distribution wrapper per policy: keep its torch distribution.
             before = policy.distribution_and_values(observations)
@@ -81,11 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--env", required=True, help="environment short name or gymnasium id")
     parser.add_argument("--updates", type=int, default=60, help="updates to trace (default: 60)")
-    parser.add_argument("--window", type=int, default=20,
-                        help="updates per printed row (medians; default: 20)")
+    parser.add_argument(
+        "--window", type=int, default=20, help="updates per printed row (medians; default: 20)"
+    )
     parser.add_argument("--preset", help="a named ACKTR preset (e.g. baselines)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a hyperparameter, as in ngrl.train")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyperparameter, as in ngrl.train",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
     args = parser.parse_args(argv)
@@ -94,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.updates < 1 or args.window < 1:
             raise ValueError("--updates and --window must be >= 1")
         spec = resolve(args.env)
-        config = resolve_config("acktr", spec, [parse_override(t) for t in args.overrides],
-                                args.preset)
+        config = resolve_config(
+            "acktr", spec, [parse_override(t) for t in args.overrides], args.preset
+        )
         if args.out is not None and not args.out.parent.is_dir():
             raise ValueError(f"--out {args.out}: no folder {args.out.parent}")
     except ValueError as error:
@@ -105,30 +116,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
     rows = trace(model, args.updates)
     layers = list(rows[0]["quadratics"]) if rows else []
-    print("| updates | ν | predicted KL | measured policy KL | value RMS change | entropy | "
-          + " | ".join(f"{name} share" for name in layers) + " |")
+    print(
+        "| updates | ν | predicted KL | measured policy KL | value RMS change | entropy | "
+        + " | ".join(f"{name} share" for name in layers)
+        + " |"
+    )
     print("|---" * (6 + len(layers)) + "|")
     for start in range(0, len(rows), args.window):
-        window = rows[start:start + args.window]
+        window = rows[start : start + args.window]
 
         def median(key: str, window: list[dict[str, Any]] = window) -> float:
             return float(np.median([r[key] for r in window]))
 
-        shares = [float(np.median([r["quadratics"][n] / sum(r["quadratics"].values())
-                                   for r in window])) for n in layers]
-        print(f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g} | "
-              f"{median('predicted_kl'):.2e} | {median('policy_kl'):.2e} | "
-              f"{median('value_rms_change'):.3g} | {median('entropy'):.3f} | "
-              + " | ".join(f"{s:.1%}" for s in shares) + " |")
+        shares = [
+            float(np.median([r["quadratics"][n] / sum(r["quadratics"].values()) for r in window]))
+            for n in layers
+        ]
+        print(
+            f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g} | "
+            f"{median('predicted_kl'):.2e} | {median('policy_kl'):.2e} | "
+            f"{median('value_rms_change'):.3g} | {median('entropy'):.3f} | "
+            + " | ".join(f"{s:.1%}" for s in shares)
+            + " |"
+        )
     if args.out is not None:
         with args.out.open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["update", "nu", "predicted_kl", "policy_kl", "value_rms_change",
-                             "entropy", *(f"quadratic:{n}" for n in layers)])
+            writer.writerow(
+                [
+                    "update",
+                    "nu",
+                    "predicted_kl",
+                    "policy_kl",
+                    "value_rms_change",
+                    "entropy",
+                    *(f"quadratic:{n}" for n in layers),
+                ]
+            )
             for r in rows:
-                writer.writerow([r["update"], r["nu"], r["predicted_kl"], r["policy_kl"],
-                                 r["value_rms_change"], r["entropy"],
-                                 *(r["quadratics"][n] for n in layers)])
+                writer.writerow(
+                    [
+                        r["update"],
+                        r["nu"],
+                        r["predicted_kl"],
+                        r["policy_kl"],
+                        r["value_rms_change"],
+                        r["entropy"],
+                        *(r["quadratics"][n] for n in layers),
+                    ]
+                )
     return 0
 
 

@@ -299,9 +299,7 @@ def blend(running: Tensor | None, batch: Tensor, factor_decay: float) -> Tensor:
     return running.mul_(factor_decay).add_(batch, alpha=1.0 - factor_decay)
 
 
-def checked_state(
-    state: dict[str, Tensor], key: str, shape: tuple[int, ...], block: str
-) -> Tensor:
+def checked_state(state: dict[str, Tensor], key: str, shape: tuple[int, ...], block: str) -> Tensor:
     """A copy of ``state[key]`` after checking its shape and that it is finite.
 
     Used by every block's ``load_state_dict`` so that a checkpoint that does not fit, or

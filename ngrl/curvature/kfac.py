@@ -66,9 +66,7 @@ class KFACBlock(CurvatureBlock):
         if len(shape) != 2:
             raise ValueError(f"K-FAC needs a (d_out, d_in) gradient shape, got {shape}")
         if damping_rule not in ("exact", "factored"):
-            raise ValueError(
-                f"Invalid damping_rule: {damping_rule!r} (use 'exact' or 'factored')"
-            )
+            raise ValueError(f"Invalid damping_rule: {damping_rule!r} (use 'exact' or 'factored')")
         self.shape = (int(shape[0]), int(shape[1]))
         self.damping_rule = damping_rule
         self.float64_max_dim = float64_max_dim
@@ -155,7 +153,9 @@ class KFACBlock(CurvatureBlock):
             return g_inverse @ grad @ a_inverse
         assert self._eigen is not None, "precondition() before any statistics"
         a_values, a_vectors, g_values, g_vectors = self._eigen
-        return eigenbasis_solve(grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping)
+        return eigenbasis_solve(
+            grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping
+        )
 
     def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
         if self._eigen is None and self._inverses is None:
@@ -169,7 +169,9 @@ class KFACBlock(CurvatureBlock):
                 g_values, g_vectors = symmetric_eigh(g_inverse, self.float64_max_dim)
                 self._inverse_eigen = (self._inverses, (a_values, a_vectors, g_values, g_vectors))
             a_values, a_vectors, g_values, g_vectors = self._inverse_eigen[1]
-            return eigenbasis_power(v, g_vectors, a_vectors, torch.outer(g_values, a_values), -power)
+            return eigenbasis_power(
+                v, g_vectors, a_vectors, torch.outer(g_values, a_values), -power
+            )
         assert self._eigen is not None
         a_values, a_vectors, g_values, g_vectors = self._eigen
         eigenvalues = torch.outer(g_values, a_values) + damping

@@ -36,7 +36,10 @@ class KFACCorrectedBlock(KroneckerSumBlock):
         if start is None:
             start = random_symmetric(a.shape[-1], a)
         g_correction, a_correction = best_kronecker(
-            residual, start, iterations=self.power_iterations, tolerance=self.tolerance,
+            residual,
+            start,
+            iterations=self.power_iterations,
+            tolerance=self.tolerance,
             reference=self.a_correction,
         )
         return g_factor, a_factor, g_correction, a_correction

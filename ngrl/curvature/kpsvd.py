@@ -95,8 +95,10 @@ def best_kronecker(
         a_side = new_a
         if moved <= tolerance:
             break
-    sign_to = reference if reference is not None else torch.eye(
-        a_side.shape[0], dtype=a_side.dtype, device=a_side.device
+    sign_to = (
+        reference
+        if reference is not None
+        else torch.eye(a_side.shape[0], dtype=a_side.dtype, device=a_side.device)
     )
     if float((a_side * sign_to).sum()) < 0.0:
         a_side, g_side = -a_side, -g_side
@@ -167,8 +169,10 @@ class KPSVDBlock(KFACBlock):
         """``(G, A)`` of one batch, warm-started from the running ``A``."""
         start = self.a_factor if self.a_factor is not None else torch.einsum("nti,ntj->ij", a, a)
         return best_kronecker(
-            RearrangedFisher(a, g), start,
-            iterations=self.power_iterations, tolerance=self.tolerance,
+            RearrangedFisher(a, g),
+            start,
+            iterations=self.power_iterations,
+            tolerance=self.tolerance,
         )
 
     def commit(self, factor_decay: float) -> None:

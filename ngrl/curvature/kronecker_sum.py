@@ -95,9 +95,7 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         if len(shape) != 2:
             raise ValueError(f"{self.name} needs a (d_out, d_in) gradient shape, got {shape}")
         if damping_rule not in ("factored", "exact"):
-            raise ValueError(
-                f"Invalid damping_rule: {damping_rule!r} (use 'factored' or 'exact')"
-            )
+            raise ValueError(f"Invalid damping_rule: {damping_rule!r} (use 'factored' or 'exact')")
         check_power_iteration_options(power_iterations, tolerance)
         if cg_iterations < 1:
             raise ValueError(f"Invalid cg_iterations: {cg_iterations} (must be >= 1)")
@@ -216,8 +214,12 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         d_out, d_in = self.shape
-        return {"a_factor": (d_in, d_in), "g_factor": (d_out, d_out),
-                "a_correction": (d_in, d_in), "g_correction": (d_out, d_out)}
+        return {
+            "a_factor": (d_in, d_in),
+            "g_factor": (d_out, d_out),
+            "a_correction": (d_in, d_in),
+            "g_correction": (d_out, d_out),
+        }
 
     def forget_derived(self) -> None:
         self._solver = None

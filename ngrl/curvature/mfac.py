@@ -65,7 +65,9 @@ class MFACBlock(ExampleStatisticsBlock):
         a, g = batch
         rows = example_gradients(a[-self.window :], g[-self.window :]).flatten(1)
         if rows.shape[1] != self.numel:
-            raise ValueError(f"M-FAC block of {self.numel} entries got gradients of {rows.shape[1]}")
+            raise ValueError(
+                f"M-FAC block of {self.numel} entries got gradients of {rows.shape[1]}"
+            )
         self.discard()
         if self.gradients is None:
             self.gradients = rows.new_zeros(self.window, self.numel)

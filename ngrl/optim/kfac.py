@@ -291,7 +291,9 @@ class KFAC(torch.optim.Optimizer):
         if refresh and shared:
             assert plan is not None and self._groups is not None
             distributed.share_from_owners(
-                shared, plan, self._groups,
+                shared,
+                plan,
+                self._groups,
                 produce=lambda name: self._refreshed(name, damping),
                 consume=lambda name, tensors: self.blocks[name].load_decomposition(tensors),
                 device=self.param_groups[0]["params"][0].device,
@@ -310,8 +312,13 @@ class KFAC(torch.optim.Optimizer):
             assert self._groups is not None
             first = self.param_groups[0]["params"][0]
             preconditioned = distributed.share_with_row(
-                shared, plan, self._groups, preconditioned,
-                {name: active[name][0].shape for name in shared}, first.device, first.dtype,
+                shared,
+                plan,
+                self._groups,
+                preconditioned,
+                {name: active[name][0].shape for name in shared},
+                first.device,
+                first.dtype,
             )
         terms = [
             (preconditioned[name] * grad).sum().to(torch.float64)
@@ -334,7 +341,10 @@ class KFAC(torch.optim.Optimizer):
         return [
             (
                 layer.params,
-                [x.to(p.dtype) for x, p in zip(layer.scatter(preconditioned[name]), layer.params, strict=True)],
+                [
+                    x.to(p.dtype)
+                    for x, p in zip(layer.scatter(preconditioned[name]), layer.params, strict=True)
+                ],
                 quadratic,
             )
             for (name, (layer, _)), quadratic in zip(active.items(), quadratics, strict=True)
@@ -342,7 +352,9 @@ class KFAC(torch.optim.Optimizer):
 
     # --- data parallelism (ngrl.distributed) -------------------------------------------
     def _check_rank_averaged(self) -> None:
-        unsupported = sorted({type(b).__name__ for b in self.blocks.values() if not b.rank_averaged})
+        unsupported = sorted(
+            {type(b).__name__ for b in self.blocks.values() if not b.rank_averaged}
+        )
         if unsupported:
             raise ValueError(
                 f"Invalid curvature for torch.distributed: {self.curvature!r} "
@@ -398,7 +410,9 @@ class KFAC(torch.optim.Optimizer):
         quadratic = math.fsum(q for _, _, q in found)
         scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
         return {
-            param: x.mul_(scale) for params, xs, _ in found for param, x in zip(params, xs, strict=True)
+            param: x.mul_(scale)
+            for params, xs, _ in found
+            for param, x in zip(params, xs, strict=True)
         }
 
     @torch.no_grad()

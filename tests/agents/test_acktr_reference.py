@@ -73,12 +73,23 @@ class SmallCNN(BaseFeaturesExtractor):
 def _make_acktr() -> ACKTR:
     env = DummyVecEnv([TinyImages for _ in range(4)])
     return ACKTR(
-        KFACActorCriticPolicy, env, learning_rate=LR, n_steps=5, kl_clip=KL_CLIP,
-        damping=DAMPING, momentum=MOMENTUM, factor_decay=DECAY, inv_update_steps=INV_EVERY,
-        vf_fisher_coef=VF_FISHER, vf_coef=VF_COEF, ent_coef=ENT_COEF, cold_start_steps=0,
+        KFACActorCriticPolicy,
+        env,
+        learning_rate=LR,
+        n_steps=5,
+        kl_clip=KL_CLIP,
+        damping=DAMPING,
+        momentum=MOMENTUM,
+        factor_decay=DECAY,
+        inv_update_steps=INV_EVERY,
+        vf_fisher_coef=VF_FISHER,
+        vf_coef=VF_COEF,
+        ent_coef=ENT_COEF,
+        cold_start_steps=0,
         kfac_kwargs={"weight_sharing": "expand"},
         policy_kwargs={"features_extractor_class": SmallCNN, "net_arch": []},
-        seed=3, device="cpu",
+        seed=3,
+        device="cpu",
     )
 
 
@@ -95,12 +106,14 @@ def _record_updates(model: ACKTR, updates: int) -> list[dict[str, Any]]:
 
     def recording_batches(batch_size: int | None = None) -> Iterator[RolloutBufferSamples]:
         for samples in batches(batch_size):  # the one full batch, in the order train() sees
-            records.append({
-                "obs": samples.observations.clone(),
-                "actions": samples.actions.reshape(-1).long(),
-                "returns": samples.returns.clone(),
-                "advantages": samples.advantages.clone(),
-            })
+            records.append(
+                {
+                    "obs": samples.observations.clone(),
+                    "actions": samples.actions.reshape(-1).long(),
+                    "returns": samples.returns.clone(),
+                    "advantages": samples.advantages.clone(),
+                }
+            )
             yield samples
 
     def recording_train() -> None:
@@ -124,8 +137,10 @@ class Reference:
         self.action_net.load_state_dict(policy.action_net.state_dict())
         self.value_net.load_state_dict(policy.value_net.state_dict())
         self.layers: dict[str, nn.Module] = {
-            "conv": self.extractor.conv, "dense": self.extractor.dense,
-            "action": self.action_net, "value": self.value_net,
+            "conv": self.extractor.conv,
+            "dense": self.extractor.dense,
+            "action": self.action_net,
+            "value": self.value_net,
         }
         for layer in self.layers.values():
             layer.double()
@@ -139,9 +154,11 @@ class Reference:
         seen: dict[str, tuple[Tensor, Tensor]] = {}
         handles = []
         for name, layer in self.layers.items():
+
             def hook(module: nn.Module, inputs: tuple, output: Tensor, name: str = name) -> None:
                 output.retain_grad()
                 seen[name] = (inputs[0], output)
+
             handles.append(layer.register_forward_hook(hook))
         features = self.extractor(obs.double() / 255.0)
         logits, values = self.action_net(features), self.value_net(features).flatten()
@@ -165,8 +182,9 @@ class Reference:
 
     def gradient(self, name: str) -> Tensor:
         layer = self.layers[name]
-        return torch.cat([layer.weight.grad.reshape(layer.weight.shape[0], -1),
-                          layer.bias.grad[:, None]], 1)
+        return torch.cat(
+            [layer.weight.grad.reshape(layer.weight.shape[0], -1), layer.bias.grad[:, None]], 1
+        )
 
     def update(self, record: dict[str, Any]) -> None:
         obs = record["obs"]
@@ -176,21 +194,29 @@ class Reference:
         policy = torch.distributions.Categorical(logits=logits)
         sampled_actions = policy.sample()
         noise = torch.randn(values.shape, dtype=torch.float32).double()
-        fisher = -policy.log_prob(sampled_actions) + VF_FISHER * (values - (values.detach() + noise)).square()
+        fisher = (
+            -policy.log_prob(sampled_actions)
+            + VF_FISHER * (values - (values.detach() + noise)).square()
+        )
         self.zero_grad()
         fisher.sum().backward(retain_graph=True)  # per-example output gradients
         for name, (x, out) in seen.items():
             batch = self.statistics(name, x.detach(), out.grad.detach())
             old = self.factors.get(name)
-            self.factors[name] = batch if old is None else tuple(
-                DECAY * o + (1 - DECAY) * b for o, b in zip(old, batch, strict=True))
+            self.factors[name] = (
+                batch
+                if old is None
+                else tuple(DECAY * o + (1 - DECAY) * b for o, b in zip(old, batch, strict=True))
+            )
             out.grad = None
         # 2. the A2C loss's gradient
         self.zero_grad()
         log_prob = policy.log_prob(record["actions"])
-        loss = (-(record["advantages"].double() * log_prob).mean()
-                - ENT_COEF * policy.entropy().mean()
-                + VF_COEF * (record["returns"].double() - values).square().mean())
+        loss = (
+            -(record["advantages"].double() * log_prob).mean()
+            - ENT_COEF * policy.entropy().mean()
+            + VF_COEF * (record["returns"].double() - values).square().mean()
+        )
         loss.backward()
         # 3. the natural gradient, the trust region, TF's momentum
         if self.updates % INV_EVERY == 0:
@@ -219,10 +245,17 @@ class Reference:
 
     def parameters(self) -> dict[str, Tensor]:
         """The policy's parameters, under the policy's ``state_dict`` names."""
-        prefixes = {"conv": "features_extractor.conv", "dense": "features_extractor.dense",
-                    "action": "action_net", "value": "value_net"}
-        return {f"{prefixes[name]}.{key}": value.detach().clone()
-                for name, layer in self.layers.items() for key, value in layer.state_dict().items()}
+        prefixes = {
+            "conv": "features_extractor.conv",
+            "dense": "features_extractor.dense",
+            "action": "action_net",
+            "value": "value_net",
+        }
+        return {
+            f"{prefixes[name]}.{key}": value.detach().clone()
+            for name, layer in self.layers.items()
+            for key, value in layer.state_dict().items()
+        }
 
 
 def test_first_and_tenth_acktr_updates_equal_the_published_update() -> None:
@@ -238,5 +271,10 @@ def test_first_and_tenth_acktr_updates_equal_the_published_update() -> None:
         for key, expected in reference.parameters().items():
             moved = float((expected - before[key]).abs().max())
             assert moved > 1e-5, f"update {index + 1}: {key} did not move"
-            torch.testing.assert_close(record["after"][key].double(), expected, rtol=1e-5,
-                                       atol=1e-7, msg=lambda m, k=key, i=index: f"update {i + 1}, {k}: {m}")
+            torch.testing.assert_close(
+                record["after"][key].double(),
+                expected,
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, k=key, i=index: f"update {i + 1}, {k}: {m}",
+            )

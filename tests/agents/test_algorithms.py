@@ -52,8 +52,15 @@ def test_npg_solves_cartpole(options: dict) -> None:
 
 
 def test_npg_with_a_kfac_critic_regresses_the_values_with_kfac_steps() -> None:
-    model = NPG("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=32, batch_size=32,
-                seed=0, critic="kfac", n_critic_updates=3)
+    model = NPG(
+        "MlpPolicy",
+        make_vec_env("CartPole", 2, seed=0),
+        n_steps=32,
+        batch_size=32,
+        seed=0,
+        critic="kfac",
+        n_critic_updates=3,
+    )
     model.learn(64)  # one update: three critic epochs of two minibatches (2 envs × 32 steps)
     optimizer = model.policy.optimizer
     assert isinstance(optimizer, KFAC) and optimizer.steps == 6
@@ -63,7 +70,9 @@ def test_npg_with_a_kfac_critic_regresses_the_values_with_kfac_steps() -> None:
 
 @pytest.mark.slow
 def test_npg_with_a_kfac_critic_solves_cartpole() -> None:
-    model = NPG("MlpPolicy", make_vec_env("CartPole", 8, seed=0), n_steps=256, seed=0, critic="kfac")
+    model = NPG(
+        "MlpPolicy", make_vec_env("CartPole", 8, seed=0), n_steps=256, seed=0, critic="kfac"
+    )
     model.learn(100_000)
     assert evaluate(model) >= SOLVED
 
@@ -72,9 +81,19 @@ def test_acktr_improves_a_continuous_task() -> None:
     """InvertedPendulum with the continuous recipe: the return rises within 30k steps.
     (The seed spread at 30k is wide: seeds 0, 1, 2 reach 39, 111 and 1000 from 26.)"""
     env = make_vec_env("InvertedPendulum", 4, seed=2)
-    model = ACKTR("MlpPolicy", env, n_steps=64, learning_rate=0.03, target_kl=0.002,
-                  kl_clip=0.01, gae_lambda=0.97, ent_coef=0.0, normalize_advantage=True,
-                  cold_start_steps=1, seed=2)
+    model = ACKTR(
+        "MlpPolicy",
+        env,
+        n_steps=64,
+        learning_rate=0.03,
+        target_kl=0.002,
+        kl_clip=0.01,
+        gae_lambda=0.97,
+        ent_coef=0.0,
+        normalize_advantage=True,
+        cold_start_steps=1,
+        seed=2,
+    )
     before = evaluate_policy(model, make_vec_env("InvertedPendulum", 4, seed=99), 8)[0]
     model.learn(30_000)
     after = evaluate_policy(model, make_vec_env("InvertedPendulum", 4, seed=99), 8)[0]
@@ -125,7 +144,9 @@ def test_same_seed_gives_identical_parameters(algorithm: type) -> None:
         (NPG, {"target_kl": -0.1}, "Invalid target_kl"),
     ],
 )
-def test_bad_arguments_are_value_errors_naming_them(algorithm: type, kwargs: dict, match: str) -> None:
+def test_bad_arguments_are_value_errors_naming_them(
+    algorithm: type, kwargs: dict, match: str
+) -> None:
     kwargs = dict(kwargs)
     policy = kwargs.pop("policy", "MlpPolicy")
     with pytest.raises(ValueError, match=match):
@@ -141,8 +162,15 @@ def test_cold_start_then_kfac_steps() -> None:
 
 def test_cold_start_is_damped_momentum_sgd_on_clipped_gradients() -> None:
     """Cold start: m = ∇, then m ← μ·m + (1−μ)·∇ on clipped gradients; θ ← θ − lr·m."""
-    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=5,
-                  cold_start_steps=2, learning_rate=0.1, momentum=0.9, max_grad_norm=0.5)
+    model = ACKTR(
+        "MlpPolicy",
+        make_vec_env("CartPole", 2, seed=0),
+        n_steps=5,
+        cold_start_steps=2,
+        learning_rate=0.1,
+        momentum=0.9,
+        max_grad_norm=0.5,
+    )
     reference = copy.deepcopy(model.policy)
     grads: list[list[torch.Tensor]] = []
     step = model.cold_optimizer.step

@@ -16,15 +16,42 @@ def test_runs_of_two_processes_merge_into_one_table(
 ) -> None:
     script = load_script("compare_rl")
     for algo in ("acktr", "a2c"):
-        assert script.main(["--suite", "classic", "--seeds", "1", "--timesteps", "1000",
-                            "--algos", algo, "--out", str(tmp_path / algo)]) == 0
+        assert (
+            script.main(
+                [
+                    "--suite",
+                    "classic",
+                    "--seeds",
+                    "1",
+                    "--timesteps",
+                    "1000",
+                    "--algos",
+                    algo,
+                    "--out",
+                    str(tmp_path / algo),
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
     merged = tmp_path / "merged"
-    assert script.main(["--merge", str(tmp_path / "acktr.json"), str(tmp_path / "a2c.json"),
-                        "--out", str(merged)]) == 0
+    assert (
+        script.main(
+            [
+                "--merge",
+                str(tmp_path / "acktr.json"),
+                str(tmp_path / "a2c.json"),
+                "--out",
+                str(merged),
+            ]
+        )
+        == 0
+    )
     data = json.loads(merged.with_suffix(".json").read_text())
     assert [source["command"][-1] for source in data["merged_from"]] == [
-        str(tmp_path / "acktr"), str(tmp_path / "a2c")]
+        str(tmp_path / "acktr"),
+        str(tmp_path / "a2c"),
+    ]
     runs = data["results"]
     assert sorted((r["algo"], r["env"]) for r in runs) == sorted(
         (a, e) for a in ("acktr", "a2c") for e in ("CartPole", "InvertedPendulum")
@@ -55,9 +82,16 @@ def test_a_file_that_is_not_its_json_is_one_line_and_status_2(
 
 def _one_run(**changes: object) -> dict[str, object]:
     run: dict[str, object] = {
-        "algo": "acktr", "env": "CartPole", "seed": 0, "timesteps": 100, "n_envs": 2,
-        "ms_per_1000_steps": 50.0, "steps_to_threshold": None, "final_return": 9.0,
-        "curve_steps": [50.0, 100.0], "curve_returns": [9.0, 10.0],
+        "algo": "acktr",
+        "env": "CartPole",
+        "seed": 0,
+        "timesteps": 100,
+        "n_envs": 2,
+        "ms_per_1000_steps": 50.0,
+        "steps_to_threshold": None,
+        "final_return": 9.0,
+        "curve_steps": [50.0, 100.0],
+        "curve_returns": [9.0, 10.0],
     }
     run.update(changes)
     return run
@@ -77,8 +111,18 @@ def test_merging_inconsistent_files_is_one_line_and_writes_nothing(
     (tmp_path / "a.json").write_text(json.dumps({"command": [], "results": [_one_run()]}))
     (tmp_path / "b.json").write_text(json.dumps({"command": [], "results": second}))
     script = load_script("compare_rl")
-    assert script.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
-                        "--out", str(tmp_path / "m")]) == 2
+    assert (
+        script.main(
+            [
+                "--merge",
+                str(tmp_path / "a.json"),
+                str(tmp_path / "b.json"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not list(tmp_path.glob("m.*"))
@@ -100,13 +144,33 @@ def test_a_named_preset_runs_from_a_chosen_seed_and_keeps_its_episodes(
 ) -> None:
     script = load_script("compare_rl")
     out = tmp_path / "cmp"
-    assert script.main(["--suite", "classic", "--seeds", "1", "--seed-start", "4", "--timesteps",
-                        "1000", "--algos", "acktr:baselines", "--out", str(out)]) == 0
+    assert (
+        script.main(
+            [
+                "--suite",
+                "classic",
+                "--seeds",
+                "1",
+                "--seed-start",
+                "4",
+                "--timesteps",
+                "1000",
+                "--algos",
+                "acktr:baselines",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     runs = json.loads(out.with_suffix(".json").read_text())["results"]
     assert {(r["algo"], r["seed"]) for r in runs} == {("acktr:baselines", 4)}
     episodes = sorted(p.name for p in (tmp_path / "cmp.runs").iterdir())
-    assert episodes == ["acktr-baselines-CartPole-s4.csv", "acktr-baselines-InvertedPendulum-s4.csv"]
+    assert episodes == [
+        "acktr-baselines-CartPole-s4.csv",
+        "acktr-baselines-InvertedPendulum-s4.csv",
+    ]
 
 
 def test_returns_at_the_marks_are_means_of_the_last_100_episodes() -> None:
@@ -118,7 +182,8 @@ def test_returns_at_the_marks_are_means_of_the_last_100_episodes() -> None:
     assert script.return_at(steps, returns, 5) is None
     table = script.summarise(
         [_one_run(seed=s, return_at={"1000000": v}) for s, v in enumerate((3.0, 1.0, 8.0))],
-        [script.Task("CartPole", 100, 2, 475.0)], ["acktr"],
+        [script.Task("CartPole", 100, 2, 475.0)],
+        ["acktr"],
     )
     assert "return at 1M" in table and "| 3.0 [1.0, 8.0] |" in table
 
@@ -128,8 +193,12 @@ def test_an_unknown_algorithm_or_preset_stops_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], algos: str
 ) -> None:
     script = load_script("compare_rl")
-    assert script.main(["--suite", "classic", "--seeds", "1", "--algos", algos,
-                        "--out", str(tmp_path / "x")]) == 2
+    assert (
+        script.main(
+            ["--suite", "classic", "--seeds", "1", "--algos", algos, "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("compare_rl: --algos:")
     assert not (tmp_path / "x.json").exists()
@@ -141,19 +210,46 @@ def test_a_training_run_folder_merges_as_a_run(
     from ngrl.train import main as train
 
     folder = tmp_path / "run"
-    assert train(["acktr", "--env", "CartPole", "--timesteps", "2000", "--n-envs", "2", "--seed",
-                  "3", "--no-progress", "--eval-episodes", "0", "--set", "damping=0.02",
-                  "--log-dir", str(folder)]) == 0
+    assert (
+        train(
+            [
+                "acktr",
+                "--env",
+                "CartPole",
+                "--timesteps",
+                "2000",
+                "--n-envs",
+                "2",
+                "--seed",
+                "3",
+                "--no-progress",
+                "--eval-episodes",
+                "0",
+                "--set",
+                "damping=0.02",
+                "--log-dir",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     script = load_script("compare_rl")
-    (tmp_path / "a2c.json").write_text(json.dumps({"command": [], "results": [_one_run(algo="a2c")]}))
-    assert script.main(["--merge", str(folder), str(tmp_path / "a2c.json"),
-                        "--out", str(tmp_path / "m")]) == 0
+    (tmp_path / "a2c.json").write_text(
+        json.dumps({"command": [], "results": [_one_run(algo="a2c")]})
+    )
+    assert (
+        script.main(
+            ["--merge", str(folder), str(tmp_path / "a2c.json"), "--out", str(tmp_path / "m")]
+        )
+        == 0
+    )
     capsys.readouterr()
     data = json.loads((tmp_path / "m.json").read_text())
     run = next(r for r in data["results"] if r["algo"] == "acktr[damping=0.02]")
     assert (run["env"], run["seed"], run["timesteps"], run["n_envs"]) == ("CartPole", 3, 2000, 2)
-    steps = [int(line.split(",")[0]) for line in
-             (folder / "episodes.csv").read_text().splitlines()[1:]]
+    steps = [
+        int(line.split(",")[0]) for line in (folder / "episodes.csv").read_text().splitlines()[1:]
+    ]
     assert run["curve_steps"] == steps and run["final_return"] > 0
     assert data["merged_from"][0]["command"][:4] == ["python", "-m", "ngrl.train", "acktr"]
 
@@ -164,9 +260,29 @@ def test_a_run_stopped_before_its_end_counts_to_its_checkpoint(
     from ngrl.train import main as train
 
     folder = tmp_path / "run"
-    assert train(["acktr", "--env", "CartPole", "--timesteps", "960", "--n-envs", "2",
-                  "--no-progress", "--eval-episodes", "0", "--checkpoint-every", "20",
-                  "--set", "n_steps=8", "--log-dir", str(folder)]) == 0
+    assert (
+        train(
+            [
+                "acktr",
+                "--env",
+                "CartPole",
+                "--timesteps",
+                "960",
+                "--n-envs",
+                "2",
+                "--no-progress",
+                "--eval-episodes",
+                "0",
+                "--checkpoint-every",
+                "20",
+                "--set",
+                "n_steps=8",
+                "--log-dir",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     # As if killed after its checkpoint at 960 steps: no model.zip, and episodes past it.
     (folder / "model.zip").unlink()
     with (folder / "episodes.csv").open("a") as file:
@@ -182,8 +298,12 @@ def test_a_run_stopped_before_its_end_counts_to_its_checkpoint(
 def test_a_file_without_marks_gets_them_from_its_curve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = _one_run(env="Breakout", timesteps=1_500_000,
-                   curve_steps=[400_000.0, 900_000.0, 1_200_000.0], curve_returns=[2.0, 4.0, 9.0])
+    run = _one_run(
+        env="Breakout",
+        timesteps=1_500_000,
+        curve_steps=[400_000.0, 900_000.0, 1_200_000.0],
+        curve_returns=[2.0, 4.0, 9.0],
+    )
     (tmp_path / "old.json").write_text(json.dumps({"command": [], "results": [run]}))
     script = load_script("compare_rl")
     assert script.main(["--merge", str(tmp_path / "old.json"), "--out", str(tmp_path / "m")]) == 0
@@ -192,11 +312,14 @@ def test_a_file_without_marks_gets_them_from_its_curve(
     assert merged["return_at"] == {"500000": 2.0, "1000000": 3.0, "1500000": 5.0}
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--seed-start", "-1"], "--seed-start must be >= 0"),
-    (["--eval-episodes", "-2"], "--eval-episodes must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--seed-start", "-1"], "--seed-start must be >= 0"),
+        (["--eval-episodes", "-2"], "--eval-episodes must be >= 0"),
+    ],
+)
 def test_bad_counts_stop_before_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:

@@ -23,8 +23,12 @@ def _acktr_worker(rank: int, world: int, timesteps: int) -> dict:
     return {
         "initial": initial,
         "params": {k: v.clone() for k, v in model.policy.state_dict().items()},
-        "factors": {f"{i}.{k}": v for i, entry in factors.items() for k, v in entry.items()
-                    if isinstance(v, torch.Tensor)},
+        "factors": {
+            f"{i}.{k}": v
+            for i, entry in factors.items()
+            for k, v in entry.items()
+            if isinstance(v, torch.Tensor)
+        },
         "timesteps": model.num_timesteps,
         "updates": model._n_updates,
     }
@@ -54,8 +58,11 @@ def _normalizer_worker(rank: int, world: int) -> tuple:
     stats = RunningMeanStd(shape=(3,))
     common = np.arange(12.0).reshape(4, 3)
     stats.update(common)
-    base = [np.asarray(stats.count), stats.count * stats.mean,
-            stats.count * (stats.var + stats.mean**2)]
+    base = [
+        np.asarray(stats.count),
+        stats.count * stats.mean,
+        stats.count * (stats.var + stats.mean**2),
+    ]
     local = rng.normal(size=(5 + rank, 3)) * (rank + 1)
     stats.update(local)
     merge_running_stats(stats, base)

@@ -18,10 +18,16 @@ def test_the_split_is_printed_for_a_saved_model(
     model.learn(8 * 2 * 15)  # past the cold start, so the K-FAC factors exist
     model.save(tmp_path / "model.zip")
     script = load_script("diagnose_trust_region")
-    assert script.main([str(tmp_path / "model.zip"), "--env", "CartPole",
-                        "--dampings", "1e-2,1e-4"]) == 0
+    assert (
+        script.main([str(tmp_path / "model.zip"), "--env", "CartPole", "--dampings", "1e-2,1e-4"])
+        == 0
+    )
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 0.01 ") or line.startswith("| 0.0001 ")]
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| 0.01 ") or line.startswith("| 0.0001 ")
+    ]
     assert len(rows) == 2
     for row in rows:
         policy, value = (float(cell) for cell in row.split("|")[2:4])

@@ -40,8 +40,15 @@ class ActorLogits(nn.Module):
 
 def rollout(**options: Any) -> tuple[NPG, Any, Tensor]:
     """An NPG model and one collected rollout (its data and actions)."""
-    model = NPG("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=24, seed=0,
-                cg_max_steps=500, policy_kwargs={"net_arch": [6]}, **options)
+    model = NPG(
+        "MlpPolicy",
+        make_vec_env("CartPole", 2, seed=0),
+        n_steps=24,
+        seed=0,
+        cg_max_steps=500,
+        policy_kwargs={"net_arch": [6]},
+        **options,
+    )
     _, callback = model._setup_learn(10**6, callback=None)
     callback.on_training_start(locals(), globals())
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
@@ -50,10 +57,12 @@ def rollout(**options: Any) -> tuple[NPG, Any, Tensor]:
 
 
 def actor_mask(policy: nn.Module) -> Tensor:
-    return torch.cat([
-        torch.full((p.numel(),), not name.startswith(CRITIC_PREFIXES))
-        for name, p in policy.named_parameters()
-    ])
+    return torch.cat(
+        [
+            torch.full((p.numel(),), not name.startswith(CRITIC_PREFIXES))
+            for name, p in policy.named_parameters()
+        ]
+    )
 
 
 def published_update(model: NPG, data: Any, actions: Tensor) -> dict[str, Tensor]:

@@ -19,7 +19,11 @@ from ngrl import KFAC
 @pytest.mark.parametrize("algorithm", [A2C, PPO])
 def test_policy_runs_inside_sb3_and_captures_statistics(algorithm: type) -> None:
     env = make_vec_env("CartPole", 2, seed=0)
-    kwargs = {"use_rms_prop": False} if algorithm is A2C else {"n_steps": 64, "batch_size": 64, "n_epochs": 1}
+    kwargs = (
+        {"use_rms_prop": False}
+        if algorithm is A2C
+        else {"n_steps": 64, "batch_size": 64, "n_epochs": 1}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no optimizer_class warning, no uncaptured warning
         model = algorithm(KFACActorCriticPolicy, env, seed=0, **kwargs)
@@ -29,7 +33,9 @@ def test_policy_runs_inside_sb3_and_captures_statistics(algorithm: type) -> None
     assert isinstance(optimizer, KFAC)
     assert optimizer.steps > 0
     assert all(block.initialized for block in optimizer.blocks.values())
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters(), strict=True))
+    assert any(
+        not torch.equal(b, p) for b, p in zip(before, model.policy.parameters(), strict=True)
+    )
 
 
 def test_a2c_optimizer_choice_is_reported_not_silently_dropped() -> None:
@@ -64,7 +70,9 @@ def test_save_load_round_trip_keeps_predictions_and_kfac_factors(tmp_path: Path)
     for index, entry in saved_state["state"].items():
         for key in ("a_factor", "g_factor", "momentum_buffer"):
             if key in entry:
-                torch.testing.assert_close(loaded_state["state"][index][key], entry[key], rtol=0, atol=0)
+                torch.testing.assert_close(
+                    loaded_state["state"][index][key], entry[key], rtol=0, atol=0
+                )
     assert loaded.kl_clip == model.kl_clip and loaded._n_updates == model._n_updates
 
 

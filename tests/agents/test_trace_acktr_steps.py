@@ -11,11 +11,28 @@ import pytest
 from tests.helpers.scripts import load_script
 
 
-def test_the_trace_records_every_kfac_update(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_trace_records_every_kfac_update(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     script = load_script("trace_acktr_steps")
     out = tmp_path / "trace.csv"
-    assert script.main(["--env", "CartPole", "--updates", "14", "--window", "5",
-                        "--set", "n_steps=8", "--out", str(out)]) == 0
+    assert (
+        script.main(
+            [
+                "--env",
+                "CartPole",
+                "--updates",
+                "14",
+                "--window",
+                "5",
+                "--set",
+                "n_steps=8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| updates | ν | predicted KL | measured policy KL")
     rows = list(csv.DictReader(out.open()))
@@ -28,11 +45,14 @@ def test_the_trace_records_every_kfac_update(tmp_path: Path, capsys: pytest.Capt
         assert float(row["policy_kl"]) >= 0.0 and math.isfinite(float(row["value_rms_change"]))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--env", "CartPole", "--updates", "0"], "--updates and --window must be >= 1"),
-    (["--env", "CartPole", "--preset", "nope"], "no preset 'nope'"),
-    (["--env", "CartPole", "--set", "kl_clipp=1"], "no hyperparameter 'kl_clipp'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "CartPole", "--updates", "0"], "--updates and --window must be >= 1"),
+        (["--env", "CartPole", "--preset", "nope"], "no preset 'nope'"),
+        (["--env", "CartPole", "--set", "kl_clipp=1"], "no hyperparameter 'kl_clipp'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

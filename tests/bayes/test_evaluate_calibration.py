@@ -28,7 +28,10 @@ def test_classification_run_writes_every_output(script, tmp_path: Path) -> None:
     argv = ["--dataset", "iris", "--methods", "adam,vogn", "--seeds", "2", "--out", str(out)]
     assert script.main(argv + TINY) == 0
     assert {p.name for p in out.iterdir()} == {
-        "results.json", "results.md", "reliability.png", "entropy.png"
+        "results.json",
+        "results.md",
+        "reliability.png",
+        "entropy.png",
     }
     report = json.loads((out / "results.json").read_text())
     assert report["dataset"] == "iris" and report["seeds"] == 2
@@ -54,8 +57,15 @@ def test_regression_run_reports_coverage_and_gap_uncertainty(script, tmp_path: P
     assert script.main(argv + TINY) == 0
     results = json.loads((out / "results.json").read_text())["methods"]
     for method in methods.split(","):
-        assert {"nll", "rmse", "coverage_50", "coverage_90", "coverage_95", "std_ratio_gap",
-                "auroc_ood_gap"} == set(results[method]["metrics"])
+        assert {
+            "nll",
+            "rmse",
+            "coverage_50",
+            "coverage_90",
+            "coverage_95",
+            "std_ratio_gap",
+            "auroc_ood_gap",
+        } == set(results[method]["metrics"])
     assert (out / "reliability.png").stat().st_size > 0
 
 

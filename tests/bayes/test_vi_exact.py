@@ -52,7 +52,9 @@ def logistic(float64: None) -> tuple[Tensor, Tensor, nn.Linear]:
     def objective() -> Tensor:
         lbfgs.zero_grad()
         penalty = sum(p.square().sum() for p in model.parameters())
-        loss = F.binary_cross_entropy_with_logits(model(x), y) + PRIOR / (2 * DATASET_SIZE) * penalty
+        loss = (
+            F.binary_cross_entropy_with_logits(model(x), y) + PRIOR / (2 * DATASET_SIZE) * penalty
+        )
         loss.backward()
         return loss
 
@@ -109,9 +111,7 @@ SHARP = 1e24
 
 
 def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4)
-    )
+    return nn.Sequential(nn.Conv2d(2, 3, kernel_size=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4))
 
 
 def small_mlp() -> nn.Module:
@@ -191,7 +191,9 @@ def make_noisy_kfac(model: nn.Module) -> VariationalOptimizer:
 
 
 @pytest.mark.parametrize("make_model", [small_mlp, small_cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("make_opt", [make_vogn, make_slang, make_noisy_kfac], ids=["vogn", "slang", "noisy-kfac"])
+@pytest.mark.parametrize(
+    "make_opt", [make_vogn, make_slang, make_noisy_kfac], ids=["vogn", "slang", "noisy-kfac"]
+)
 def test_the_mean_step_is_the_natural_gradient_of_the_posterior(
     float64, make_model: Callable[[], nn.Module], make_opt
 ) -> None:
@@ -201,7 +203,9 @@ def test_the_mean_step_is_the_natural_gradient_of_the_posterior(
     grad = per_example_gradients(model, ce_sum, x, y).mean(0)
     opt = make_opt(model)
     one_step(opt, model, x, y)
-    torch.testing.assert_close(flat(model) - mean, natural_step(opt, mean, grad), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        flat(model) - mean, natural_step(opt, mean, grad), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_noisy_adam_first_step_is_adams_sign_step(float64) -> None:
@@ -214,7 +218,9 @@ def test_noisy_adam_first_step_is_adams_sign_step(float64) -> None:
     damping = 2.0 / 50.0
     expected = -0.3 * (grad + damping * mean) / (grad.abs() + damping)
     torch.testing.assert_close(flat(model) - mean, expected, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(opt.posterior().diagonal, 2.0 + 50.0 * grad.square(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        opt.posterior().diagonal, 2.0 + 50.0 * grad.square(), rtol=1e-6, atol=0
+    )
 
 
 # --- noisy K-FAC: constant inputs make K-FAC exact ----------------------------------------

@@ -196,7 +196,9 @@ def test_predict_averages_probabilities_and_regression_moments() -> None:
     regressor = nn.Linear(4, 1)
     opt = VOGN(regressor, 100, hess_init=1e-2)
     torch.manual_seed(3)
-    mean, variance = predict(regressor, opt, x, samples=4000, likelihood="regression", noise_variance=0.5)
+    mean, variance = predict(
+        regressor, opt, x, samples=4000, likelihood="regression", noise_variance=0.5
+    )
     # Linear model: the predictive variance is āᵀΣā + noise, exactly, in expectation.
     a_bar = torch.cat([x, torch.ones(16, 1)], dim=1)
     covariance = opt.posterior().covariance()
@@ -243,7 +245,9 @@ def test_predict_refuses_a_model_the_optimizer_was_not_built_on(name: str) -> No
     opt = OPTIMIZERS[name](model, 100, hess_init=1e-2)
     x, _ = batch()
     other_before, model_before = snapshot(other), snapshot(model)
-    with pytest.raises(ValueError, match=r"Invalid model: its parameters \(0.weight, 0.bias, 2.weight, \.\.\.\)"):
+    with pytest.raises(
+        ValueError, match=r"Invalid model: its parameters \(0.weight, 0.bias, 2.weight, \.\.\.\)"
+    ):
         predict(other, opt, x, samples=3)
     assert_identical(other, other_before)
     assert_identical(model, model_before)
@@ -271,7 +275,9 @@ def test_a_layer_registered_twice_or_tied_weights_are_refused_at_construction(na
     shared = nn.Linear(4, 4)
     activation = nn.Tanh()  # a module without parameters may be reused
     with pytest.raises(ValueError, match="registered as 0 and 2"):
-        OPTIMIZERS[name](nn.Sequential(shared, activation, shared, activation, nn.Linear(4, 3)), 100)
+        OPTIMIZERS[name](
+            nn.Sequential(shared, activation, shared, activation, nn.Linear(4, 3)), 100
+        )
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
     with pytest.raises(ValueError, match="parameter '2.weight' is shared by layers '0' and '2'"):

@@ -132,7 +132,9 @@ def test_fire_after_a_life_loss_keeps_a_noop_policy_losing_lives() -> None:
 
 
 def test_without_fire_after_a_life_loss_a_noop_policy_stalls() -> None:
-    losses, games, lives = _noop_play(make_vec_env("Breakout", 2, seed=0, fire_on_life_loss=False), 1500)
+    losses, games, lives = _noop_play(
+        make_vec_env("Breakout", 2, seed=0, fire_on_life_loss=False), 1500
+    )
     assert games == 0 and losses == 2 and (lives == 4).all()
 
 

@@ -31,7 +31,9 @@ def run_both(ours: VecEnv, reference: VecEnv, steps: int, seed: int = 0) -> list
             np.testing.assert_allclose(mine["terminal_observation"], theirs["terminal_observation"])
             assert mine["TimeLimit.truncated"] == theirs["TimeLimit.truncated"]
             assert (mine["episode"]["r"], mine["episode"]["l"]) == (
-                theirs["episode"]["r"], theirs["episode"]["l"])
+                theirs["episode"]["r"],
+                theirs["episode"]["l"],
+            )
             episodes.append((mine["episode"]["r"], mine["TimeLimit.truncated"]))
     ours.close()
     reference.close()
@@ -79,7 +81,9 @@ def test_bad_vectorization_is_named() -> None:
         make_vec_env("CartPole", 2, vectorization="threads")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("name", "n_envs"), [("Breakout", 16), ("HalfCheetah", 8), ("CartPole", 8)])
+@pytest.mark.parametrize(
+    ("name", "n_envs"), [("Breakout", 16), ("HalfCheetah", 8), ("CartPole", 8)]
+)
 def test_the_documented_calls_return_working_vec_envs(name: str, n_envs: int) -> None:
     env = make_vec_env(name, n_envs, 0)
     obs = env.reset()
@@ -119,10 +123,13 @@ def test_a_crashing_subprocess_env_raises_instead_of_hanging() -> None:
     env.close()
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"seed": -1}, "Invalid seed value: -1"),
-    ({"rank": 0, "world_size": 3}, "do not divide evenly over 3 ranks"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seed": -1}, "Invalid seed value: -1"),
+        ({"rank": 0, "world_size": 3}, "do not divide evenly over 3 ranks"),
+    ],
+)
 def test_bad_seeds_and_uneven_shards_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_vec_env("CartPole", 8, **kwargs)

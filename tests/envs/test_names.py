@@ -46,7 +46,10 @@ def test_newest_version_wins() -> None:
     assert resolve("HalfCheetah").gym_id == newest
 
 
-@pytest.mark.parametrize(("name", "suggestion"), [("Breakuot", "Breakout"), ("Cheetah", "HalfCheetah"), ("cartpol", "CartPole")])
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [("Breakuot", "Breakout"), ("Cheetah", "HalfCheetah"), ("cartpol", "CartPole")],
+)
 def test_unknown_names_list_the_closest(name: str, suggestion: str) -> None:
     with pytest.raises(ValueError, match=f"closest known names: .*{suggestion}"):
         resolve(name)

@@ -49,7 +49,9 @@ def kfac_steps(model: nn.Module, opt: KFAC, steps: int, device: str, dtype: torc
         noise = torch.randn(32, 4, generator=generator, dtype=dtype).to(device)
         out = model(x)
         with opt.capture():  # a Gaussian Fisher draw made on the CPU: the same on both devices
-            (0.5 * (out - (out.detach() + noise)).square().sum(1).mean()).backward(retain_graph=True)
+            (0.5 * (out - (out.detach() + noise)).square().sum(1).mean()).backward(
+                retain_graph=True
+            )
         opt.zero_grad()
         F.cross_entropy(out, y).backward()
         opt.step()
@@ -78,8 +80,9 @@ def test_every_optimizer_steps_on_cuda(optimizer: str) -> None:
                 F.cross_entropy(model(x), y).backward()
             opt.step()
     else:
-        kfac_steps(model, KFAC(model, curvature=optimizer, inv_update_steps=2), 3, "cuda",
-                   torch.float32)
+        kfac_steps(
+            model, KFAC(model, curvature=optimizer, inv_update_steps=2), 3, "cuda", torch.float32
+        )
     after = list(model.parameters())
     assert all(p.is_cuda and torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(p, q) for p, q in zip(after, before, strict=True))
@@ -100,8 +103,25 @@ def test_statistics_stay_float32_under_bf16_autocast_on_cuda() -> None:
 
 
 def test_acktr_trains_through_the_cli_on_cuda(tmp_path: Path) -> None:
-    assert main(["acktr", "--env", "CartPole", "--device", "cuda", "--timesteps", "4000",
-                 "--no-progress", "--eval-episodes", "2", "--log-dir", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "acktr",
+                "--env",
+                "CartPole",
+                "--device",
+                "cuda",
+                "--timesteps",
+                "4000",
+                "--no-progress",
+                "--eval-episodes",
+                "2",
+                "--log-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     model = ACKTR.load(tmp_path / "run" / "checkpoint.zip", device="cuda")
     assert model.num_timesteps >= 4000 and next(model.policy.parameters()).is_cuda
 
@@ -111,11 +131,34 @@ def test_torchrun_on_cuda(tmp_path: Path) -> None:
     two GPUs, otherwise one rank under torchrun."""
     ranks = 2 if torch.cuda.device_count() >= 2 else 1
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         str(ranks), "-m", "ngrl.train", "acktr", "--env", "CartPole", "--device", "cuda",
-         "--n-envs", "4", "--timesteps", "1280", "--no-progress", "--eval-episodes", "0",
-         "--log-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(ranks),
+            "-m",
+            "ngrl.train",
+            "acktr",
+            "--env",
+            "CartPole",
+            "--device",
+            "cuda",
+            "--n-envs",
+            "4",
+            "--timesteps",
+            "1280",
+            "--no-progress",
+            "--eval-episodes",
+            "0",
+            "--log-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert ACKTR.load(tmp_path / "run" / "checkpoint.zip").num_timesteps >= 1280

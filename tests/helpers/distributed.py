@@ -16,13 +16,21 @@ __all__ = ["run_ranks"]
 
 
 def _entry(
-    fn: Callable[..., Any], rank: int, world: int, store: str, out: str, timeout: float,
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    store: str,
+    out: str,
+    timeout: float,
     args: tuple[Any, ...],
 ) -> None:
     result: dict[str, Any]
     try:
         dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+            "gloo",
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world,
             timeout=timedelta(seconds=timeout),
         )
         result = {"value": fn(rank, world, *args)}
@@ -38,7 +46,11 @@ def _entry(
 
 
 def run_ranks(
-    fn: Callable[..., Any], world: int, tmp_path: Path, *args: Any, timeout: float = 60.0,
+    fn: Callable[..., Any],
+    world: int,
+    tmp_path: Path,
+    *args: Any,
+    timeout: float = 60.0,
     join_timeout: float = 120.0,
 ) -> list[dict[str, Any] | None]:
     """``fn(rank, world, *args)`` on ``world`` ranks; per rank ``{"value": ...}``,
@@ -47,9 +59,7 @@ def run_ranks(
     store = tmp_path / "store"
     outs = [tmp_path / f"rank{r}.pkl" for r in range(world)]
     processes = [
-        context.Process(
-            target=_entry, args=(fn, r, world, str(store), str(outs[r]), timeout, args)
-        )
+        context.Process(target=_entry, args=(fn, r, world, str(store), str(outs[r]), timeout, args))
         for r in range(world)
     ]
     for process in processes:

@@ -17,9 +17,23 @@ def script() -> ModuleType:
 
 
 def test_a_tiny_run_writes_its_tables_and_figure(script: ModuleType, tmp_path: Path) -> None:
-    code = script.main(["--methods", "sgd,kfac,kfac-corrected", "--epochs", "2",
-                        "--grid-epochs", "1", "--seeds", "2", "--frobenius-epochs", "0",
-                        "--out", str(tmp_path), "--no-progress"])
+    code = script.main(
+        [
+            "--methods",
+            "sgd,kfac,kfac-corrected",
+            "--epochs",
+            "2",
+            "--grid-epochs",
+            "1",
+            "--seeds",
+            "2",
+            "--frobenius-epochs",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert list(report["results"]) == ["adam", "sgd", "kfac", "kfac-corrected"]  # Adam added

@@ -33,7 +33,9 @@ def test_readme_acktr_example_learns_cartpole(tmp_path: Path, monkeypatch) -> No
     namespace: dict = {}
     exec(compile(code.group(1), str(README), "exec"), namespace)
     assert (tmp_path / "acktr_cartpole.zip").is_file()
-    assert namespace["mean_return"] >= 300  # random: ~22; 500 is the maximum (seed spread: docs/design.md)
+    assert (
+        namespace["mean_return"] >= 300
+    )  # random: ~22; 500 is the maximum (seed spread: docs/design.md)
 
 
 def test_readme_bayes_example_fits_digits() -> None:

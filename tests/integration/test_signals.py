@@ -17,10 +17,29 @@ from agents import ACKTR
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--n-envs", "2",
-         "--timesteps", "10000000", "--no-progress", "--eval-episodes", "0",
-         "--set", "n_steps=8", "--log-dir", str(run_dir), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ngrl.train",
+            "acktr",
+            "--env",
+            "CartPole",
+            "--n-envs",
+            "2",
+            "--timesteps",
+            "10000000",
+            "--no-progress",
+            "--eval-episodes",
+            "0",
+            "--set",
+            "n_steps=8",
+            "--log-dir",
+            str(run_dir),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -55,9 +74,26 @@ def test_a_signal_stops_between_updates_and_saves_a_consistent_checkpoint(
     resumed = tmp_path / "resumed"
     target = model.num_timesteps + 160
     code = subprocess.run(
-        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--no-progress",
-         "--eval-episodes", "0", "--resume", str(checkpoint), "--timesteps", str(target),
-         "--log-dir", str(resumed)], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ngrl.train",
+            "acktr",
+            "--env",
+            "CartPole",
+            "--no-progress",
+            "--eval-episodes",
+            "0",
+            "--resume",
+            str(checkpoint),
+            "--timesteps",
+            str(target),
+            "--log-dir",
+            str(resumed),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).returncode
     assert code == 0
     # the resumed run takes the preset's 8 envs: whole rollouts of 64 steps
@@ -67,10 +103,30 @@ def test_a_signal_stops_between_updates_and_saves_a_consistent_checkpoint(
 
 def _resume(checkpoint: Path, run_dir: Path, timesteps: int) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--n-envs", "2",
-         "--no-progress", "--eval-episodes", "0", "--log-interval", "1", "--resume",
-         str(checkpoint), "--timesteps", str(timesteps), "--log-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ngrl.train",
+            "acktr",
+            "--env",
+            "CartPole",
+            "--n-envs",
+            "2",
+            "--no-progress",
+            "--eval-episodes",
+            "0",
+            "--log-interval",
+            "1",
+            "--resume",
+            str(checkpoint),
+            "--timesteps",
+            str(timesteps),
+            "--log-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -111,7 +167,7 @@ def test_killed_at_a_random_point_the_run_resumes_cleanly_and_reproducibly(
         assert episodes == sorted(episodes) and progress == sorted(progress)
         assert len(set(progress)) >= len(progress) - 1  # only the final row may repeat a step
         killed = [s for s in _steps(run_dir / "episodes.csv", "timesteps") if s <= start]
-        assert episodes[: len(killed)] == killed and all(s > start for s in episodes[len(killed):])
+        assert episodes[: len(killed)] == killed and all(s > start for s in episodes[len(killed) :])
     first, second = (ACKTR.load(folder / "checkpoint.zip") for folder in twice)
     assert first.num_timesteps == second.num_timesteps >= target
     for p, q in zip(first.policy.parameters(), second.policy.parameters(), strict=True):

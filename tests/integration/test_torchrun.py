@@ -14,27 +14,67 @@ from ngrl.train import main
 
 
 def torchrun(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "ngrl.train", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "ngrl.train",
+        *args,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=environment)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def test_two_ranks_train_and_a_single_process_resumes(tmp_path: Path) -> None:
     run = tmp_path / "two"
-    done = torchrun("acktr", "--env", "CartPole", "--device", "cpu", "--n-envs", "4",
-                    "--timesteps", "320", "--set", "n_steps=8", "--set", "cold_start_steps=1",
-                    "--no-progress", "--eval-episodes", "2", "--log-dir", str(run))
+    done = torchrun(
+        "acktr",
+        "--env",
+        "CartPole",
+        "--device",
+        "cpu",
+        "--n-envs",
+        "4",
+        "--timesteps",
+        "320",
+        "--set",
+        "n_steps=8",
+        "--set",
+        "cold_start_steps=1",
+        "--no-progress",
+        "--eval-episodes",
+        "2",
+        "--log-dir",
+        str(run),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on each of 2 ranks" in done.stdout and done.stdout.count("model:") == 1
     first = ACKTR.load(run / "model.zip")
     assert first.num_timesteps == 320 and first._n_updates == 10  # 4 envs x 8 steps each
     assert (run / "learning_curve.png").is_file()
     # The checkpoint counts every rank's steps, so one process continues where two stopped.
-    code = main(["acktr", "--env", "CartPole", "--n-envs", "4", "--timesteps", "640",
-                 "--no-progress", "--eval-episodes", "0", "--log-dir", str(tmp_path / "one"),
-                 "--resume", str(run / "checkpoint.zip")])
+    code = main(
+        [
+            "acktr",
+            "--env",
+            "CartPole",
+            "--n-envs",
+            "4",
+            "--timesteps",
+            "640",
+            "--no-progress",
+            "--eval-episodes",
+            "0",
+            "--log-dir",
+            str(tmp_path / "one"),
+            "--resume",
+            str(run / "checkpoint.zip"),
+        ]
+    )
     assert code == 0
     second = ACKTR.load(tmp_path / "one" / "model.zip")
     assert second.num_timesteps == 640 and second._n_updates == 20
@@ -62,8 +102,16 @@ def test_bad_input_under_torchrun_is_one_line_per_job(
 def test_two_ranks_learn_cartpole_like_one(tmp_path: Path) -> None:
     import json
 
-    common = ["acktr", "--env", "CartPole", "--device", "cpu", "--no-progress",
-              "--eval-episodes", "20"]
+    common = [
+        "acktr",
+        "--env",
+        "CartPole",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--eval-episodes",
+        "20",
+    ]
     done = torchrun(*common, "--log-dir", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert main([*common, "--log-dir", str(tmp_path / "one")]) == 0

@@ -31,12 +31,27 @@ def train(tmp_path: Path, name: str, *args: str) -> tuple[int, Path]:
 
 @pytest.mark.parametrize("algo", sorted(ALGO_SETTINGS))
 def test_every_algorithm_trains_and_writes_its_run_folder(algo: str, tmp_path: Path) -> None:
-    code, run_dir = train(tmp_path, algo, algo, "--env", "CartPole", "--timesteps", "384",
-                          *SMALL, *ALGO_SETTINGS[algo])
+    code, run_dir = train(
+        tmp_path,
+        algo,
+        algo,
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "384",
+        *SMALL,
+        *ALGO_SETTINGS[algo],
+    )
     assert code == 0
     files = {p.name for p in run_dir.iterdir()}
-    assert {"config.json", "progress.csv", "episodes.csv", "model.zip", "eval.json",
-            "learning_curve.png"} <= files
+    assert {
+        "config.json",
+        "progress.csv",
+        "episodes.csv",
+        "model.zip",
+        "eval.json",
+        "learning_curve.png",
+    } <= files
     assert any(name.startswith("events.out.tfevents") for name in files)
     assert not any(name.endswith(".part") for name in files)
     assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 2
@@ -44,9 +59,22 @@ def test_every_algorithm_trains_and_writes_its_run_folder(algo: str, tmp_path: P
 
 
 def test_acktr_on_atari_through_the_cli(tmp_path: Path) -> None:
-    code, run_dir = train(tmp_path, "atari", "acktr", "--env", "Breakout", "--timesteps", "160",
-                          "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
-                          "--set", "n_steps=8")
+    code, run_dir = train(
+        tmp_path,
+        "atari",
+        "acktr",
+        "--env",
+        "Breakout",
+        "--timesteps",
+        "160",
+        "--n-envs",
+        "2",
+        "--no-progress",
+        "--eval-episodes",
+        "0",
+        "--set",
+        "n_steps=8",
+    )
     assert code == 0
     model = ACKTR.load(run_dir / "checkpoint.zip")
     assert type(model.policy).__name__ == "KFACActorCriticCnnPolicy"
@@ -55,9 +83,24 @@ def test_acktr_on_atari_through_the_cli(tmp_path: Path) -> None:
 
 def test_acktr_runs_with_another_curvature_on_atari(tmp_path: Path) -> None:
     # The Atari preset's K-FAC options (factored damping) do not follow the switch.
-    code, run_dir = train(tmp_path, "ekfac", "acktr", "--env", "Breakout", "--timesteps", "160",
-                          "--n-envs", "2", "--no-progress", "--eval-episodes", "0",
-                          "--set", "n_steps=8", "--set", "curvature=ekfac")
+    code, run_dir = train(
+        tmp_path,
+        "ekfac",
+        "acktr",
+        "--env",
+        "Breakout",
+        "--timesteps",
+        "160",
+        "--n-envs",
+        "2",
+        "--no-progress",
+        "--eval-episodes",
+        "0",
+        "--set",
+        "n_steps=8",
+        "--set",
+        "curvature=ekfac",
+    )
     assert code == 0
     optimizer = ACKTR.load(run_dir / "checkpoint.zip").policy.optimizer
     assert optimizer.curvature == "ekfac"
@@ -66,9 +109,22 @@ def test_acktr_runs_with_another_curvature_on_atari(tmp_path: Path) -> None:
 
 
 def test_set_reaches_kfac_options(tmp_path: Path) -> None:
-    code, run_dir = train(tmp_path, "set", "acktr", "--env", "CartPole", "--timesteps", "64",
-                          *SMALL, "--set", "n_steps=8", "--set", "curvature=diag",
-                          "--set", "kfac_kwargs.stats_batch_size=4")
+    code, run_dir = train(
+        tmp_path,
+        "set",
+        "acktr",
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "64",
+        *SMALL,
+        "--set",
+        "n_steps=8",
+        "--set",
+        "curvature=diag",
+        "--set",
+        "kfac_kwargs.stats_batch_size=4",
+    )
     assert code == 0
     optimizer = ACKTR.load(run_dir / "checkpoint.zip").policy.optimizer
     assert optimizer.curvature == "diag"
@@ -76,9 +132,24 @@ def test_set_reaches_kfac_options(tmp_path: Path) -> None:
 
 
 def test_preset_baselines_is_the_reference_recipe(tmp_path: Path) -> None:
-    code, run_dir = train(tmp_path, "baselines", "acktr", "--env", "Breakout", "--preset",
-                          "baselines", "--timesteps", "160", "--n-envs", "2", "--no-progress",
-                          "--eval-episodes", "0", "--set", "n_steps=8")
+    code, run_dir = train(
+        tmp_path,
+        "baselines",
+        "acktr",
+        "--env",
+        "Breakout",
+        "--preset",
+        "baselines",
+        "--timesteps",
+        "160",
+        "--n-envs",
+        "2",
+        "--no-progress",
+        "--eval-episodes",
+        "0",
+        "--set",
+        "n_steps=8",
+    )
     assert code == 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preset"] == "baselines"
@@ -88,11 +159,30 @@ def test_preset_baselines_is_the_reference_recipe(tmp_path: Path) -> None:
 
 def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> None:
     args = ["acktr", "--env", "CartPole", *SMALL]  # a resumed run keeps its hyperparameters
-    assert train(tmp_path, "first", *args, "--timesteps", "160", "--set", "n_steps=8",
-                 "--set", "cold_start_steps=1")[0] == 0
+    assert (
+        train(
+            tmp_path,
+            "first",
+            *args,
+            "--timesteps",
+            "160",
+            "--set",
+            "n_steps=8",
+            "--set",
+            "cold_start_steps=1",
+        )[0]
+        == 0
+    )
     first = ACKTR.load(tmp_path / "first" / "checkpoint.zip")
-    code, second_dir = train(tmp_path, "second", *args, "--timesteps", "320",
-                             "--resume", str(tmp_path / "first" / "checkpoint.zip"))
+    code, second_dir = train(
+        tmp_path,
+        "second",
+        *args,
+        "--timesteps",
+        "320",
+        "--resume",
+        str(tmp_path / "first" / "checkpoint.zip"),
+    )
     assert code == 0
     second = ACKTR.load(second_dir / "checkpoint.zip")
     assert (first.num_timesteps, second.num_timesteps) == (160, 320)
@@ -103,16 +193,25 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
     first_rows = (tmp_path / "first" / "episodes.csv").read_text().splitlines()
     assert (second_dir / "episodes.csv").read_text().splitlines()[: len(first_rows)] == first_rows
     # Resumed with no steps left, the saved factors come back bit for bit.
-    code, same_dir = train(tmp_path, "same", *args, "--timesteps", "160",
-                           "--resume", str(tmp_path / "first" / "checkpoint.zip"))
+    code, same_dir = train(
+        tmp_path,
+        "same",
+        *args,
+        "--timesteps",
+        "160",
+        "--resume",
+        str(tmp_path / "first" / "checkpoint.zip"),
+    )
     assert code == 0
     same = ACKTR.load(same_dir / "checkpoint.zip").policy.optimizer.state_dict()["state"]
     for index, entry in first.policy.optimizer.state_dict()["state"].items():
         for key, value in entry.items():
             if key == "derived":  # the decompositions in use, taken between two refreshes
                 for name, parts in value.items():
-                    assert all(torch.equal(a, b) for a, b in zip(same[index][key][name], parts,
-                                                                   strict=True)), name
+                    assert all(
+                        torch.equal(a, b)
+                        for a, b in zip(same[index][key][name], parts, strict=True)
+                    ), name
             else:
                 assert torch.equal(same[index][key], value), key
 
@@ -132,17 +231,31 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
     [
         (["acktrr", "--env", "CartPole"], "unknown algorithm 'acktrr'; choose one of: acktr"),
         (["acktr", "--env", "CartPoel"], "CartPole"),
-        (["acktr", "--env", "CartPole", "--set", "kl_clipp=0.1"], "no hyperparameter 'kl_clipp'; did you mean kl_clip"),
+        (
+            ["acktr", "--env", "CartPole", "--set", "kl_clipp=0.1"],
+            "no hyperparameter 'kl_clipp'; did you mean kl_clip",
+        ),
         (["acktr", "--env", "CartPole", "--set", "n_steps=2.5"], "'n_steps' takes an integer"),
         (["acktr", "--env", "CartPole", "--set", "normalize_advantage=1"], "true or false"),
         (["acktr", "--env", "CartPole", "--set", "kl_clip=-1"], "Invalid kl_clip"),
-        (["acktr", "--env", "CartPole", "--set", "learning_rate=lin_fast"], "'learning_rate' takes lin_X"),
-        (["acktr", "--env", "CartPole", "--set", "kfac_kwargs.weight_sharing=x"], "Invalid weight_sharing"),
+        (
+            ["acktr", "--env", "CartPole", "--set", "learning_rate=lin_fast"],
+            "'learning_rate' takes lin_X",
+        ),
+        (
+            ["acktr", "--env", "CartPole", "--set", "kfac_kwargs.weight_sharing=x"],
+            "Invalid weight_sharing",
+        ),
         (["acktr", "--env", "CartPole", "--timesteps", "0"], "--timesteps must be >= 1"),
         (["acktr", "--env", "CartPole", "--resume", "missing.zip"], "does not exist"),
-        (["acktr", "--env", "Breakout", "--preset", "basleines"],
-         "acktr has no preset 'basleines'; its presets: baselines"),
-        (["acktr", "--env", "CartPole", "--set", "schedule_timesteps=-5"], "schedule_timesteps must be >= 0"),
+        (
+            ["acktr", "--env", "Breakout", "--preset", "basleines"],
+            "acktr has no preset 'basleines'; its presets: baselines",
+        ),
+        (
+            ["acktr", "--env", "CartPole", "--set", "schedule_timesteps=-5"],
+            "schedule_timesteps must be >= 0",
+        ),
         (["acktr", "--env", "CartPole", "--set", "n_steps=0"], "'n_steps' must be >= 1, got 0"),
         (["trpo", "--env", "CartPole", "--set", "n_steps=0"], "'n_steps' must be >= 1"),
         (["ppo", "--env", "CartPole", "--set", "n_epochs=0"], "'n_epochs' must be >= 1"),
@@ -151,7 +264,10 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
         (["acktr", "--env", "CartPole", "--set", "max_grad_norm=0"], "'max_grad_norm' must be > 0"),
         (["acktr", "--env", "CartPole", "--set", "gamma=1.5"], "'gamma' must be in (0, 1]"),
         (["acktr", "--env", "CartPole", "--set", "ent_coef=-1"], "'ent_coef' must be >= 0"),
-        (["ppo", "--env", "CartPole", "--set", "learning_rate=lin_-1"], "'learning_rate' must be > 0"),
+        (
+            ["ppo", "--env", "CartPole", "--set", "learning_rate=lin_-1"],
+            "'learning_rate' must be > 0",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -165,25 +281,50 @@ def test_corrupt_or_foreign_checkpoints_are_refused(
 ) -> None:
     corrupt = tmp_path / "corrupt.zip"
     corrupt.write_bytes(b"PK\x03\x04 this is not a model")
-    assert "not a saved model" in run_bad(tmp_path, capsys, "acktr", "--env", "CartPole",
-                                           "--resume", str(corrupt))
+    assert "not a saved model" in run_bad(
+        tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", str(corrupt)
+    )
     assert train(tmp_path, "a2c", "a2c", "--env", "CartPole", "--timesteps", "40", *SMALL)[0] == 0
     capsys.readouterr()
     a2c_model = str(tmp_path / "a2c" / "checkpoint.zip")
     assert "is a a2c run on CartPole-v1, not acktr" in run_bad(
-        tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model)
+        tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model
+    )
     assert "not a2c on Acrobot" in run_bad(
-        tmp_path, capsys, "a2c", "--env", "Acrobot", "--resume", a2c_model)
+        tmp_path, capsys, "a2c", "--env", "Acrobot", "--resume", a2c_model
+    )
 
 
 def test_resume_refuses_to_change_hyperparameters(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert train(tmp_path, "run", "acktr", "--env", "CartPole", "--timesteps", "32", *SMALL,
-                 "--set", "n_steps=8")[0] == 0
+    assert (
+        train(
+            tmp_path,
+            "run",
+            "acktr",
+            "--env",
+            "CartPole",
+            "--timesteps",
+            "32",
+            *SMALL,
+            "--set",
+            "n_steps=8",
+        )[0]
+        == 0
+    )
     capsys.readouterr()
-    message = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--resume",
-                      str(tmp_path / "run" / "checkpoint.zip"), "--set", "kl_clip=0.1")
+    message = run_bad(
+        tmp_path,
+        capsys,
+        "acktr",
+        "--env",
+        "CartPole",
+        "--resume",
+        str(tmp_path / "run" / "checkpoint.zip"),
+        "--set",
+        "kl_clip=0.1",
+    )
     assert "cannot change the hyperparameters of a resumed run" in message
 
 
@@ -215,17 +356,43 @@ def test_a_log_dir_that_cannot_be_a_folder_is_one_line(
 def test_resume_refuses_fewer_timesteps_than_the_checkpoint_has(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert train(tmp_path, "first", "acktr", "--env", "CartPole", *SMALL, "--timesteps", "160",
-                 "--set", "n_steps=8")[0] == 0
+    assert (
+        train(
+            tmp_path,
+            "first",
+            "acktr",
+            "--env",
+            "CartPole",
+            *SMALL,
+            "--timesteps",
+            "160",
+            "--set",
+            "n_steps=8",
+        )[0]
+        == 0
+    )
     capsys.readouterr()
-    err = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--timesteps", "100",
-                  "--resume", str(tmp_path / "first" / "checkpoint.zip"))
+    err = run_bad(
+        tmp_path,
+        capsys,
+        "acktr",
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "100",
+        "--resume",
+        str(tmp_path / "first" / "checkpoint.zip"),
+    )
     assert "--timesteps 100 is below the 160 steps the checkpoint has trained" in err
 
 
 def test_help_lists_hyperparameters_with_defaults() -> None:
-    out = subprocess.run([sys.executable, "-m", "ngrl.train", "acktr", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ngrl.train", "acktr", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for text in ("--env", "--resume", "--set", "kl_clip = 0.001", "vf_fisher_coef = 1.0"):
         assert text in out
 
@@ -237,8 +404,18 @@ def test_model_zip_holds_the_policy_and_checkpoint_zip_the_run(
 
     import numpy as np
 
-    code, run_dir = train(tmp_path, "run", "acktr", "--env", "CartPole", "--timesteps", "160",
-                          *SMALL, "--set", "n_steps=8")
+    code, run_dir = train(
+        tmp_path,
+        "run",
+        "acktr",
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "160",
+        *SMALL,
+        "--set",
+        "n_steps=8",
+    )
     assert code == 0
     model_entries = set(zipfile.ZipFile(run_dir / "model.zip").namelist())
     checkpoint_entries = set(zipfile.ZipFile(run_dir / "checkpoint.zip").namelist())
@@ -247,12 +424,14 @@ def test_model_zip_holds_the_policy_and_checkpoint_zip_the_run(
     assert (run_dir / "model.zip").stat().st_size < (run_dir / "checkpoint.zip").stat().st_size
     policy, full = ACKTR.load(run_dir / "model.zip"), ACKTR.load(run_dir / "checkpoint.zip")
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    np.testing.assert_array_equal(policy.predict(obs, deterministic=True)[0],
-                                  full.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(
+        policy.predict(obs, deterministic=True)[0], full.predict(obs, deterministic=True)[0]
+    )
     assert not any(b.initialized for b in policy.policy.optimizer.blocks.values())
     capsys.readouterr()
-    err = run_bad(tmp_path, capsys, "acktr", "--env", "CartPole", "--resume",
-                  str(run_dir / "model.zip"))
+    err = run_bad(
+        tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", str(run_dir / "model.zip")
+    )
     assert "holds the trained policy only" in err and "resume from checkpoint.zip" in err
 
 
@@ -260,16 +439,38 @@ def test_a_run_shorter_than_the_log_interval_leaves_logs_and_a_checkpoint(tmp_pa
     import csv
 
     # 4 updates: below the default --log-interval (10) and --checkpoint-every (100).
-    code, run_dir = train(tmp_path, "short", "acktr", "--env", "CartPole", "--timesteps", "64",
-                          *SMALL, "--set", "n_steps=8")
+    code, run_dir = train(
+        tmp_path,
+        "short",
+        "acktr",
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "64",
+        *SMALL,
+        "--set",
+        "n_steps=8",
+    )
     assert code == 0
     with open(run_dir / "progress.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows and int(rows[-1]["time/total_timesteps"]) == 64
     assert rows[-1]["train/policy_loss"] != ""  # the last update's figures are there
     assert ACKTR.load(run_dir / "checkpoint.zip").num_timesteps == 64
-    code, every = train(tmp_path, "every", "acktr", "--env", "CartPole", "--timesteps", "64",
-                        *SMALL, "--set", "n_steps=8", "--log-interval", "1")
+    code, every = train(
+        tmp_path,
+        "every",
+        "acktr",
+        "--env",
+        "CartPole",
+        "--timesteps",
+        "64",
+        *SMALL,
+        "--set",
+        "n_steps=8",
+        "--log-interval",
+        "1",
+    )
     assert code == 0
     assert len((every / "progress.csv").read_text().splitlines()) == 1 + 4 + 1  # + the final row
 
@@ -298,12 +499,25 @@ def test_a_resumed_run_drops_the_records_its_checkpoint_did_not_keep(tmp_path: P
     late[header.index("time/total_timesteps")] = "192"
     (first / "progress.csv").write_text("\n".join([*progress, ",".join(late)]) + "\n")
 
-    code, second = train(tmp_path, "second", "acktr", "--env", "CartPole", *SMALL,
-                         "--log-interval", "1", "--timesteps", "320",
-                         "--resume", str(first / "checkpoint.zip"))
+    code, second = train(
+        tmp_path,
+        "second",
+        "acktr",
+        "--env",
+        "CartPole",
+        *SMALL,
+        "--log-interval",
+        "1",
+        "--timesteps",
+        "320",
+        "--resume",
+        str(first / "checkpoint.zip"),
+    )
     assert code == 0
-    for path, column in ((second / "episodes.csv", 0),
-                         (second / "progress.csv", "time/total_timesteps")):
+    for path, column in (
+        (second / "episodes.csv", 0),
+        (second / "progress.csv", "time/total_timesteps"),
+    ):
         steps = read_steps(path, column)
         assert steps == sorted(steps) and 160 < steps[-1] <= 320, (path.name, steps)
         assert read_steps(first / path.name, column)[: len([s for s in steps if s <= 160])] == [
@@ -322,8 +536,18 @@ def test_vecnormalize_statistics_travel_inside_the_checkpoint(tmp_path: Path) ->
     assert code == 0
     assert [p.name for p in first.iterdir() if p.suffix == ".pkl"] == []  # no second file
     assert has_normalizer(first / "checkpoint.zip") and has_normalizer(first / "model.zip")
-    code, second = train(tmp_path, "second", "acktr", "--env", "CartPole", *SMALL,
-                         "--timesteps", "160", "--resume", str(first / "checkpoint.zip"))
+    code, second = train(
+        tmp_path,
+        "second",
+        "acktr",
+        "--env",
+        "CartPole",
+        *SMALL,
+        "--timesteps",
+        "160",
+        "--resume",
+        str(first / "checkpoint.zip"),
+    )
     assert code == 0  # nothing left to train: the statistics come back as they were saved
     from agents.checkpoints import load_normalizer
     from envs import make_vec_env

@@ -51,8 +51,12 @@ def test_kfac_solves_an_ill_conditioned_regression_that_sgd_cannot() -> None:
     "options",
     [
         {},
-        dict(weight_sharing="reduce", stats_batch_size=16,
-             curvature_options={"damping_rule": "factored"}, factor_update_steps=2),
+        dict(
+            weight_sharing="reduce",
+            stats_batch_size=16,
+            curvature_options={"damping_rule": "factored"},
+            factor_update_steps=2,
+        ),
     ],
     ids=["defaults", "fast-options"],
 )
@@ -62,8 +66,14 @@ def test_kfac_trains_a_small_convnet(options: dict) -> None:
     y = (x[:, 0, :4].sum((1, 2)) > x[:, 0, 4:].sum((1, 2))).long()
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2),
-        nn.ReLU(), nn.Flatten(), nn.Linear(72, 16), nn.LayerNorm(16), nn.Tanh(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(72, 16),
+        nn.LayerNorm(16),
+        nn.Tanh(),
         nn.Linear(16, 2),
     )
     opt = KFAC(model, lr=0.1, damping=1e-2, kl_clip=1e-2, **options)

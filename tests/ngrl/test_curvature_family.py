@@ -41,7 +41,9 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2), nn.Tanh(), nn.Flatten(),
+        nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
         nn.Linear(12, 3),
     )
 
@@ -113,9 +115,7 @@ def test_two_term_blocks_factored_damping_inverts_the_paper_matrix(
         assert float(torch.linalg.eigvalsh(paper).min()) > 0.0
         grad = torch.randn(block.shape)
         expected = torch.linalg.solve(paper, grad.reshape(-1))
-        torch.testing.assert_close(
-            block.precondition(grad, TWO_TERM_DAMPING).reshape(-1), expected
-        )
+        torch.testing.assert_close(block.precondition(grad, TWO_TERM_DAMPING).reshape(-1), expected)
 
 
 @pytest.mark.parametrize("damping_rule", ["factored", "exact"])
@@ -137,9 +137,7 @@ def test_two_term_blocks_step_downhill_when_the_sum_is_indefinite(
 
 @pytest.mark.parametrize("model_kind", sorted(MODELS))
 @pytest.mark.parametrize("name", available())
-def test_state_dict_round_trips_and_bad_checkpoints_are_refused(
-    name: str, model_kind: str
-) -> None:
+def test_state_dict_round_trips_and_bad_checkpoints_are_refused(name: str, model_kind: str) -> None:
     opt, model, _, _ = captured(name, model_kind, batches=2)
     state = copy.deepcopy(opt.state_dict())
     clone = KFAC(copy.deepcopy(model), curvature=name, curvature_options=OPTIONS.get(name, {}))
@@ -364,8 +362,7 @@ def test_shampoo_matches_its_dense_formula(model_kind: str, exponent: float) -> 
 def test_shampoo_grafting_keeps_the_direction_and_takes_the_other_norm(
     grafting: str, model_kind: str
 ) -> None:
-    opt, model, x, targets = captured("shampoo", model_kind, grafting=grafting,
-                                      graft_epsilon=1e-8)
+    opt, model, x, targets = captured("shampoo", model_kind, grafting=grafting, graft_epsilon=1e-8)
     plain, _, _, _ = captured("shampoo", model_kind)
     grads = per_example_gradients(model, ce_sum, x, targets)
     for layer in MODELS[model_kind][2]:
@@ -418,7 +415,9 @@ POWERS.update({"kfac-corrected": (1.0,), "deflation": (1.0,)})
 # Blocks with a factored damping rule beside the exact one.
 FACTORED = ("kfac", "tkfac", "kpsvd", *TWO_TERM)
 DAMPING_RULES = [
-    (name, rule) for name in available() for rule in ("exact", "factored")
+    (name, rule)
+    for name in available()
+    for rule in ("exact", "factored")
     if rule == "exact" or name in FACTORED
 ]
 
@@ -445,7 +444,10 @@ def test_multiply_matpower_is_the_dense_matrix_power(
             got = block.multiply_matpower(v, damping, power).reshape(-1)
             torch.testing.assert_close(got, expected, msg=f"{name} {layer} power {power}")
         if name in TWO_TERM:
-            with pytest.raises(NotImplementedError, match=f"{get_block_class(name).__name__} has no exact matrix power -0.5"):
+            with pytest.raises(
+                NotImplementedError,
+                match=f"{get_block_class(name).__name__} has no exact matrix power -0.5",
+            ):
                 block.multiply_matpower(v, damping, -0.5)
 
 

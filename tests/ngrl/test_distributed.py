@@ -19,14 +19,18 @@ STEPS = 5
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [
-        (torch.randn(n, 5, generator=generator, dtype=torch.float64),
-         torch.randint(0, 3, (n,), generator=generator))
+        (
+            torch.randn(n, 5, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=generator),
+        )
         for _ in range(STEPS)
     ]
 
@@ -34,8 +38,16 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _train(part: slice, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     """STEPS K-FAC steps on ``part`` of each batch; parameters and factors after."""
     model = _model()
-    opt = KFAC(model, lr=0.1, damping=0.05, kl_clip=1e-2, momentum=0.5, factor_decay=0.8,
-               inv_update_steps=2, **options)
+    opt = KFAC(
+        model,
+        lr=0.1,
+        damping=0.05,
+        kl_clip=1e-2,
+        momentum=0.5,
+        factor_decay=0.8,
+        inv_update_steps=2,
+        **options,
+    )
     for x, y in _batches(16):
         opt.zero_grad()
         with opt.capture():

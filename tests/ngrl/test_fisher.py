@@ -44,12 +44,20 @@ def test_exact_gaussian_fisher_is_the_gauss_newton_matrix() -> None:
     x = torch.randn(4, 3)
     jac = torch.stack(
         [
-            torch.cat([j.flatten(1) for j in torch.autograd.functional.jacobian(
-                lambda *p: torch.func.functional_call(
-                    model, dict(zip([n for n, _ in model.named_parameters()], p, strict=True)), (x[n : n + 1],)
-                )[0],
-                tuple(model.parameters()),
-            )], dim=1)
+            torch.cat(
+                [
+                    j.flatten(1)
+                    for j in torch.autograd.functional.jacobian(
+                        lambda *p: torch.func.functional_call(
+                            model,
+                            dict(zip([n for n, _ in model.named_parameters()], p, strict=True)),
+                            (x[n : n + 1],),
+                        )[0],
+                        tuple(model.parameters()),
+                    )
+                ],
+                dim=1,
+            )
             for n in range(4)
         ]
     )

@@ -36,8 +36,14 @@ def test_factored_damping_step_solves_the_damped_kronecker_product() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     x = torch.randn(12, 4)
     lr, damping = 0.2, 1e-2
-    opt = KFAC(model, lr=lr, damping=damping, kl_clip=None, momentum=0.0,
-               curvature_options={"damping_rule": "factored"})
+    opt = KFAC(
+        model,
+        lr=lr,
+        damping=damping,
+        kl_clip=None,
+        momentum=0.0,
+        curvature_options={"damping_rule": "factored"},
+    )
     capture_batch(opt, model, x, sample_classes(model(x)))
     F.cross_entropy(model(x), torch.randint(0, 3, (12,))).backward()
     expected = {}
@@ -105,8 +111,14 @@ def test_capture_backward_gives_the_same_statistics_without_touching_grads(
 ) -> None:
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=inplace), nn.Flatten(),
-                             nn.Linear(27, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+        return nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.ReLU(inplace=inplace),
+            nn.Flatten(),
+            nn.Linear(27, 4),
+            nn.LayerNorm(4),
+            nn.Linear(4, 3),
+        )
 
     x = torch.randn(6, 2, 5, 5)
     reference, fast = build(), build()

@@ -303,4 +303,6 @@ def test_dampened_momentum_is_tf_momentum_optimizer_on_the_preconditioned_direct
         before = flat_parameters(model)[idx]
         accumulator = mu * accumulator + damped_solve(block, layer_gradient(model, ""), 1e-2)
         opt.step()
-        torch.testing.assert_close(flat_parameters(model)[idx], before - lr * (1 - mu) * accumulator)
+        torch.testing.assert_close(
+            flat_parameters(model)[idx], before - lr * (1 - mu) * accumulator
+        )

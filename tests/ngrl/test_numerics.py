@@ -82,7 +82,9 @@ def test_non_finite_statistics_are_dropped_and_factors_kept() -> None:
 
 @pytest.mark.parametrize("form", ["categorical", "gaussian", "distribution"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_fisher_loss_of_non_finite_outputs_is_dropped_inside_capture(form: str, bad: float) -> None:
+def test_a_fisher_loss_of_non_finite_outputs_is_dropped_inside_capture(
+    form: str, bad: float
+) -> None:
     """However the Fisher loss is formed, non-finite outputs never raise from the sampler:
     the batch is dropped with the usual warning."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -173,7 +175,9 @@ def test_mfac_that_cannot_be_factored_skips_the_step(monkeypatch: pytest.MonkeyP
         return matrix, torch.tensor(1)
 
     monkeypatch.setattr(base.torch.linalg, "cholesky_ex", failing)
-    with pytest.warns(RuntimeWarning, match="non-finite preconditioned gradients; this step was skipped"):
+    with pytest.warns(
+        RuntimeWarning, match="non-finite preconditioned gradients; this step was skipped"
+    ):
         mfac_steps(model, opt, x, 1)
     assert torch.equal(flat_parameters(model), before)
     assert opt.steps == 1
