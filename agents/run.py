@@ -25,6 +25,7 @@ import torch
 from stable_baselines3.common.utils import set_random_seed
 
 from ngrl import distributed
+from ngrl.helpers import add_override_option
 
 __all__ = ["main"]
 
@@ -128,15 +129,10 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
         "`acktr --preset baselines` (openai/baselines' ACKTR recipe); "
         "an unknown name lists ALGO's presets",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help='override a hyperparameter (a TOML value: 0.1, true, "x", '
-        "{a = 1}); KEY.SUB sets one entry of a table, e.g. "
-        "--set kfac_kwargs.weight_sharing=reduce; repeatable",
+    add_override_option(
+        parser,
+        'override a hyperparameter (a TOML value: 0.1, true, "x", {a = 1}); KEY.SUB sets '
+        "one entry of a table, e.g. --set kfac_kwargs.weight_sharing=reduce; repeatable",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(

@@ -3,13 +3,14 @@ SB3): files written atomically, and ``KEY=VALUE`` overrides read as TOML values.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["parse_override", "write_atomically"]
+__all__ = ["add_override_option", "parse_override", "write_atomically"]
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -25,6 +26,14 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def add_override_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option (into ``args.overrides``), read by
+    :func:`parse_override`."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

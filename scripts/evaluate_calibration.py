@@ -55,7 +55,7 @@ from bayes.methods import (  # noqa: E402
     options_for,
     settings_for,
 )
-from ngrl.helpers import parse_override, write_atomically  # noqa: E402
+from ngrl.helpers import add_override_option, parse_override, write_atomically  # noqa: E402
 
 EXIT_USAGE = 2
 DEFAULT_METHODS = "adam,vogn,noisy-kfac,slang,noisy-adam,ensemble"
@@ -123,13 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output folder (default: results/calibration/DATASET); files in it are replaced",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a setting (epochs=20, hidden=[32]) or a method option (vogn.lr=0.01); repeatable",
+    add_override_option(
+        parser,
+        "a setting (epochs=20, hidden=[32]) or a method option (vogn.lr=0.01); repeatable",
     )
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)"

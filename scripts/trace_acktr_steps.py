@@ -25,7 +25,7 @@ import torch
 from agents import ACKTR
 from agents.presets import resolve_config
 from envs import make_vec_env, resolve
-from ngrl.helpers import parse_override
+from ngrl.helpers import add_override_option, parse_override
 from ngrl.optim.trust_region import kl_clip_scale
 
 
@@ -88,14 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--window", type=int, default=20, help="updates per printed row (medians; default: 20)"
     )
     parser.add_argument("--preset", help="a named ACKTR preset (e.g. baselines)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a hyperparameter, as in ngrl.train",
-    )
+    add_override_option(parser, "override a hyperparameter, as in ngrl.train")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
     args = parser.parse_args(argv)
