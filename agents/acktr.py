@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from agents.policies import (
     MultiInputPolicy,
 )
 from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
-from ngrl.optim.hyperparams import check_integer
+from ngrl.optim.hyperparams import check_choice, check_integer
 
 __all__ = ["A2CLossTerms", "ACKTR"]
 
@@ -63,6 +63,12 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         3. step:       X = (F̂ + λI)⁻¹∇,  ν = min(1, sqrt(kl_clip / (lr² Σ⟨X, ∇⟩))),
                        m ← μ·m + (1−μ)·ν·X,  θ ← θ − lr·m
 
+    With ``trust_region="split"`` the policy part of the loss (policy and entropy terms)
+    and the value part get one trust region each (:meth:`ngrl.optim.KFAC.step_parts`):
+    ``d = ν_π X_π + ν_V X_V`` with ``ν_π`` from ``kl_clip`` and ``ν_V`` from
+    ``value_kl_clip``, so that the critic's share of a joint quadratic cannot shrink the
+    policy's step (one more backward pass per update).
+
     Under ``torchrun`` (a ``torch.distributed`` process group), each rank steps its own
     environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
     statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`agents.data_parallel`).
@@ -92,6 +98,9 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             ``stats_batch_size``, ``curvature_options``, ...).
         cold_start_steps: momentum-SGD updates before the first K-FAC step.
         target_kl: KL target of the adaptive learning rate; ``None`` keeps the schedule.
+        trust_region: ``"joint"`` (the paper's: one ν for the whole step) or ``"split"``
+            (one for the policy part, one for the value part).
+        value_kl_clip: the value part's radius under ``"split"`` (default: ``kl_clip``).
         normalize_advantage: standardise advantages per batch (off in the paper).
         The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
     """
@@ -125,6 +134,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         kfac_kwargs: dict[str, Any] | None = None,
         cold_start_steps: int = 10,
         target_kl: float | None = None,
+        trust_region: Literal["joint", "split"] = "joint",
+        value_kl_clip: float | None = None,
         normalize_advantage: bool = False,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
@@ -151,6 +162,9 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         check_integer("cold_start_steps", cold_start_steps, 0)
         if target_kl is not None and not target_kl > 0.0:
             raise ValueError(f"Invalid target_kl value: {target_kl!r} (> 0, or None)")
+        check_choice("trust_region", trust_region, ("joint", "split"))
+        if value_kl_clip is not None and not value_kl_clip > 0.0:
+            raise ValueError(f"Invalid value_kl_clip value: {value_kl_clip!r} (> 0, or None)")
         super().__init__(
             policy,
             env,
@@ -185,6 +199,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         self.kfac_kwargs = dict(kfac_kwargs or {})
         self.cold_start_steps = cold_start_steps
         self.target_kl = target_kl
+        self.trust_region = trust_region
+        self.value_kl_clip = value_kl_clip
         self.normalize_advantage = normalize_advantage
         self.lr_multiplier = 1.0
         if _init_setup_model:
@@ -248,16 +264,27 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
             # 2. The A2C loss.
             terms = self.a2c_loss_terms(distribution, values, rollout_data)
-            loss = terms.policy + self.ent_coef * terms.entropy + self.vf_coef * terms.value
-            optimizer.zero_grad()
-            loss.backward()
+            policy_part = terms.policy + self.ent_coef * terms.entropy
+            value_part = self.vf_coef * terms.value
 
             # 3. The step: momentum SGD while cold, K-FAC in the trust region after.
+            optimizer.zero_grad()
             if cold:
+                (policy_part + value_part).backward()
                 average_gradients(self.policy.parameters())  # K-FAC averages its own
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.cold_optimizer.step()
+            elif self.trust_region == "split":
+                params = optimizer.param_groups[0]["params"]
+                policy_grads = torch.autograd.grad(
+                    policy_part, params, retain_graph=True, allow_unused=True
+                )
+                value_grads = torch.autograd.grad(value_part, params, allow_unused=True)
+                kl_clip = optimizer.hyperparameter("kl_clip")
+                value_kl_clip = self.value_kl_clip if self.value_kl_clip is not None else kl_clip
+                optimizer.step_parts([(policy_grads, kl_clip), (value_grads, value_kl_clip)])
             else:
+                (policy_part + value_part).backward()
                 optimizer.step()
 
             if self.target_kl is not None:
@@ -275,6 +302,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         self.logger.record("train/policy_loss", terms.policy.item())
         self.logger.record("train/value_loss", terms.value.item())
         self.logger.record("train/kfac_steps", optimizer.steps)
+        for name, scale in zip(("", "_value"), optimizer.trust_region_scales, strict=False):
+            self.logger.record(f"train/trust_region_scale{name}", scale)
         if self.target_kl is not None:
             self.logger.record("train/lr_multiplier", self.lr_multiplier)
         if hasattr(self.policy, "log_std"):

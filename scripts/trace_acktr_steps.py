@@ -36,8 +36,8 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
     directions, train = optimizer._directions, model.train
     names = {id(p): layer.name for layer in optimizer.layers for p in layer.params}
 
-    def recording_directions(damping: float) -> Any:
-        found = directions(damping)
+    def recording_directions(damping: float, refresh: bool | None = None) -> Any:
+        found = directions(damping, refresh)
         if found is not None:
             quadratics = {names[id(params[0])]: q for params, _, q in found}
             rows.append({"quadratics": quadratics})

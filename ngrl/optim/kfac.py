@@ -179,6 +179,8 @@ class KFAC(torch.optim.Optimizer):
             self.layers, self._sink, loss_reduction, stats_batch_size, weight_sharing
         )
         self._warned_uncaptured = False
+        #: The trust-region scale ``ν`` of the last step (one per part for step_parts).
+        self.trust_region_scales: list[float] = []
         self.grad_worker_fraction = distributed.check_grad_worker_fraction(grad_worker_fraction)
         self._groups: distributed.Groups | None = None
 
@@ -271,10 +273,14 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the update -------------------------------------------------------------------
     @torch.no_grad()
-    def _directions(self, damping: float) -> list[tuple[list[Tensor], list[Tensor], float]] | None:
+    def _directions(
+        self, damping: float, refresh: bool | None = None
+    ) -> list[tuple[list[Tensor], list[Tensor], float]] | None:
         """Per layer: its parameters, their preconditioned gradients ``X`` and ``⟨X, ∇Ŵ⟩``;
-        ``None`` if any is not finite."""
-        refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
+        ``None`` if any is not finite. ``refresh``: recompute the decompositions first
+        (default: when this step is due, every ``inv_update_steps``)."""
+        if refresh is None:
+            refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
         plan = self._work_plan()
         me = distributed.rank()
         active: dict[str, tuple[Layer, Tensor]] = {}
@@ -395,20 +401,24 @@ class KFAC(torch.optim.Optimizer):
             stacklevel=3,
         )
 
-    def _clipped_directions(self, lr: float) -> dict[Tensor, Tensor] | None:
-        """``ν·X`` for every preconditioned parameter, or ``None`` (with a warning) when
-        the gradients or the preconditioned gradients are not finite."""
+    def _clipped_directions(
+        self, lr: float, kl_clip: float | None, refresh: bool | None = None
+    ) -> dict[Tensor, Tensor] | None:
+        """``ν·X`` for every preconditioned parameter (``ν`` from radius ``kl_clip``), or
+        ``None`` (with a warning) when the gradients or the preconditioned gradients are
+        not finite. The scale is kept in :attr:`trust_region_scales`."""
         distributed.average_gradients(self.param_groups[0]["params"])
         if not self._gradients_finite():
             self._skip("gradients")
             return None
         with self._exact_dtype():
-            found = self._directions(float(self.hyperparameter("damping")))
+            found = self._directions(float(self.hyperparameter("damping")), refresh)
         if found is None:
             self._skip("preconditioned gradients")
             return None
         quadratic = math.fsum(q for _, _, q in found)
-        scale = kl_clip_scale(quadratic, lr, self.hyperparameter("kl_clip"))
+        scale = kl_clip_scale(quadratic, lr, kl_clip)
+        self.trust_region_scales.append(scale)
         return {
             param: x.mul_(scale)
             for params, xs, _ in found
@@ -422,7 +432,9 @@ class KFAC(torch.optim.Optimizer):
         For use in the kfac-pytorch style, before another optimizer's ``step()``.
         Returns ``False`` (and changes nothing) when gradients or results are not finite.
         """
-        directions = self._clipped_directions(float(self.hyperparameter("lr")))
+        self.trust_region_scales = []
+        lr = float(self.hyperparameter("lr"))
+        directions = self._clipped_directions(lr, self.hyperparameter("kl_clip"))
         if directions is None:
             return False
         for param, direction in directions.items():
@@ -438,13 +450,59 @@ class KFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.trust_region_scales = []
         lr = float(self.hyperparameter("lr"))
+        directions = self._clipped_directions(lr, self.hyperparameter("kl_clip"))
+        if directions is not None:
+            self._update(directions, lr)
+        return loss
+
+    @torch.no_grad()
+    def step_parts(self, parts: Sequence[tuple[Sequence[Tensor | None], float | None]]) -> bool:
+        r"""One K-FAC update of a gradient given as parts, each with its own trust region.
+
+        ``parts`` holds, per part, the gradients of ``param_groups[0]["params"]`` (in that
+        order; ``None`` where a part does not reach a parameter) and its radius ``δ_i``::
+
+            X_i = (F̂ + λI)⁻¹ ∇_i,   ν_i = min(1, sqrt(δ_i / (lr² Σ⟨X_i, ∇_i⟩))),
+            d   = Σ_i ν_i X_i        (then weight decay and momentum as in step()).
+
+        With an actor-critic's policy and value losses as the parts, the critic's share of
+        one joint quadratic can no longer shrink the policy's step. One part with the
+        ``kl_clip`` radius is :meth:`step`. The parameters' ``.grad`` end as the parts'
+        sum. Returns ``False`` (the parameters and the momentum untouched, with the usual
+        warning) when a part is not finite.
+        """
+        params = self.param_groups[0]["params"]
+        lr = float(self.hyperparameter("lr"))
+        self.trust_region_scales = []
+        total: dict[Tensor, Tensor] = {}
+        directions: dict[Tensor, Tensor] = {}
+        for index, (grads, kl_clip) in enumerate(parts):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = None if grad is None else grad.detach().clone()
+            # The decompositions are refreshed (when due) for the first part only.
+            found = self._clipped_directions(lr, kl_clip, refresh=None if index == 0 else False)
+            if found is None:
+                return False
+            for param in params:
+                if param.grad is not None:
+                    total[param] = total[param] + param.grad if param in total else param.grad
+            for param, direction in found.items():
+                directions[param] = (
+                    directions[param] + direction if param in directions else direction
+                )
+        for param in params:
+            param.grad = total.get(param)
+        self._update(directions, lr)
+        return True
+
+    def _update(self, directions: dict[Tensor, Tensor], lr: float) -> None:
+        """``Ŵ ← Ŵ − lr·m`` with ``m ← μ·m + (1 − dampening)·(d + weight_decay·Ŵ)``; ``d``
+        is the clipped natural gradient where there is one, the plain gradient elsewhere."""
         momentum = float(self.hyperparameter("momentum"))
         dampening = float(self.hyperparameter("dampening"))
         weight_decay = float(self.hyperparameter("weight_decay"))
-        directions = self._clipped_directions(lr)
-        if directions is None:
-            return loss
         for param in self.param_groups[0]["params"]:
             if param.grad is None:
                 continue
@@ -460,7 +518,6 @@ class KFAC(torch.optim.Optimizer):
                 d = buffer
             param.add_(d, alpha=-lr)
         self.param_groups[0]["step"] += 1
-        return loss
 
     # --- checkpoints ------------------------------------------------------------------
     _STEP_KEYS = ("momentum_buffer",)  # what step() keeps per parameter, beside the blocks

@@ -191,3 +191,27 @@ def test_cold_start_is_damped_momentum_sgd_on_clipped_gradients() -> None:
                 p.sub_(0.1 * b)
     for p, q in zip(model.policy.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+def test_a_split_trust_region_gives_the_policy_and_the_value_their_own_scale() -> None:
+    env = make_vec_env("CartPole", 4, seed=0)
+    model = ACKTR(
+        "MlpPolicy",
+        env,
+        n_steps=8,
+        seed=0,
+        cold_start_steps=1,
+        kl_clip=1.0,
+        learning_rate=0.1,
+        trust_region="split",
+        value_kl_clip=1e-9,
+    )
+    model.learn(4 * 8 * 4)
+    optimizer = model.policy.optimizer
+    assert optimizer.steps == 3
+    policy_scale, value_scale = optimizer.trust_region_scales
+    assert policy_scale == 1.0 and 0.0 < value_scale < 1e-2  # each radius acts on its part
+    with pytest.raises(ValueError, match="Invalid trust_region value: 'both'"):
+        ACKTR("MlpPolicy", env, trust_region="both")
+    with pytest.raises(ValueError, match="Invalid value_kl_clip value: 0.0"):
+        ACKTR("MlpPolicy", env, value_kl_clip=0.0)

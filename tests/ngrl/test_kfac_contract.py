@@ -381,3 +381,83 @@ def test_tied_weights_are_refused_at_construction_naming_the_parameter(curvature
     # Leaving one of the layers out is the documented way to train it anyway.
     opt = KFAC(model, curvature=curvature, skip_layers=["^2$"])
     assert [layer.name for layer in opt.layers] == ["0"]
+
+
+def part_gradients(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor | None]:
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+    return list(grads)
+
+
+def captured_model(seed: int = 0, **kwargs: object) -> tuple[nn.Module, KFAC, torch.Tensor]:
+    model, opt = make(seed, **kwargs)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
+    out = model(x)
+    with opt.capture():
+        F.cross_entropy(out, sample_classes(out, seed)).backward(retain_graph=True)
+    opt.zero_grad()
+    return model, opt, x
+
+
+def test_step_parts_with_one_part_is_step() -> None:
+    options = dict(lr=0.2, momentum=0.9, weight_decay=1e-3, kl_clip=1e-4)
+    model, opt, x = captured_model(**options)
+    twin = copy.deepcopy(model)
+    twin_opt = KFAC(twin, **options)  # type: ignore[arg-type]
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    labels = torch.arange(16) % 3
+    F.cross_entropy(model(x), labels).backward()
+    opt.step()
+    grads = part_gradients(twin, F.cross_entropy(twin(x), labels))
+    assert twin_opt.step_parts([(grads, 1e-4)])
+    torch.testing.assert_close(flat_parameters(twin), flat_parameters(model), rtol=0, atol=0)
+    assert twin_opt.trust_region_scales == opt.trust_region_scales and opt.trust_region_scales[0] < 1
+
+
+def test_step_parts_scales_each_part_to_its_own_trust_region() -> None:
+    """``d = Σ ν_i X_i`` with each ``ν_i`` from its own quadratic; a clipped part's
+    predicted KL ``lr² ν_i² ⟨X_i, ∇_i⟩`` is its radius."""
+    lr = 0.5
+    model, opt, x = captured_model(lr=lr, momentum=0.0, kl_clip=None)
+    labels = torch.arange(16) % 3
+    out = model(x)
+    first = part_gradients(model, F.cross_entropy(out, labels))
+    second = part_gradients(model, 3.0 * out.square().mean())
+    radii = (1e-4, 1e-1)
+    before = flat_parameters(model)
+    for block in opt.blocks.values():
+        block.refresh(1e-2)
+    expected = torch.zeros_like(before)
+    for grads, radius in zip((first, second), radii, strict=True):
+        xs, quadratic = [], 0.0
+        for layer in opt.layers:
+            grad = layer.gather([grads[i] for i in layer_positions(model, layer.params)])
+            x_layer = opt.blocks[layer.name].precondition(grad, 1e-2)
+            quadratic += float((x_layer * grad).sum())
+            xs.extend(layer.scatter(x_layer))
+        scale = kl_clip_scale(quadratic, lr, radius)
+        if radius == 1e-4:
+            assert scale < 1 and lr**2 * scale**2 * quadratic == pytest.approx(radius)
+        expected += scale * torch.cat([t.reshape(-1) for t in xs])
+    assert opt.step_parts([(first, radii[0]), (second, radii[1])])
+    torch.testing.assert_close(before - flat_parameters(model), lr * expected)
+    assert len(opt.trust_region_scales) == 2 and opt.trust_region_scales[0] < 1
+    total = [a + b for a, b in zip(first, second, strict=True)]
+    for param, grad in zip(model.parameters(), total, strict=True):
+        torch.testing.assert_close(param.grad, grad)
+
+
+def test_a_non_finite_part_skips_the_whole_step() -> None:
+    model, opt, x = captured_model(lr=0.2)
+    good = part_gradients(model, F.cross_entropy(model(x), torch.arange(16) % 3))
+    bad = [g.clone() for g in good]
+    bad[0][0, 0] = float("nan")
+    before, steps = flat_parameters(model), opt.steps
+    with pytest.warns(RuntimeWarning, match="non-finite gradients; this step was skipped"):
+        assert not opt.step_parts([(good, 1e-3), (bad, 1e-3)])
+    assert torch.equal(flat_parameters(model), before) and opt.steps == steps
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+
+
+def layer_positions(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
+    ids = [id(p) for p in model.parameters()]
+    return [ids.index(id(p)) for p in params]
