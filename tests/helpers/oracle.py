@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,3 +49,16 @@ def layer_gradient(model: nn.Module, layer: str) -> Tensor:
 
 def flat_parameters(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def state_tensors(entry: dict[str, Any]) -> dict[str, Tensor]:
+    """One layer's optimizer-state entry as named tensors: the decompositions a state
+    taken between two refreshes carries (``derived``) are spelled out, one per name."""
+    flat = {}
+    for key, value in entry.items():
+        if key == "derived":
+            for name, parts in value.items():
+                flat.update({f"derived/{name}/{i}": part for i, part in enumerate(parts)})
+        else:
+            flat[key] = value
+    return flat

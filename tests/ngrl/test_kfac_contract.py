@@ -384,7 +384,9 @@ def test_tied_weights_are_refused_at_construction_naming_the_parameter(curvature
 
 
 def part_gradients(model: nn.Module, loss: torch.Tensor) -> list[torch.Tensor | None]:
-    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, list(model.parameters()), retain_graph=True, allow_unused=True
+    )
     return list(grads)
 
 
@@ -410,7 +412,9 @@ def test_step_parts_with_one_part_is_step() -> None:
     grads = part_gradients(twin, F.cross_entropy(twin(x), labels))
     assert twin_opt.step_parts([(grads, 1e-4)])
     torch.testing.assert_close(flat_parameters(twin), flat_parameters(model), rtol=0, atol=0)
-    assert twin_opt.trust_region_scales == opt.trust_region_scales and opt.trust_region_scales[0] < 1
+    assert (
+        twin_opt.trust_region_scales == opt.trust_region_scales and opt.trust_region_scales[0] < 1
+    )
 
 
 def test_step_parts_scales_each_part_to_its_own_trust_region() -> None:
