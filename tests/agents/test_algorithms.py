@@ -31,6 +31,9 @@ def evaluate(model: object, episodes: int = 20) -> float:
 LEARNED = 300.0
 
 
+# The README's SB3 example is this run, and tests/integration/test_readme.py asserts the
+# same return: this copy runs with `make test-all`.
+@pytest.mark.slow
 def test_acktr_learns_cartpole() -> None:
     model = ACKTR("MlpPolicy", make_vec_env("CartPole", 8, seed=0), ent_coef=0.0, seed=0)
     model.learn(100_000)
