@@ -4,7 +4,7 @@
         --methods adam,vogn,noisy-kfac,slang,noisy-adam,ivon,laplace,ensemble \\
         --seeds 3 --out results/calibration
 
-Every method trains the same MLP on the same split, batches and epochs (``bayes.methods``)
+Every method trains the same MLP on the same split, batches and epochs (``bayes.evaluation.methods``)
 for each seed; the test-set metrics of ``bayes.calibration`` are reported as mean and
 standard deviation over the seeds. The run folder gets:
 
@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bayes import calibration  # noqa: E402
 from bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
-from bayes.methods import (  # noqa: E402
+from bayes.evaluation.methods import (  # noqa: E402
     METHOD_OPTIONS,
     METHODS,
     SETTINGS,

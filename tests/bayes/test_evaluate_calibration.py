@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayes import calibration
-from bayes.methods import METHODS, Run, options_for, settings_for
+from bayes.evaluation.methods import METHODS, Run, options_for, settings_for
 from tests.helpers.scripts import SCRIPTS, load_script
 
 

@@ -41,3 +41,19 @@ def test_the_cli_entry_point_is_one_import_of_the_agents() -> None:
     assert [(node.module, [a.name for a in node.names]) for node in upward] == [
         ("agents.run", ["main"])
     ]
+
+
+def test_the_bayes_library_does_not_import_its_evaluation_protocol() -> None:
+    import bayes
+
+    root = Path(bayes.__file__).parent
+    library = [path for path in root.rglob("*.py") if "evaluation" not in path.parts]
+    assert library
+    for path in library:
+        tree = ast.parse(path.read_text())
+        modules = {
+            node.module or ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and not node.level
+        }
+        assert not {m for m in modules if m.startswith("bayes.evaluation")}, path
