@@ -42,6 +42,7 @@ from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from agents.callbacks import EpisodeLog  # noqa: E402
+from agents.checkpoints import has_normalizer, load_normalizer  # noqa: E402
 from agents.evaluation import evaluate  # noqa: E402
 from agents.plots import read_episodes, rolling_mean  # noqa: E402
 from agents.presets import algorithm_class, resolve_config  # noqa: E402
@@ -318,7 +319,10 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     saved = folder / "model.zip"
     if not saved.is_file():
         saved = folder / "checkpoint.zip"
-    model = algorithm_class(config["algo"]).load(saved, device="cpu")
+    normalizer = None
+    if has_normalizer(saved):  # its evaluation sees observations as training saw them
+        normalizer = load_normalizer(saved, make_vec_env(config["env"], int(config["n_envs"])))
+    model = algorithm_class(config["algo"]).load(saved, env=normalizer, device="cpu")
     timesteps = int(model.num_timesteps)
     keep = steps <= timesteps  # episodes after the checkpoint were never saved
     steps, returns, seconds = steps[keep], returns[keep], seconds[keep]
