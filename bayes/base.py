@@ -175,8 +175,9 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         return self.hyperparameter("dataset_size") / self.hyperparameter("kl_weight")
 
     @property
-    def damping(self) -> float:
-        """``λ̃ = prior_precision / N``: the prior as damping of the mean-loss curvature."""
+    def prior_damping(self) -> float:
+        """``λ̃ = prior_precision / N``: the prior as damping of the mean-loss curvature
+        (NoisyKFAC's ``damping`` hyperparameter is an extra term on top of it)."""
         return self.hyperparameter("prior_precision") / self.effective_size
 
     # --- flat views -----------------------------------------------------------------------
@@ -317,7 +318,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
 
     def _momentum_direction(self, grad: Tensor, beta1: float) -> Tensor:
         """Bias-corrected momentum of ``∇ + λ̃·μ`` (the mean-scale ELBO gradient)."""
-        target = grad.add(self.flat_mean(), alpha=self.damping)
+        target = grad.add(self.flat_mean(), alpha=self.prior_damping)
         momentum: Tensor = self.vi_state["momentum"]
         weight = blend_weight(beta1, self.steps)
         return momentum.mul_(1.0 - weight).add_(target, alpha=weight)

@@ -43,4 +43,4 @@ class NoisyAdam(DiagonalVariational):
         return self._square_sum / samples
 
     def _mean_preconditioner(self, hessian: Tensor) -> Tensor:
-        return hessian.sqrt() + self.damping
+        return hessian.sqrt() + self.prior_damping

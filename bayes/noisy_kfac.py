@@ -120,7 +120,7 @@ class NoisyKFAC(VariationalOptimizer):
     @property
     def total_damping(self) -> float:
         """``γ = prior_precision / N + damping``: the product of the two factor dampings."""
-        return self.damping + self.hyperparameter("damping")
+        return self.prior_damping + self.hyperparameter("damping")
 
     def _refreshed(self) -> dict[str, KFACBlock]:
         """The blocks whose damped factors have been inverted (by :meth:`_refresh`)."""
@@ -143,7 +143,7 @@ class NoisyKFAC(VariationalOptimizer):
             if missing or since >= int(self.hyperparameter("inv_update_steps")):
                 self._refresh()
         momentum = self._momentum_direction(grad, self.hyperparameter("momentum"))
-        step = momentum / (self.hyperparameter("hess_init") + self.damping)
+        step = momentum / (self.hyperparameter("hess_init") + self.prior_damping)
         gamma = self.total_damping
         for name, block in self._refreshed().items():
             index = self._index[name]

@@ -70,4 +70,4 @@ class VOGN(DiagonalVariational):
         return self._hessian_sum / samples
 
     def _mean_preconditioner(self, hessian: Tensor) -> Tensor:
-        return hessian + self.damping
+        return hessian + self.prior_damping

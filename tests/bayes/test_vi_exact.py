@@ -173,7 +173,7 @@ def natural_step(opt: VariationalOptimizer, mean: Tensor, grad: Tensor) -> Tenso
     """``−lr·N·Λ⁻¹(ĝ + λ̃μ)``: the first step of every optimizer with a Gauss-Newton
     precision (the bias-corrected momentum starts at its first value)."""
     size = opt.effective_size
-    target = grad + opt.damping * mean
+    target = grad + opt.prior_damping * mean
     precision = opt.posterior().precision()
     return -opt.param_groups[0]["lr"] * size * torch.linalg.solve(precision, target)
 
