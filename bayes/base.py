@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from bayes.hyperparams import check
 from bayes.posterior import Posterior
 from ngrl.capture import Capture, Layer, find_layers
 from ngrl.linalg import flatten_like
-from ngrl.optim.hyperparams import check
 
 __all__ = ["VariationalOptimizer", "blend_weight"]
 

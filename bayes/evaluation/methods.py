@@ -40,12 +40,13 @@ from torch import Tensor, nn
 
 from bayes.base import VariationalOptimizer
 from bayes.datasets import Dataset
+from bayes.hyperparams import check
 from bayes.noisy_adam import NoisyAdam
 from bayes.noisy_kfac import NoisyKFAC
 from bayes.predict import WeightSampler, mix, sample_outputs
 from bayes.slang import SLANG
 from bayes.vogn import VOGN
-from ngrl.optim.hyperparams import check, check_integer
+from ngrl.optim.hyperparams import check_integer
 
 __all__ = [
     "METHODS",
@@ -152,7 +153,7 @@ def options_for(
             raise ValueError(f"{method} has no option(s) {unknown}; valid: {valid}")
         for name, value in given.items():
             try:
-                check(name, value)  # every option has a rule in ngrl.optim.hyperparams
+                check(name, value)  # every option has a rule in bayes.hyperparams
             except ValueError as error:
                 raise ValueError(f"{method}: {error}") from None
         resolved[method] = {**defaults, **TUNED_OPTIONS.get(dataset, {}).get(method, {}), **given}

@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["Schedule", "check", "check_choice", "resolve"]
+__all__ = ["RULES", "Rules", "Schedule", "check", "check_choice", "check_integer", "resolve"]
 
 #: A hyperparameter: a constant, or a function of the optimizer's step count.
 Schedule = float | Callable[[int], float]
 
-# name -> (predicate, human description of the valid range)
-_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+#: name -> (predicate, human description of the valid range).
+Rules = dict[str, tuple[Callable[[float], bool], str]]
+
+#: The K-FAC optimizer's hyperparameters (each package that adds names has its own table).
+RULES: Rules = {
     "lr": (lambda v: v >= 0.0, ">= 0"),
     "damping": (lambda v: v > 0.0, "> 0"),
     "kl_clip": (lambda v: v > 0.0, "> 0 (or None to disable the trust region)"),
@@ -22,21 +25,13 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "inv_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "stats_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
-    # Variational inference (bayes): a Gaussian posterior over the weights.
-    "dataset_size": (lambda v: v > 0, "> 0"),
-    "prior_precision": (lambda v: v > 0.0, "> 0"),
-    "mc_samples": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
-    "kl_weight": (lambda v: v > 0.0, "> 0"),
-    "hess_init": (lambda v: v > 0.0, "> 0"),
-    "beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "rank": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
 }
 
 
-def check(name: str, value: float) -> float:
-    """Return ``value`` if it is valid for ``name``, else raise ``ValueError`` naming both."""
-    predicate, description = _RULES[name]
+def check(name: str, value: float, rules: Rules = RULES) -> float:
+    """Return ``value`` if it is valid for ``name`` (by ``rules``), else raise
+    ``ValueError`` naming both."""
+    predicate, description = rules[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name} value: {value!r} (expected a number {description})")
     if not math.isfinite(value) or not predicate(value):
