@@ -242,6 +242,8 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
             "Invalid weight_sharing",
         ),
         (["acktr", "--env", "CartPole", "--timesteps", "0"], "--timesteps must be >= 1"),
+        (["acktr", "--env", "CartPole", "--log-interval", "0"], "--log-interval must be >= 1"),
+        (["acktr", "--env", "CartPole", "--set", "trust_region=both"], "trust_region"),
         (["acktr", "--env", "CartPole", "--resume", "missing.zip"], "does not exist"),
         (
             ["acktr", "--env", "Breakout", "--preset", "basleines"],
