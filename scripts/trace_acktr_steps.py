@@ -26,7 +26,6 @@ from agents import ACKTR
 from agents.presets import resolve_config
 from envs import make_vec_env, resolve
 from ngrl.helpers import add_override_option, parse_override
-from ngrl.optim.trust_region import kl_clip_scale
 
 
 def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
@@ -60,16 +59,26 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
         with torch.no_grad():
             after, values_after = policy.distribution_and_values(observations)
             kl = torch.distributions.kl_divergence(before, after.distribution)
-        row = rows[-1]
-        total = sum(row["quadratics"].values())
+        # One preconditioned gradient per trust region (two parts with trust_region="split").
+        parts = [part["quadratics"] for part in rows[count:]]
+        del rows[count:]
+        scales = optimizer.trust_region_scales
         lr = float(optimizer.hyperparameter("lr"))
-        row.update(
-            update=model._n_updates,
-            nu=kl_clip_scale(total, lr, optimizer.hyperparameter("kl_clip")),
-            predicted_kl=min(lr * lr * total, optimizer.hyperparameter("kl_clip") or np.inf),
-            policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
-            value_rms_change=float((values_after - values_before).square().mean().sqrt()),
-            entropy=float(after.entropy().mean()),
+        layers = dict.fromkeys(layer for part in parts for layer in part)
+        rows.append(
+            dict(
+                quadratics={layer: sum(part.get(layer, 0.0) for part in parts) for layer in layers},
+                update=model._n_updates,
+                nu=scales[0],
+                **({"nu_value": scales[1]} if len(scales) > 1 else {}),
+                predicted_kl=sum(
+                    lr * lr * nu * nu * sum(part.values())
+                    for nu, part in zip(scales, parts, strict=True)
+                ),
+                policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
+                value_rms_change=float((values_after - values_before).square().mean().sqrt()),
+                entropy=float(after.entropy().mean()),
+            )
         )
 
     optimizer._directions = recording_directions  # type: ignore[method-assign]
@@ -109,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
     rows = trace(model, args.updates)
     layers = list(rows[0]["quadratics"]) if rows else []
+    split = bool(rows) and "nu_value" in rows[0]  # trust_region="split": ν_π / ν_V
     print(
-        "| updates | ν | predicted KL | measured policy KL | value RMS change | entropy | "
+        f"| updates | {'ν_π / ν_V' if split else 'ν'} | predicted KL | measured policy KL | value RMS change | entropy | "
         + " | ".join(f"{name} share" for name in layers)
         + " |"
     )
@@ -126,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in layers
         ]
         print(
-            f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g} | "
+            f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g}"
+            + (f" / {median('nu_value'):.3g}" if split else "")
+            + " | "
             f"{median('predicted_kl'):.2e} | {median('policy_kl'):.2e} | "
             f"{median('value_rms_change'):.3g} | {median('entropy'):.3f} | "
             + " | ".join(f"{s:.1%}" for s in shares)
@@ -139,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [
                     "update",
                     "nu",
+                    "nu_value",
                     "predicted_kl",
                     "policy_kl",
                     "value_rms_change",
@@ -151,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     [
                         r["update"],
                         r["nu"],
+                        r.get("nu_value", ""),
                         r["predicted_kl"],
                         r["policy_kl"],
                         r["value_rms_change"],

@@ -45,6 +45,28 @@ def test_the_trace_records_every_kfac_update(
         assert float(row["policy_kl"]) >= 0.0 and math.isfinite(float(row["value_rms_change"]))
 
 
+def test_a_split_trust_region_is_traced_part_by_part(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    args = ["--env", "CartPole", "--updates", "12", "--window", "2", "--out", str(out)]
+    for setting in ("n_steps=8", "learning_rate=0.1", "trust_region=split", "value_kl_clip=1e-6"):
+        args += ["--set", setting]
+    assert script.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("| updates | ν_π / ν_V |")
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["update"]) for r in rows] == [11, 12]
+    for row in rows:
+        assert 0.0 < float(row["nu_value"]) < 1.0  # the tight value radius binds
+        # Each part spends at most its own radius: 1e-3 (policy) + 1e-6 (value).
+        assert float(row["predicted_kl"]) <= (1e-3 + 1e-6) * (1 + 1e-9)
+        assert {k for k in row if k.startswith("quadratic:")} >= {
+            "quadratic:action_net",
+            "quadratic:value_net",
+        }
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
