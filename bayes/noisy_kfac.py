@@ -157,8 +157,7 @@ class NoisyKFAC(VariationalOptimizer):
         for name, block in self._refreshed().items():
             index = self._index[name]
             # (G_γ ⊗ A_γ)^{-1/2} z with z ~ N(0, I) has covariance G_γ⁻¹ ⊗ A_γ⁻¹.
-            z = torch.randn_like(index, dtype=noise.dtype)
-            noise[index] = block.multiply_matpower(z, gamma, -0.5) * scale
+            noise[index] = block.sample_matpower(gamma, -0.5).to(noise.dtype) * scale
         return noise
 
     def posterior(self) -> KroneckerPosterior:

@@ -37,6 +37,7 @@ __all__ = [
     "register",
     "damped_inverse",
     "eigenbasis_power",
+    "eigenbasis_sample",
     "eigenbasis_solve",
     "factored_kronecker",
     "kronecker_dense",
@@ -168,6 +169,22 @@ class CurvatureBlock(ABC):
             return self.precondition(v, damping)
         assert self.initialized, "multiply_matpower() before any statistics"
         return self._matpower(v, damping, float(power))
+
+    def sample_matpower(self, damping: float, power: float) -> Tensor:
+        """``(F̂ + damping·I)^power z`` for one draw ``z ~ N(0, I)`` of shape :attr:`shape`:
+        a Gaussian sample with covariance ``(F̂ + damping·I)^{2·power}`` (``−½``: the
+        posterior sample of a precision ``F̂ + λI``). Blocks with an eigenbasis draw ``z``
+        in it, the same distribution for half the matrix products."""
+        like = self._statistic_like()
+        z = torch.randn(self.shape, dtype=like.dtype, device=like.device)
+        return self.multiply_matpower(z, damping, power)
+
+    def _statistic_like(self) -> Tensor:
+        """A floating-point tensor the block holds (for the dtype and device of new ones)."""
+        for value in vars(self).values():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                return value
+        raise AssertionError("sample_matpower() before any statistics")
 
     def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
         """The powers other than −1 (subclasses that can take them exactly)."""
@@ -441,6 +458,15 @@ def eigenbasis_power(
     rotated = g_vectors.T @ v @ a_vectors
     rotated *= eigenvalues.pow(power)
     return g_vectors @ rotated @ a_vectors.T
+
+
+def eigenbasis_sample(
+    g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor, power: float
+) -> Tensor:
+    """``M^power z`` for one ``z ~ N(0, I)``, ``M`` as in :func:`eigenbasis_power`, drawn
+    in the eigenbasis (``Q_Gᵀ z Q_A`` is white noise too): ``Q_G [ζ · S^power] Q_Aᵀ``."""
+    noise = torch.randn_like(eigenvalues) * eigenvalues.pow(power)
+    return g_vectors @ noise @ a_vectors.T
 
 
 def kronecker_dense(g_vectors: Tensor, a_vectors: Tensor, eigenvalues: Tensor) -> Tensor:

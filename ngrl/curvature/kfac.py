@@ -13,6 +13,7 @@ from ngrl.curvature.base import (
     checked_state,
     damped_inverse,
     eigenbasis_power,
+    eigenbasis_sample,
     eigenbasis_solve,
     factored_kronecker,
     pi_split,
@@ -157,25 +158,31 @@ class KFACBlock(CurvatureBlock):
             grad, g_vectors, a_vectors, torch.outer(g_values, a_values), damping
         )
 
-    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+    def _damped_eigen(self, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Q_G, Q_A, S)`` with ``S`` the eigenvalues of the matrix :meth:`precondition`
+        inverts, ``(d_out, d_in)``, from the decompositions of the last :meth:`refresh`."""
         if self._eigen is None and self._inverses is None:
             self.refresh(damping)
         if self._inverses is not None:
-            # Factored damping: (G + γ_G I)^p ⊗ (A + γ_A I)^p from the inverses refresh()
+            # Factored damping: (G + γ_G I) ⊗ (A + γ_A I) from the inverses refresh()
             # stored, so that every power uses the same matrix as precondition().
             if self._inverse_eigen is None or self._inverse_eigen[0] is not self._inverses:
                 a_inverse, g_inverse = self._inverses
                 a_values, a_vectors = symmetric_eigh(a_inverse, self.float64_max_dim)
                 g_values, g_vectors = symmetric_eigh(g_inverse, self.float64_max_dim)
-                self._inverse_eigen = (self._inverses, (a_values, a_vectors, g_values, g_vectors))
-            a_values, a_vectors, g_values, g_vectors = self._inverse_eigen[1]
-            return eigenbasis_power(
-                v, g_vectors, a_vectors, torch.outer(g_values, a_values), -power
-            )
+                values = torch.outer(g_values, a_values).reciprocal_()
+                self._inverse_eigen = (self._inverses, (g_vectors, a_vectors, values))
+            return self._inverse_eigen[1]  # type: ignore[return-value]
         assert self._eigen is not None
         a_values, a_vectors, g_values, g_vectors = self._eigen
-        eigenvalues = torch.outer(g_values, a_values) + damping
-        return eigenbasis_power(v, g_vectors, a_vectors, eigenvalues, power)
+        return g_vectors, a_vectors, torch.outer(g_values, a_values) + damping
+
+    def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
+        return eigenbasis_power(v, *self._damped_eigen(damping), power)
+
+    def sample_matpower(self, damping: float, power: float) -> Tensor:
+        g_vectors, a_vectors, eigenvalues = self._damped_eigen(damping)
+        return eigenbasis_sample(g_vectors, a_vectors, eigenvalues, power)
 
     def decomposition(self) -> list[Tensor] | None:
         if self._inverses is not None:

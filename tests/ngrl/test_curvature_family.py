@@ -456,3 +456,24 @@ def test_a_grafted_shampoo_step_is_not_a_matrix_power() -> None:
     block = opt.blocks["0"]
     with pytest.raises(NotImplementedError, match="ShampooBlock has no exact matrix power 0.5"):
         block.multiply_matpower(torch.randn(block.shape), DAMPING, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("name", "damping_rule"),
+    [("kfac", "exact"), ("kfac", "factored"), ("diag", "exact"), ("mfac", "exact")],
+)
+def test_sample_matpower_draws_with_the_matrix_power_as_covariance(
+    name: str, damping_rule: str
+) -> None:
+    """``(F̂ + λI)^{-½} z``, z white: covariance ``(F̂ + λI)^{-1}`` (whitened, ≈ I)."""
+    options = {"damping_rule": damping_rule} if name in FACTORED else {}
+    opt, _, _, _ = captured(name, "mlp", batches=2, **options)
+    block = opt.blocks["2"]
+    block.refresh(DAMPING)
+    torch.manual_seed(1)
+    draws = torch.stack([block.sample_matpower(DAMPING, -0.5).reshape(-1) for _ in range(6000)])
+    whitening = dense_power(block.damped_dense(DAMPING), 0.5)
+    white = draws @ whitening  # covariance I if the draws' covariance is (F̂ + λI)^{-1}
+    empirical = white.T @ white / len(draws)
+    size = empirical.shape[0]  # 18: ‖error‖_F ≈ sqrt(P(P+1)/draws) ≈ 0.24
+    assert torch.linalg.matrix_norm(empirical - torch.eye(size)) < 0.45
