@@ -58,7 +58,7 @@ calibration: peers
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check ngrl agents bayes envs tests scripts
-	$(PY) -m ruff format --check ngrl agents bayes envs tests scripts
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
