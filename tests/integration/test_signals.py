@@ -14,23 +14,47 @@ import pytest
 
 from agents import ACKTR
 
+#: ``python -m ngrl.train acktr`` on CartPole, quietly: the start of every command here.
+TRAIN = [
+    sys.executable,
+    "-m",
+    "ngrl.train",
+    "acktr",
+    "--env",
+    "CartPole",
+    "--no-progress",
+    "--eval-episodes",
+    "0",
+]
+
+
+def _resume(checkpoint: Path, run_dir: Path, timesteps: int, *extra: str) -> None:
+    done = subprocess.run(
+        [
+            *TRAIN,
+            "--resume",
+            str(checkpoint),
+            "--timesteps",
+            str(timesteps),
+            "--log-dir",
+            str(run_dir),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "ngrl.train",
-            "acktr",
-            "--env",
-            "CartPole",
+            *TRAIN,
             "--n-envs",
             "2",
             "--timesteps",
             "10000000",
-            "--no-progress",
-            "--eval-episodes",
-            "0",
             "--set",
             "n_steps=8",
             "--log-dir",
@@ -73,62 +97,10 @@ def test_a_signal_stops_between_updates_and_saves_a_consistent_checkpoint(
 
     resumed = tmp_path / "resumed"
     target = model.num_timesteps + 160
-    code = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ngrl.train",
-            "acktr",
-            "--env",
-            "CartPole",
-            "--no-progress",
-            "--eval-episodes",
-            "0",
-            "--resume",
-            str(checkpoint),
-            "--timesteps",
-            str(target),
-            "--log-dir",
-            str(resumed),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    ).returncode
-    assert code == 0
+    _resume(checkpoint, resumed, target)
     # the resumed run takes the preset's 8 envs: whole rollouts of 64 steps
     assert target <= ACKTR.load(resumed / "model.zip").num_timesteps < target + 64
     assert json.loads((resumed / "config.json").read_text())["resumed_from"] == str(checkpoint)
-
-
-def _resume(checkpoint: Path, run_dir: Path, timesteps: int) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ngrl.train",
-            "acktr",
-            "--env",
-            "CartPole",
-            "--n-envs",
-            "2",
-            "--no-progress",
-            "--eval-episodes",
-            "0",
-            "--log-interval",
-            "1",
-            "--resume",
-            str(checkpoint),
-            "--timesteps",
-            str(timesteps),
-            "--log-dir",
-            str(run_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _steps(path: Path, column: str) -> list[int]:
@@ -160,7 +132,7 @@ def test_killed_at_a_random_point_the_run_resumes_cleanly_and_reproducibly(
     target = start + 320
     twice = [tmp_path / "a", tmp_path / "b"]
     for folder in twice:
-        _resume(checkpoint, folder, target)
+        _resume(checkpoint, folder, target, "--n-envs", "2", "--log-interval", "1")
     for folder in twice:
         episodes = _steps(folder / "episodes.csv", "timesteps")
         progress = _steps(folder / "progress.csv", "time/total_timesteps")
