@@ -365,6 +365,11 @@ def get_block_class(name: str) -> Callable[..., CurvatureBlock]:
         ) from None
 
 
+def jitter(scale: float, attempt: int) -> float:
+    """The diagonal jitter of retry ``attempt`` (1, 2, …): ``1e-10, 1e-8, …`` × ``scale``."""
+    return scale * 10.0 ** (2 * attempt - 12)
+
+
 def symmetric_eigh(
     matrix: Tensor, float64_max_dim: int = 1024, max_tries: int = 4, psd: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -386,7 +391,7 @@ def symmetric_eigh(
     error: Exception | None = None
     for attempt in range(max_tries):
         try:
-            jittered = work if attempt == 0 else work + (scale * 10.0 ** (2 * attempt - 12)) * eye
+            jittered = work if attempt == 0 else work + jitter(scale, attempt) * eye
             values, vectors = torch.linalg.eigh(jittered)
             if psd:
                 values = values.clamp_(min=0.0)
@@ -411,7 +416,7 @@ def jittered_cholesky(matrix: Tensor, max_tries: int = 4) -> Tensor | None:
     for attempt in range(max_tries):
         jittered = work.clone()
         if attempt:
-            jittered.diagonal().add_(scale * 10.0 ** (2 * attempt - 12))
+            jittered.diagonal().add_(jitter(scale, attempt))
         factor, info = torch.linalg.cholesky_ex(jittered)
         if int(info) == 0 and bool(torch.isfinite(factor).all()):
             return factor
