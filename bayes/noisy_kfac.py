@@ -124,7 +124,7 @@ class NoisyKFAC(VariationalOptimizer):
 
     def _refreshed(self) -> dict[str, KFACBlock]:
         """The blocks whose damped factors have been inverted (by :meth:`_refresh`)."""
-        return {n: b for n, b in self.blocks.items() if b.decomposition() is not None}
+        return {n: b for n, b in self.blocks.items() if b.inverses is not None}
 
     def _refresh(self) -> None:
         gamma = self.total_damping
@@ -164,7 +164,7 @@ class NoisyKFAC(VariationalOptimizer):
         """Per layer, the damped factors ``G_γ``, ``A_γ`` of the last refresh."""
         layers = {}
         for name, block in self._refreshed().items():
-            a_inverse, g_inverse = block.decomposition()  # type: ignore[misc]
+            a_inverse, g_inverse = block.inverses  # type: ignore[misc]
             layers[name] = KroneckerFactors(
                 g_factor=torch.linalg.inv(g_inverse),
                 a_factor=torch.linalg.inv(a_inverse),
@@ -182,7 +182,7 @@ class NoisyKFAC(VariationalOptimizer):
             for key, value in block.state_dict().items():
                 state[f"{key}/{name}"] = value
         for name, block in self._refreshed().items():
-            for key, value in zip(INVERSE_KEYS, block.decomposition() or (), strict=True):
+            for key, value in zip(INVERSE_KEYS, block.inverses or (), strict=True):
                 state[f"{key}/{name}"] = value.clone()
         return state
 

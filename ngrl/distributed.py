@@ -6,7 +6,7 @@ into this module so that the ranks stay identical:
 
 * **gradients** are averaged before each step, all of them in one flat all-reduce;
 * **curvature statistics** are averaged after each commit, in one flat all-reduce. The
-  running statistics of the blocks that support it (:attr:`CurvatureBlock.rank_averaged`)
+  running statistics of the blocks that support it (:attr:`CurvatureBlock.data_parallel`)
   are exponential averages of batch statistics, so averaging them after the commit equals
   committing the statistics of the union batch when the ranks' batches are equal;
 * **inverses** (KAISA, Pauloski et al. 2021, arXiv:2107.01739): each layer's
@@ -24,14 +24,17 @@ A collective that fails because another rank died or timed out raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ngrl.curvature.base import CurvatureBlock
 
 __all__ = [
     "DistributedError",
@@ -46,8 +49,9 @@ __all__ = [
     "check_grad_worker_fraction",
     "is_distributed",
     "rank",
-    "share_from_owners",
-    "share_with_row",
+    "LocalPlan",
+    "KaisaPlan",
+    "make_plan",
     "world_size",
 ]
 
@@ -260,85 +264,166 @@ class Groups:
         return self._row[rank // self.plan.columns]
 
 
-def share_from_owners(
-    names: Sequence[str],
-    plan: WorkPlan,
-    groups: Groups,
-    produce: Callable[[str], list[Tensor] | None],
-    consume: Callable[[str, list[Tensor]], None],
-    device: torch.device,
-) -> None:
-    """Send each layer's decomposition from its inverse worker to the rest of its column.
+# --- the work plan of a K-FAC step ------------------------------------------------------
+class LocalPlan:
+    """Who does what in a K-FAC step, for one process: every block refreshes and
+    preconditions itself and nothing is sent. :class:`ngrl.optim.KFAC` always goes through
+    a plan, so that its step reads the same with and without ``torch.distributed``."""
 
-    ``produce(name)`` runs on the inverse worker (it computes the decomposition and
-    returns its tensors, or ``None`` if there is none yet); ``consume(name, tensors)``
-    installs them on every rank of the column, the owner included. Each owner sends all
-    its layers at once: a small metadata broadcast (shapes), then one tensor broadcast.
+    def agree(self, ok: bool) -> bool:
+        """``ok`` on every rank, when it holds on every rank."""
+        return ok
+
+    def average_gradients(self, params: Iterable[Tensor]) -> None:
+        """Make ``p.grad`` the same on every rank."""
+
+    def average_statistics(self, blocks: Iterable[CurvatureBlock]) -> None:
+        """Make the blocks' running statistics the same on every rank (after a commit)."""
+
+    def refresh(self, blocks: Mapping[str, CurvatureBlock], damping: float) -> None:
+        """Recompute the decompositions of ``blocks``."""
+        for block in blocks.values():
+            block.refresh(damping)
+
+    def precondition(
+        self, blocks: Mapping[str, CurvatureBlock], grads: Mapping[str, Tensor], damping: float
+    ) -> dict[str, Tensor]:
+        """``X = (F̂ + λI)⁻¹ ∇Ŵ`` for every layer in ``grads``."""
+        return {name: blocks[name].precondition(grad, damping) for name, grad in grads.items()}
+
+
+class KaisaPlan(LocalPlan):
+    """The plan of data-parallel ranks (see the module docstring and :class:`WorkPlan`).
+
+    Gradients and statistics are averaged over the ranks; each block that shares its
+    decomposition (``data_parallel == "share"``) is refreshed by its inverse worker, which
+    sends :meth:`CurvatureBlock.derived_state` to its gradient workers; with fewer
+    gradient workers than ranks, they also send the preconditioned gradients along the
+    rows. Other blocks are refreshed by every rank.
     """
-    me = rank()
-    group = groups.column_of(me)
-    for owner in plan.column(me):
-        mine = [n for n in names if plan.owners[n] == owner]
-        if not mine:
-            continue
-        payload: dict[str, list[Tensor]] = {}
-        meta: list[tuple[str, list[tuple[torch.Size, torch.dtype]]]] | None = None
-        if owner == me:
-            produced = {n: produce(n) for n in mine}
-            # Contiguous copies, installed here too: the receivers' copies are contiguous,
-            # and the same layout keeps the ranks' products bitwise identical.
-            payload = {n: [t.contiguous() for t in ts] for n, ts in produced.items() if ts}
-            for name, tensors in payload.items():
-                consume(name, tensors)
-            meta = [(n, [(t.shape, t.dtype) for t in ts]) for n, ts in payload.items()]
+
+    def __init__(self, assignment: WorkPlan, device: torch.device) -> None:
+        self.assignment = assignment
+        self.groups = Groups(assignment)
+        self.device = device  # where received decompositions go
+
+    def agree(self, ok: bool) -> bool:
+        return all_agree(ok)
+
+    def average_gradients(self, params: Iterable[Tensor]) -> None:
+        average_gradients(params)
+
+    def average_statistics(self, blocks: Iterable[CurvatureBlock]) -> None:
+        all_reduce_mean([t for block in blocks for t in block.running_statistics()])
+
+    def refresh(self, blocks: Mapping[str, CurvatureBlock], damping: float) -> None:
+        owners = self.assignment.owners
+        super().refresh({n: b for n, b in blocks.items() if n not in owners}, damping)
+        self._share_from_owners({n: b for n, b in blocks.items() if n in owners}, damping)
+
+    def precondition(
+        self, blocks: Mapping[str, CurvatureBlock], grads: Mapping[str, Tensor], damping: float
+    ) -> dict[str, Tensor]:
+        me, plan = rank(), self.assignment
+        mine = {
+            name: grad
+            for name, grad in grads.items()
+            if name not in plan.owners or plan.is_grad_worker(name, me)
+        }
+        directions = super().precondition(blocks, mine, damping)
+        if plan.grad_workers < plan.world:
+            shared = [name for name in grads if name in plan.owners]
+            directions = self._share_with_row(shared, directions, grads)
+        return directions
+
+    def _share_from_owners(self, blocks: Mapping[str, CurvatureBlock], damping: float) -> None:
+        """Each owner refreshes its blocks and sends their derived state to its column:
+        a small metadata broadcast (keys and shapes), then one tensor broadcast."""
+        me, plan = rank(), self.assignment
+        group = self.groups.column_of(me)
+        for owner in plan.column(me):
+            mine = [n for n in blocks if plan.owners[n] == owner]
+            if not mine:
+                continue
+            meta: list[tuple[str, str, list[tuple[torch.Size, torch.dtype]]]] | None = None
+            tensors: list[Tensor] = []
+            if owner == me:
+                meta = []
+                for name in mine:
+                    blocks[name].refresh(damping)
+                    # Installed here too: the receivers' copies are contiguous, and the
+                    # same layout keeps the ranks' products bitwise identical.
+                    state = {
+                        key: tuple(v.contiguous() for v in values)
+                        for key, values in blocks[name].derived_state().items()
+                    }
+                    blocks[name].install_derived(state)
+                    for key, values in state.items():
+                        meta.append((name, key, [(v.shape, v.dtype) for v in values]))
+                        tensors.extend(values)
+            if group is None:
+                continue
+            meta = broadcast_object(meta, owner, group)
+            assert meta is not None
+            if owner != me:
+                tensors = [
+                    torch.empty(shape, dtype=dtype, device=self.device)
+                    for _, _, specs in meta
+                    for shape, dtype in specs
+                ]
+            broadcast_tensors(tensors, owner, group)
+            if owner != me:
+                offset = 0
+                for name, key, specs in meta:
+                    values = tuple(tensors[offset : offset + len(specs)])
+                    blocks[name].install_derived({key: values})
+                    offset += len(specs)
+
+    def _share_with_row(
+        self, names: Sequence[str], directions: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Every layer's preconditioned gradient on every rank of this rank's row; the
+        ones this rank did not compute arrive from the row's gradient worker of the layer."""
+        me, plan = rank(), self.assignment
+        group = self.groups.row_of(me)
+        result = dict(directions)
         if group is None:
-            continue
-        meta = broadcast_object(meta, owner, group)
-        assert meta is not None
-        if owner == me:
-            tensors = [t for n, _ in meta for t in payload[n]]
-        else:
-            tensors = [
-                torch.empty(shape, dtype=dtype, device=device)
-                for _, specs in meta
-                for shape, dtype in specs
-            ]
-        broadcast_tensors(tensors, owner, group)
-        if owner != me:
-            offset = 0
-            for name, specs in meta:
-                consume(name, tensors[offset : offset + len(specs)])
-                offset += len(specs)
-
-
-def share_with_row(
-    names: Sequence[str],
-    plan: WorkPlan,
-    groups: Groups,
-    directions: Mapping[str, Tensor],
-    shapes: Mapping[str, Sequence[int]],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, Tensor]:
-    """Every layer's preconditioned gradient on every rank of this rank's row.
-
-    ``directions`` holds the layers this rank preconditioned; the others arrive from the
-    row's gradient worker of each layer, one broadcast per sending rank.
-    """
-    me = rank()
-    group = groups.row_of(me)
-    result = dict(directions)
-    if group is None:
+            return result
+        for src in plan.row(me):
+            sent = [n for n in names if plan.grad_worker_in_row(n, me) == src]
+            if not sent:
+                continue
+            if src == me:
+                tensors = [directions[n] for n in sent]
+            else:
+                tensors = [torch.empty_like(grads[n]) for n in sent]
+            broadcast_tensors(tensors, src, group)
+            if src != me:
+                result.update(zip(sent, tensors, strict=True))
         return result
-    for src in plan.row(me):
-        sent = [n for n in names if plan.grad_worker_in_row(n, me) == src]
-        if not sent:
-            continue
-        if src == me:
-            tensors = [directions[n] for n in sent]
-        else:
-            tensors = [torch.empty(tuple(shapes[n]), dtype=dtype, device=device) for n in sent]
-        broadcast_tensors(tensors, src, group)
-        if src != me:
-            result.update(zip(sent, tensors, strict=True))
-    return result
+
+
+def make_plan(
+    curvature: str,
+    blocks: Mapping[str, CurvatureBlock],
+    grad_worker_fraction: float,
+    device: torch.device,
+) -> LocalPlan:
+    """The plan for this process: :class:`LocalPlan` without a process group, else
+    :class:`KaisaPlan` over the blocks that share their decomposition, balanced by the
+    cost of decomposing them (``Σ d³`` over a block's dimensions)."""
+    if not is_distributed():
+        return LocalPlan()
+    local = sorted({type(b).__name__ for b in blocks.values() if b.data_parallel == "local"})
+    if local:
+        raise ValueError(
+            f"Invalid curvature for torch.distributed: {curvature!r} ({', '.join(local)}) "
+            "keeps statistics that cannot be averaged over ranks; use kfac, tkfac, shampoo "
+            "or diag"
+        )
+    costs = {
+        name: float(sum(d**3 for d in block.shape))
+        for name, block in blocks.items()
+        if block.data_parallel == "share"
+    }
+    return KaisaPlan(WorkPlan.build(costs, world_size(), grad_worker_fraction), device)

@@ -32,15 +32,14 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
     """Train ``updates`` updates, recording each K-FAC update's trust region and effect."""
     policy, optimizer = model.policy, model.policy.optimizer
     rows: list[dict[str, Any]] = []
-    directions, train = optimizer._directions, model.train
-    names = {id(p): layer.name for layer in optimizer.layers for p in layer.params}
+    quadratic, train = optimizer._quadratic, model.train
 
-    def recording_directions(damping: float, refresh: bool | None = None) -> Any:
-        found = directions(damping, refresh)
-        if found is not None:
-            quadratics = {names[id(params[0])]: q for params, _, q in found}
+    def recording_quadratic(directions: dict[str, torch.Tensor], grads: dict[str, Any]) -> Any:
+        total = quadratic(directions, grads)
+        if total is not None:
+            quadratics = {name: float((directions[name] * g).sum()) for name, g in grads.items()}
             rows.append({"quadratics": quadratics})
-        return found
+        return total
 
     def recording_train() -> None:
         observations = (
@@ -81,7 +80,7 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
             )
         )
 
-    optimizer._directions = recording_directions  # type: ignore[method-assign]
+    optimizer._quadratic = recording_quadratic  # type: ignore[method-assign]
     model.train = recording_train  # type: ignore[method-assign]
     model.learn(updates * model.n_steps * model.n_envs)
     return [row for row in rows if "policy_kl" in row]

@@ -20,8 +20,8 @@ Vector order: the block's matrix view of the gradient is ``Ŵ = [W | b]`` of sha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -66,15 +66,15 @@ class CurvatureBlock(ABC):
     shape: tuple[int, ...]
     #: Keys of :meth:`state_dict` (stored in the optimizer state of the layer's first parameter).
     state_keys: tuple[str, ...] = ()
-    #: Whether the running statistics (the attributes named in :attr:`state_keys`) are
-    #: exponential averages of batch statistics, so that averaging them over data-parallel
-    #: ranks after a commit equals committing the union batch (:mod:`ngrl.distributed`).
-    #: Blocks whose statistics come from power iterations, a basis chosen at the first
-    #: batch, or a window of examples are not.
-    rank_averaged: bool = True
-    #: Whether :meth:`decomposition` and :meth:`load_decomposition` let one rank compute
-    #: :meth:`refresh` for the others; if not, every rank refreshes the block itself.
-    shares_decomposition: bool = False
+    #: How data-parallel ranks keep this block identical (:mod:`ngrl.distributed`):
+    #: ``"average"``: the running statistics (the attributes named in :attr:`state_keys`)
+    #: are exponential averages of batch statistics, so averaging them over the ranks after
+    #: a commit equals committing the union batch, and every rank refreshes the block;
+    #: ``"share"``: the same, and :meth:`refresh` sets only :attr:`derived_keys` (tensors),
+    #: so one rank refreshes and sends :meth:`derived_state` to the others; ``"local"``:
+    #: statistics from power iterations, a basis chosen at the first batch, or a window of
+    #: examples, which cannot be averaged (refused under ``torch.distributed``).
+    data_parallel: Literal["average", "share", "local"] = "average"
 
     #: Attributes holding what :meth:`refresh` derived (each ``None`` or a tuple of tensors
     #: and floats). Checkpoints taken between two refreshes carry them
@@ -90,6 +90,12 @@ class CurvatureBlock(ABC):
             if value is not None:
                 state[key] = tuple(v.clone() if isinstance(v, Tensor) else v for v in value)
         return state
+
+    def install_derived(self, state: Mapping[str, tuple[Tensor | float, ...]]) -> None:
+        """Use the derived quantities ``state`` (a :meth:`derived_state`, e.g. computed by
+        another rank) from now on, as they are."""
+        for key, value in state.items():
+            setattr(self, key, tuple(value))
 
     def load_derived_state(self, state: dict[str, Any], device: torch.device | None = None) -> None:
         """Install a :meth:`derived_state` (after :meth:`load_state_dict`, which clears it);
@@ -108,21 +114,11 @@ class CurvatureBlock(ABC):
             if not all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in value):
                 raise ValueError(f"Invalid state_dict: derived {key!r} is not finite")
             loaded[key] = tuple(v.to(device) if isinstance(v, Tensor) else v for v in value)
-        for key, value in loaded.items():
-            setattr(self, key, value)
+        self.install_derived(loaded)
 
     def running_statistics(self) -> list[Tensor]:
         """The running statistics themselves (not copies), for averaging across ranks."""
         return [t for t in (getattr(self, key, None) for key in self.state_keys) if t is not None]
-
-    def decomposition(self) -> list[Tensor] | None:
-        """What :meth:`refresh` computed, for one rank to send to others (``None`` before
-        the first refresh); only for blocks with :attr:`shares_decomposition`."""
-        raise NotImplementedError(f"{type(self).__name__} does not share its decomposition")
-
-    def load_decomposition(self, tensors: list[Tensor]) -> None:
-        """Install a :meth:`decomposition` computed by another rank."""
-        raise NotImplementedError(f"{type(self).__name__} does not share its decomposition")
 
     @abstractmethod
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:

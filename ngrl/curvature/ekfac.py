@@ -48,8 +48,7 @@ class EKFACBlock(KFACBlock):
     """
 
     state_keys = ("a_factor", "g_factor", "scalings", "a_basis", "g_basis")
-    rank_averaged = False  # the first batch picks the basis of S on each rank
-    shares_decomposition = False  # refresh() also moves S
+    data_parallel = "local"  # the first batch picks the basis of S on each rank
 
     def __init__(self, shape: tuple[int, ...], *, float64_max_dim: int = 1024) -> None:
         super().__init__(shape, float64_max_dim=float64_max_dim)

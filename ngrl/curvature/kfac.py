@@ -55,7 +55,7 @@ class KFACBlock(CurvatureBlock):
 
     state_keys = ("a_factor", "g_factor")
     derived_keys = ("_eigen", "_inverses")
-    shares_decomposition = True
+    data_parallel = "share"
 
     def __init__(
         self,
@@ -184,18 +184,11 @@ class KFACBlock(CurvatureBlock):
         g_vectors, a_vectors, eigenvalues = self._damped_eigen(damping)
         return eigenbasis_sample(g_vectors, a_vectors, eigenvalues, power)
 
-    def decomposition(self) -> list[Tensor] | None:
-        if self._inverses is not None:
-            return list(self._inverses)
-        return None if self._eigen is None else list(self._eigen)
-
-    def load_decomposition(self, tensors: list[Tensor]) -> None:
-        if self.damping_rule == "factored":
-            a_inverse, g_inverse = tensors
-            self._inverses = (a_inverse, g_inverse)
-        else:
-            a_values, a_vectors, g_values, g_vectors = tensors
-            self._eigen = (a_values, a_vectors, g_values, g_vectors)
+    @property
+    def inverses(self) -> tuple[Tensor, Tensor] | None:
+        """``((A + γ_A I)⁻¹, (G + γ_G I)⁻¹)`` of the last :meth:`refresh` with the factored
+        damping rule (``None`` before it, or with the exact rule)."""
+        return self._inverses
 
     def damped_dense(self, damping: float) -> Tensor:
         if self.damping_rule == "exact":

@@ -142,7 +142,7 @@ class KPSVDBlock(KFACBlock):
         float64_max_dim: factors up to this size are decomposed in float64.
     """
 
-    rank_averaged = False  # power iterations are not linear in the batch
+    data_parallel = "local"  # power iterations are not linear in the batch
 
     def __init__(
         self,

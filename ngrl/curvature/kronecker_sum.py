@@ -78,7 +78,7 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
 
     state_keys = ("a_factor", "g_factor", "a_correction", "g_correction")
     derived_keys = ("_solver",)
-    rank_averaged = False  # power iterations are not linear in the batch
+    data_parallel = "local"  # power iterations are not linear in the batch
     name = "Kronecker sum"
 
     def __init__(

@@ -41,7 +41,7 @@ class MFACBlock(ExampleStatisticsBlock):
     """
 
     state_keys = ("window", "cursor")
-    rank_averaged = False  # a window of examples, not an average
+    data_parallel = "local"  # a window of examples, not an average
     name = "M-FAC"
 
     def __init__(self, shape: tuple[int, ...], *, window: int = 32) -> None:

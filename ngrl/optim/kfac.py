@@ -182,7 +182,7 @@ class KFAC(torch.optim.Optimizer):
         #: The trust-region scale ``ν`` of the last step (one per part for step_parts).
         self.trust_region_scales: list[float] = []
         self.grad_worker_fraction = distributed.check_grad_worker_fraction(grad_worker_fraction)
-        self._groups: distributed.Groups | None = None
+        self._plan: distributed.LocalPlan | None = None
 
     # --- hyperparameters --------------------------------------------------------------
     @property
@@ -219,17 +219,12 @@ class KFAC(torch.optim.Optimizer):
             self._commit_statistics()
 
     def _commit_statistics(self) -> None:
-        finite = all(block.pending_is_finite() for block in self.blocks.values())
-        if distributed.is_distributed():
-            finite = distributed.all_agree(finite)
-        if finite:
+        plan = self._work_plan()
+        if plan.agree(all(block.pending_is_finite() for block in self.blocks.values())):
             decay = float(self.hyperparameter("factor_decay"))
             for block in self.blocks.values():
                 block.commit(decay)
-            if self._work_plan() is not None:  # checks the blocks, once
-                distributed.all_reduce_mean(
-                    [t for block in self.blocks.values() for t in block.running_statistics()]
-                )
+            plan.average_statistics(self.blocks.values())
         else:
             for block in self.blocks.values():
                 block.discard()
@@ -273,157 +268,24 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the update -------------------------------------------------------------------
     @torch.no_grad()
-    def _directions(
-        self, damping: float, refresh: bool | None = None
-    ) -> list[tuple[list[Tensor], list[Tensor], float]] | None:
-        """Per layer: its parameters, their preconditioned gradients ``X`` and ``⟨X, ∇Ŵ⟩``;
-        ``None`` if any is not finite. ``refresh``: recompute the decompositions first
-        (default: when this step is due, every ``inv_update_steps``)."""
-        if refresh is None:
-            refresh = self.steps % int(self.hyperparameter("inv_update_steps")) == 0
-        plan = self._work_plan()
-        me = distributed.rank()
-        active: dict[str, tuple[Layer, Tensor]] = {}
-        uncaptured = []
-        for layer in self.layers:
-            grads = [p.grad for p in layer.params]
-            if all(g is None for g in grads):
-                continue
-            if not self.blocks[layer.name].initialized:
-                uncaptured.append(layer.name or type(layer.module).__name__)
-                continue
-            active[layer.name] = (layer, layer.gather(grads).to(self.statistics_dtype))
-        shared = [name for name in active if plan is not None and name in plan.owners]
-        if refresh and shared:
-            assert plan is not None and self._groups is not None
-            distributed.share_from_owners(
-                shared,
-                plan,
-                self._groups,
-                produce=lambda name: self._refreshed(name, damping),
-                consume=lambda name, tensors: self.blocks[name].load_decomposition(tensors),
-                device=self.param_groups[0]["params"][0].device,
-            )
-        preconditioned: dict[str, Tensor] = {}
-        for name, (_, grad) in active.items():
-            if name in shared:
-                assert plan is not None
-                if plan.is_grad_worker(name, me):
-                    preconditioned[name] = self.blocks[name].precondition(grad, damping)
-                continue
-            if refresh:
-                self.blocks[name].refresh(damping)
-            preconditioned[name] = self.blocks[name].precondition(grad, damping)
-        if shared and plan is not None and plan.grad_workers < plan.world:
-            assert self._groups is not None
-            first = self.param_groups[0]["params"][0]
-            preconditioned = distributed.share_with_row(
-                shared,
-                plan,
-                self._groups,
-                preconditioned,
-                {name: active[name][0].shape for name in shared},
-                first.device,
-                first.dtype,
-            )
-        terms = [
-            (preconditioned[name] * grad).sum().to(torch.float64)
-            for name, (_, grad) in active.items()
-        ]
-        if uncaptured and not self._warned_uncaptured:
-            self._warned_uncaptured = True
-            warnings.warn(
-                "K-FAC: no curvature statistics yet for "
-                f"{', '.join(uncaptured)}; taking plain gradient steps there until a "
-                "backward pass runs inside `with optimizer.capture():`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        # With finite gradients, the sum is finite exactly when every X is (a NaN or an
-        # infinity in X makes its term NaN or infinite), so one check covers them all.
-        quadratics = torch.stack(terms).tolist() if terms else []
-        if not math.isfinite(math.fsum(quadratics)):
-            return None
-        return [
-            (
-                layer.params,
-                [
-                    x.to(p.dtype)
-                    for x, p in zip(layer.scatter(preconditioned[name]), layer.params, strict=True)
-                ],
-                quadratic,
-            )
-            for (name, (layer, _)), quadratic in zip(active.items(), quadratics, strict=True)
-        ]
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One K-FAC update; returns the closure's loss (if a closure is given).
 
-    # --- data parallelism (ngrl.distributed) -------------------------------------------
-    def _check_rank_averaged(self) -> None:
-        unsupported = sorted(
-            {type(b).__name__ for b in self.blocks.values() if not b.rank_averaged}
-        )
-        if unsupported:
-            raise ValueError(
-                f"Invalid curvature for torch.distributed: {self.curvature!r} "
-                f"({', '.join(unsupported)}) keeps statistics that cannot be averaged over "
-                "ranks; use kfac, tkfac, shampoo or diag"
-            )
-
-    def _work_plan(self) -> distributed.WorkPlan | None:
-        """KAISA's assignment of the layers whose decompositions can be sent (built once)."""
-        if not distributed.is_distributed():
-            return None
-        if self._groups is None:
-            self._check_rank_averaged()
-            costs = {
-                layer.name: float(sum(d**3 for d in layer.shape))
-                for layer in self.layers
-                if self.blocks[layer.name].shares_decomposition
-            }
-            plan = distributed.WorkPlan.build(
-                costs, distributed.world_size(), self.grad_worker_fraction
-            )
-            self._groups = distributed.Groups(plan)
-        return self._groups.plan
-
-    def _refreshed(self, name: str, damping: float) -> list[Tensor] | None:
-        block = self.blocks[name]
-        block.refresh(damping)
-        return block.decomposition()
-
-    def _gradients_finite(self) -> bool:
-        grads = [p.grad for p in self.param_groups[0]["params"] if p.grad is not None]
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-    def _skip(self, what: str) -> None:
-        warnings.warn(
-            f"K-FAC: non-finite {what}; this step was skipped and nothing was changed",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def _clipped_directions(
-        self, lr: float, kl_clip: float | None, refresh: bool | None = None
-    ) -> dict[Tensor, Tensor] | None:
-        """``ν·X`` for every preconditioned parameter (``ν`` from radius ``kl_clip``), or
-        ``None`` (with a warning) when the gradients or the preconditioned gradients are
-        not finite. The scale is kept in :attr:`trust_region_scales`."""
-        distributed.average_gradients(self.param_groups[0]["params"])
-        if not self._gradients_finite():
-            self._skip("gradients")
-            return None
-        with self._exact_dtype():
-            found = self._directions(float(self.hyperparameter("damping")), refresh)
-        if found is None:
-            self._skip("preconditioned gradients")
-            return None
-        quadratic = math.fsum(q for _, _, q in found)
-        scale = kl_clip_scale(quadratic, lr, kl_clip)
-        self.trust_region_scales.append(scale)
-        return {
-            param: x.mul_(scale)
-            for params, xs, _ in found
-            for param, x in zip(params, xs, strict=True)
-        }
+        The stages, in order (:meth:`_natural_gradient`, then :meth:`_update`): average
+        the gradients over the ranks, refresh the decompositions when due, precondition
+        each layer, scale by the trust region, momentum update. The statistics were
+        committed (and averaged over the ranks) when their ``capture()`` context closed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.trust_region_scales = []
+        lr = float(self.hyperparameter("lr"))
+        directions = self._natural_gradient(lr, self.hyperparameter("kl_clip"))
+        if directions is not None:
+            self._update(directions, lr)
+        return loss
 
     @torch.no_grad()
     def precondition_(self) -> bool:
@@ -434,7 +296,7 @@ class KFAC(torch.optim.Optimizer):
         """
         self.trust_region_scales = []
         lr = float(self.hyperparameter("lr"))
-        directions = self._clipped_directions(lr, self.hyperparameter("kl_clip"))
+        directions = self._natural_gradient(lr, self.hyperparameter("kl_clip"))
         if directions is None:
             return False
         for param, direction in directions.items():
@@ -442,20 +304,6 @@ class KFAC(torch.optim.Optimizer):
             param.grad.copy_(direction)
         self.param_groups[0]["step"] += 1
         return True
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """One K-FAC update; returns the closure's loss (if a closure is given)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.trust_region_scales = []
-        lr = float(self.hyperparameter("lr"))
-        directions = self._clipped_directions(lr, self.hyperparameter("kl_clip"))
-        if directions is not None:
-            self._update(directions, lr)
-        return loss
 
     @torch.no_grad()
     def step_parts(self, parts: Sequence[tuple[Sequence[Tensor | None], float | None]]) -> bool:
@@ -478,11 +326,11 @@ class KFAC(torch.optim.Optimizer):
         self.trust_region_scales = []
         total: dict[Tensor, Tensor] = {}
         directions: dict[Tensor, Tensor] = {}
-        for index, (grads, kl_clip) in enumerate(parts):
-            for param, grad in zip(params, grads, strict=True):
+        for index, (part, kl_clip) in enumerate(parts):
+            for param, grad in zip(params, part, strict=True):
                 param.grad = None if grad is None else grad.detach().clone()
-            # The decompositions are refreshed (when due) for the first part only.
-            found = self._clipped_directions(lr, kl_clip, refresh=None if index == 0 else False)
+            # One refresh (when due) serves every part.
+            found = self._natural_gradient(lr, kl_clip, refresh=index == 0)
             if found is None:
                 return False
             for param in params:
@@ -496,6 +344,103 @@ class KFAC(torch.optim.Optimizer):
             param.grad = total.get(param)
         self._update(directions, lr)
         return True
+
+    # --- the stages of a step -------------------------------------------------------------
+    def _natural_gradient(
+        self, lr: float, kl_clip: float | None, refresh: bool = True
+    ) -> dict[Tensor, Tensor] | None:
+        """``ν·X`` per parameter: the stages of a step up to the update, in order. ``None``
+        (with a warning, nothing changed) if a gradient or a preconditioned gradient is not
+        finite."""
+        grads = self._layer_gradients()  # averaged over the ranks
+        if grads is None:
+            return None
+        plan, damping = self._work_plan(), float(self.hyperparameter("damping"))
+        with self._exact_dtype():
+            if refresh and self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
+                plan.refresh({name: self.blocks[name] for name in grads}, damping)
+            directions = plan.precondition(self.blocks, grads, damping)  # X = (F̂ + λI)⁻¹ ∇Ŵ
+        quadratic = self._quadratic(directions, grads)
+        if quadratic is None:
+            return None
+        return self._scaled(directions, self._trust_region_scale(quadratic, lr, kl_clip))
+
+    def _work_plan(self) -> distributed.LocalPlan:
+        """Who refreshes and preconditions which layer (:mod:`ngrl.distributed`; built at
+        first use, when a process group, if any, exists)."""
+        if self._plan is None:
+            device = self.param_groups[0]["params"][0].device
+            self._plan = distributed.make_plan(
+                self.curvature, self.blocks, self.grad_worker_fraction, device
+            )
+        return self._plan
+
+    def _layer_gradients(self) -> dict[str, Tensor] | None:
+        """``∇Ŵ`` (in :attr:`statistics_dtype`) of every layer that has a gradient and
+        statistics, after averaging the gradients over the ranks; ``None`` (with a
+        warning) if any gradient is not finite. Layers with a gradient but no statistics
+        yet take plain gradient steps (warned about once)."""
+        params = self.param_groups[0]["params"]
+        self._work_plan().average_gradients(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            self._skip("gradients")
+            return None
+        gathered: dict[str, Tensor] = {}
+        uncaptured = []
+        for layer in self.layers:
+            layer_grads = [p.grad for p in layer.params]
+            if all(g is None for g in layer_grads):
+                continue
+            if not self.blocks[layer.name].initialized:
+                uncaptured.append(layer.name or type(layer.module).__name__)
+                continue
+            gathered[layer.name] = layer.gather(layer_grads).to(self.statistics_dtype)
+        if uncaptured and not self._warned_uncaptured:
+            self._warned_uncaptured = True
+            warnings.warn(
+                "K-FAC: no curvature statistics yet for "
+                f"{', '.join(uncaptured)}; taking plain gradient steps there until a "
+                "backward pass runs inside `with optimizer.capture():`",
+                RuntimeWarning,
+                stacklevel=6,  # the caller of step()
+            )
+        return gathered
+
+    def _quadratic(
+        self, directions: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+    ) -> float | None:
+        """``Σ⟨X, ∇Ŵ⟩`` over the layers; ``None`` (with a warning) if it is not finite."""
+        terms = [(directions[name] * grad).sum().to(torch.float64) for name, grad in grads.items()]
+        # With finite gradients, the sum is finite exactly when every X is (a NaN or an
+        # infinity in X makes its term NaN or infinite), so one check covers them all.
+        quadratic = math.fsum(torch.stack(terms).tolist()) if terms else 0.0
+        if not math.isfinite(quadratic):
+            self._skip("preconditioned gradients")
+            return None
+        return quadratic
+
+    def _trust_region_scale(self, quadratic: float, lr: float, kl_clip: float | None) -> float:
+        """``ν`` of the trust region, also kept in :attr:`trust_region_scales`."""
+        scale = kl_clip_scale(quadratic, lr, kl_clip)
+        self.trust_region_scales.append(scale)
+        return scale
+
+    def _scaled(self, directions: Mapping[str, Tensor], scale: float) -> dict[Tensor, Tensor]:
+        """``ν·X`` per parameter (each layer's ``X`` split back into its weight and bias)."""
+        return {
+            param: x.to(param.dtype).mul_(scale)
+            for layer in self.layers
+            if layer.name in directions
+            for param, x in zip(layer.params, layer.scatter(directions[layer.name]), strict=True)
+        }
+
+    def _skip(self, what: str) -> None:
+        warnings.warn(
+            f"K-FAC: non-finite {what}; this step was skipped and nothing was changed",
+            RuntimeWarning,
+            stacklevel=7,  # the caller of step()
+        )
 
     def _update(self, directions: dict[Tensor, Tensor], lr: float) -> None:
         """``Ŵ ← Ŵ − lr·m`` with ``m ← μ·m + (1 − dampening)·(d + weight_decay·Ŵ)``; ``d``
