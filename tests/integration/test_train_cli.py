@@ -91,7 +91,7 @@ def test_acktr_runs_with_another_curvature_on_atari(tmp_path: Path) -> None:
         "--env",
         "Breakout",
         "--timesteps",
-        "160",
+        "16",
         "--n-envs",
         "2",
         "--no-progress",

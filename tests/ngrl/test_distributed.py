@@ -59,37 +59,19 @@ def _train(part: slice, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     return result
 
 
-def _rank_worker(rank_: int, world: int, options: dict[str, Any]) -> dict[str, torch.Tensor]:
-    assert is_distributed() and rank() == rank_ and world_size() == world
-    half = 16 // world
-    return _train(slice(rank_ * half, (rank_ + 1) * half), options)
+#: The K-FAC options run on two ranks, all in the same two spawned processes.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "all-workers": {},  # every rank receives every decomposition
+    "one-worker-factored": {
+        "grad_worker_fraction": 0.5,
+        "curvature_options": {"damping_rule": "factored"},
+    },
+    "tkfac": {"curvature": "tkfac"},
+}
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},  # every rank receives every decomposition
-        {"grad_worker_fraction": 0.5, "curvature_options": {"damping_rule": "factored"}},
-        {"curvature": "tkfac"},
-    ],
-    ids=["all-workers", "one-worker-factored", "tkfac"],
-)
-def test_two_ranks_match_one_process_on_the_union_batch(tmp_path: Path, options: dict) -> None:
-    results = run_ranks(_rank_worker, 2, tmp_path, options)
-    for result in results:
-        assert result is not None and "value" in result, result and result.get("trace")
-    rank0, rank1 = (r["value"] for r in results)  # type: ignore[index]
-    union = _train(slice(None), options)
-    assert rank0.keys() == rank1.keys() == union.keys()
-    for key in union:
-        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
-        torch.testing.assert_close(rank0[key], union[key], rtol=1e-9, atol=1e-12, msg=key)
-    # The ranks did move: the test would pass trivially on an untrained model otherwise.
-    untouched = {k: v for k, v in _model().named_parameters()}
-    assert not torch.allclose(union["param.0.weight"], untouched["0.weight"])
-
-
-def _unsupported_worker(rank_: int, world: int) -> str:
+def _unsupported() -> str:
+    """The error of a curvature whose statistics cannot be averaged over ranks."""
     model = _model()
     opt = KFAC(model, curvature="ekfac")
     x, y = _batches(4)[0]
@@ -101,10 +83,41 @@ def _unsupported_worker(rank_: int, world: int) -> str:
     return "no error"
 
 
-def test_curvature_that_cannot_be_averaged_is_refused(tmp_path: Path) -> None:
-    results = run_ranks(_unsupported_worker, 2, tmp_path)
+def _rank_worker(rank_: int, world: int) -> dict[str, Any]:
+    assert is_distributed() and rank() == rank_ and world_size() == world
+    half = 16 // world
+    part = slice(rank_ * half, (rank_ + 1) * half)
+    results: dict[str, Any] = {name: _train(part, options) for name, options in OPTIONS.items()}
+    results["unsupported"] = _unsupported()
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    results = run_ranks(_rank_worker, 2, tmp_path_factory.mktemp("ranks"))
     for result in results:
-        assert result is not None and "ekfac" in result["value"] and "kfac" in result["value"]
+        assert result is not None and "value" in result, result and result.get("trace")
+    return [r["value"] for r in results]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_two_ranks_match_one_process_on_the_union_batch(
+    two_ranks: list[dict[str, Any]], name: str
+) -> None:
+    rank0, rank1 = (ranks[name] for ranks in two_ranks)
+    union = _train(slice(None), OPTIONS[name])
+    assert rank0.keys() == rank1.keys() == union.keys()
+    for key in union:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between the ranks"
+        torch.testing.assert_close(rank0[key], union[key], rtol=1e-9, atol=1e-12, msg=key)
+    # The ranks did move: the test would pass trivially on an untrained model otherwise.
+    untouched = {k: v for k, v in _model().named_parameters()}
+    assert not torch.allclose(union["param.0.weight"], untouched["0.weight"])
+
+
+def test_curvature_that_cannot_be_averaged_is_refused(two_ranks: list[dict[str, Any]]) -> None:
+    for ranks in two_ranks:
+        assert "ekfac" in ranks["unsupported"] and "kfac" in ranks["unsupported"]
 
 
 def _dying_worker(rank_: int, world: int) -> str:
