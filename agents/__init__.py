@@ -2,13 +2,13 @@
 
 Imports ngrl, envs and stable_baselines3, never the reverse::
 
-    from agents import ACKTR
+    from ngrl.agents import ACKTR
     model = ACKTR("CnnPolicy", env).learn(10_000_000)
 """
 
-from agents.acktr import ACKTR
-from agents.npg import NPG
-from agents.policies import (
+from ngrl.agents.acktr import ACKTR
+from ngrl.agents.npg import NPG
+from ngrl.agents.policies import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,

@@ -20,10 +20,10 @@ from stable_baselines3.common.type_aliases import (
 )
 from stable_baselines3.common.utils import LinearSchedule, explained_variance
 
-from agents.advantages import standardize
-from agents.checkpoints import PolicyOnlyLoading
-from agents.data_parallel import GlobalTimesteps
-from agents.policies import (
+from ngrl.agents.advantages import standardize
+from ngrl.agents.checkpoints import PolicyOnlyLoading
+from ngrl.agents.data_parallel import GlobalTimesteps
+from ngrl.agents.policies import (
     ACTION_SPACES,
     CnnPolicy,
     KFACActorCriticPolicy,
@@ -71,7 +71,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
     Under ``torchrun`` (a ``torch.distributed`` process group), each rank steps its own
     environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
-    statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`agents.data_parallel`).
+    statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`ngrl.agents.data_parallel`).
 
     The first ``cold_start_steps`` updates are momentum-SGD steps (``m ← μ·m + (1−μ)·∇``
     after the first ``m = ∇``; ``θ ← θ − lr·m``) with gradient-norm clipping at
@@ -82,7 +82,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
     Args:
         policy: ``"MlpPolicy"``, ``"CnnPolicy"``, ``"MultiInputPolicy"`` or a
-            :class:`agents.policies.KFACActorCriticPolicy` subclass.
+            :class:`ngrl.agents.policies.KFACActorCriticPolicy` subclass.
         env: an SB3 ``VecEnv``, a gymnasium env or its id.
         learning_rate: ``lr`` (a float or a schedule of the remaining progress); the
             default decays linearly from 0.25 to 0.

@@ -9,8 +9,10 @@ state, most of a Breakout checkpoint, stays out).
 from __future__ import annotations
 
 import pickle
+import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointError",
     "PolicyOnlyLoading",
     "has_normalizer",
+    "legacy_module_names",
     "load_normalizer",
     "read_run_metadata",
     "save_checkpoint",
@@ -43,9 +46,39 @@ class CheckpointError(ValueError):
 NORMALIZER_ENTRY = "vecnormalize.pkl"
 
 
+@contextmanager
+def legacy_module_names() -> Iterator[None]:
+    """Let a checkpoint written when ngrl's agents, bayes and envs were top-level packages
+    load: its pickles name ``agents.policies`` (the policy class) and ``agents.presets``
+    (schedules), which now are ``ngrl.agents.…``. For the duration of the load, each loaded
+    ``ngrl.X`` and ``ngrl.X.Y`` module is also ``X`` and ``X.Y`` in ``sys.modules``, unless
+    that name is taken (a user's own ``agents`` package keeps its name)."""
+    # The modules such pickles name, loaded under their new names first: an alias that
+    # is missing would be imported again from its file, as a second copy.
+    import ngrl.agents.policies
+    import ngrl.agents.presets  # noqa: F401
+
+    before = set(sys.modules)
+    for name in list(sys.modules):
+        if name.split(".")[:2] in (["ngrl", "agents"], ["ngrl", "bayes"], ["ngrl", "envs"]):
+            sys.modules.setdefault(name[len("ngrl.") :], sys.modules[name])
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("agents", "bayes", "envs"):
+                del sys.modules[name]
+
+
 class PolicyOnlyLoading:
     """Mixin for an SB3 algorithm whose ``load`` also takes a zip that holds the policy
-    alone (:func:`save_policy`): the optimizers then start fresh."""
+    alone (:func:`save_policy`): the optimizers then start fresh. Checkpoints of older
+    versions load too (:func:`legacy_module_names`)."""
+
+    @classmethod
+    def load(cls, *args: Any, **kwargs: Any) -> Any:
+        with legacy_module_names():
+            return super().load(*args, **kwargs)  # type: ignore[misc]
 
     def set_parameters(  # type: ignore[no-untyped-def]
         self, load_path_or_dict, exact_match: bool = True, device: Any = "auto"
@@ -132,7 +165,8 @@ def read_run_metadata(path: Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a saved model (not a zip file)")
     try:
-        data, _, _ = load_from_zip_file(path, load_data=True, device="cpu")
+        with legacy_module_names():
+            data, _, _ = load_from_zip_file(path, load_data=True, device="cpu")
     except Exception as error:  # any damage inside the archive
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt ({error})") from None
     metadata = (data or {}).get(METADATA)

@@ -9,7 +9,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecNormalize
 
-from envs import make_vec_env, resolve
+from ngrl.envs import make_vec_env, resolve
 
 __all__ = ["evaluate"]
 

@@ -21,15 +21,15 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch import Tensor
 
-from agents.advantages import standardize
-from agents.checkpoints import PolicyOnlyLoading
-from agents.policies import (
+from ngrl import KFAC, fisher_loss
+from ngrl.agents.advantages import standardize
+from ngrl.agents.checkpoints import PolicyOnlyLoading
+from ngrl.agents.policies import (
     ACTION_SPACES,
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
 )
-from ngrl import KFAC, fisher_loss
 from ngrl.optim import conjugate_gradient, fisher_vector_product, flat_grad
 from ngrl.optim.hyperparams import check_choice
 

@@ -18,7 +18,7 @@ __all__ = ["read_episodes", "rolling_mean", "plot_learning_curve"]
 
 
 def read_episodes(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(timesteps, returns)`` of an episode log written by :class:`agents.callbacks.EpisodeLog`."""
+    """``(timesteps, returns)`` of an episode log written by :class:`ngrl.agents.callbacks.EpisodeLog`."""
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = np.array([float(r["timesteps"]) for r in rows])

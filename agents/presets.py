@@ -14,9 +14,9 @@ from typing import Any
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from agents.acktr import ACKTR
-from agents.npg import NPG
-from envs import EnvSpec
+from ngrl.agents.acktr import ACKTR
+from ngrl.agents.npg import NPG
+from ngrl.envs import EnvSpec
 from ngrl.helpers import parse_override
 
 __all__ = [
@@ -152,7 +152,7 @@ def hyperparameter_defaults(algo: str) -> dict[str, Any]:
 
 @cache
 def _presets() -> dict[str, Any]:
-    text = resources.files("agents").joinpath("presets.toml").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("presets.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 
 

@@ -38,7 +38,7 @@ class UsageError(Exception):
 
 
 def _hyperparameter_help(algo: str) -> str:
-    from agents.presets import hyperparameter_defaults
+    from ngrl.agents.presets import hyperparameter_defaults
 
     lines = [f"hyperparameters of {algo} (set with --set key=value; presets may change them):"]
     for name, default in hyperparameter_defaults(algo).items():
@@ -47,7 +47,7 @@ def _hyperparameter_help(algo: str) -> str:
 
 
 def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
-    from agents.presets import ALGORITHMS
+    from ngrl.agents.presets import ALGORITHMS
 
     epilog = (
         _hyperparameter_help(algo_hint)
@@ -186,7 +186,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
     import torch.distributed as dist
 
-    from envs import rank_info
+    from ngrl.envs import rank_info
 
     info = rank_info()
     if info.world_size == 1:
@@ -222,8 +222,8 @@ def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> Non
 def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from agents.checkpoints import has_normalizer, load_normalizer
-    from envs import make_vec_env
+    from ngrl.agents.checkpoints import has_normalizer, load_normalizer
+    from ngrl.envs import make_vec_env
 
     env = make_vec_env(config.env.gym_id, config.n_envs, seed=seed)
     if not config.normalize:
@@ -235,9 +235,9 @@ def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """Everything that can fail on bad input, before a file is written: (config, model, dir)."""
-    from agents.checkpoints import has_normalizer, read_run_metadata
-    from agents.presets import algorithm_class, parse_override, resolve_config
-    from envs import resolve
+    from ngrl.agents.checkpoints import has_normalizer, read_run_metadata
+    from ngrl.agents.presets import algorithm_class, parse_override, resolve_config
+    from ngrl.envs import resolve
 
     cls = algorithm_class(args.algo)
     spec = resolve(args.env)
@@ -337,12 +337,12 @@ def _learn(
     """Train until the run's ``timesteps`` (a resumed model has already done some),
     logging every ``log_interval`` updates.
 
-    SIGTERM and SIGINT stop it between two updates (:class:`agents.callbacks.Stopped`),
+    SIGTERM and SIGINT stop it between two updates (:class:`ngrl.agents.callbacks.Stopped`),
     on every rank at the same update.
     """
     from stable_baselines3.common.callbacks import CallbackList
 
-    from agents.callbacks import StopOnSignal
+    from ngrl.agents.callbacks import StopOnSignal
 
     remaining = timesteps - model.num_timesteps
     if remaining <= 0:
@@ -361,7 +361,7 @@ def _learn(
 
 
 def _train(args: argparse.Namespace) -> int:
-    from agents.callbacks import Stopped
+    from ngrl.agents.callbacks import Stopped
 
     failure: Exception | None = None
     try:
@@ -391,11 +391,11 @@ def _train(args: argparse.Namespace) -> int:
 
     from stable_baselines3.common.logger import configure
 
-    from agents.callbacks import EpisodeLog, FinalLog, PeriodicCheckpoint, ScoreProgressBar
-    from agents.checkpoints import save_checkpoint, save_policy
-    from agents.evaluation import evaluate
-    from agents.plots import plot_learning_curve
-    from agents.records import continue_episodes, continue_progress
+    from ngrl.agents.callbacks import EpisodeLog, FinalLog, PeriodicCheckpoint, ScoreProgressBar
+    from ngrl.agents.checkpoints import save_checkpoint, save_policy
+    from ngrl.agents.evaluation import evaluate
+    from ngrl.agents.plots import plot_learning_curve
+    from ngrl.agents.records import continue_episodes, continue_progress
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"algo": args.algo, "env": config.env.gym_id}

@@ -2,14 +2,14 @@
 
 Imports ngrl only. Public names::
 
-    from bayes import NoisyKFAC, VOGN, SLANG, NoisyAdam, predict
+    from ngrl.bayes import NoisyKFAC, VOGN, SLANG, NoisyAdam, predict
 """
 
-from bayes.base import VariationalOptimizer
-from bayes.noisy_adam import NoisyAdam
-from bayes.noisy_kfac import NoisyKFAC
-from bayes.predict import predict
-from bayes.slang import SLANG
-from bayes.vogn import VOGN
+from ngrl.bayes.base import VariationalOptimizer
+from ngrl.bayes.noisy_adam import NoisyAdam
+from ngrl.bayes.noisy_kfac import NoisyKFAC
+from ngrl.bayes.predict import predict
+from ngrl.bayes.slang import SLANG
+from ngrl.bayes.vogn import VOGN
 
 __all__ = ["SLANG", "VOGN", "NoisyAdam", "NoisyKFAC", "VariationalOptimizer", "predict"]

@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bayes.hyperparams import check
-from bayes.posterior import Posterior
+from ngrl.bayes.hyperparams import check
+from ngrl.bayes.posterior import Posterior
 from ngrl.capture import Capture, Layer, find_layers
 from ngrl.linalg import flatten_like
 

@@ -5,7 +5,7 @@ sum to one) and integer ``labels`` of shape ``(N,)``; regression metrics take a 
 predictive ``(mean, variance)`` and targets. Inputs may be NumPy arrays or tensors; every
 metric returns a Python float (or, for the reliability diagram, arrays).
 
-Conventions (``references/bayes.md`` §5):
+Conventions (ECE as Naeini et al. 2015 and Guo et al. 2017 define it):
 
 * Calibration is **top-label**: the confidence of a prediction is ``max_k p_k`` and it is
   correct when ``argmax_k p_k`` is the label, for binary problems too.

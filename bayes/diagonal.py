@@ -7,8 +7,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from bayes.base import VariationalOptimizer, blend_weight
-from bayes.posterior import DiagonalPosterior
+from ngrl.bayes.base import VariationalOptimizer, blend_weight
+from ngrl.bayes.posterior import DiagonalPosterior
 
 __all__ = ["DiagonalVariational"]
 

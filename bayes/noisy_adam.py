@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bayes.diagonal import DiagonalVariational
+from ngrl.bayes.diagonal import DiagonalVariational
 
 __all__ = ["NoisyAdam"]
 
@@ -25,7 +25,7 @@ class NoisyAdam(DiagonalVariational):
         σ² = 1 / (N·s + prior_precision)
 
     The square root in the mean step is Adam's; the posterior uses ``s`` itself.
-    Arguments: see :class:`bayes.diagonal.DiagonalVariational`.
+    Arguments: see :class:`ngrl.bayes.diagonal.DiagonalVariational`.
     """
 
     needs_example_statistics = False

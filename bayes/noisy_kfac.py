@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayes.base import VariationalOptimizer
-from bayes.posterior import KroneckerFactors, KroneckerPosterior
+from ngrl.bayes.base import VariationalOptimizer
+from ngrl.bayes.posterior import KroneckerFactors, KroneckerPosterior
 from ngrl.capture import Layer
 from ngrl.curvature import KFACBlock
 from ngrl.curvature.base import checked_state

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bayes.base import VariationalOptimizer, blend_weight
-from bayes.posterior import LowRankPosterior
+from ngrl.bayes.base import VariationalOptimizer, blend_weight
+from ngrl.bayes.posterior import LowRankPosterior
 from ngrl.capture import Layer, example_gradients
 from ngrl.optim.hyperparams import check_integer
 

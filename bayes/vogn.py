@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bayes.diagonal import DiagonalVariational
+from ngrl.bayes.diagonal import DiagonalVariational
 from ngrl.capture import Layer, squared_gradient_sum
 
 __all__ = ["VOGN"]
@@ -31,7 +31,7 @@ class VOGN(DiagonalVariational):
     for dense layers, one matrix product and no per-example tensor. At a fixed point ``μ``
     is the MAP estimate (for a narrow posterior) and the precision is
     ``prior_precision + N·mean_n(∇ℓ_n(μ)²)``. Arguments: see
-    :class:`bayes.diagonal.DiagonalVariational`; the model may hold ``nn.Linear`` and
+    :class:`ngrl.bayes.diagonal.DiagonalVariational`; the model may hold ``nn.Linear`` and
     ``nn.Conv2d`` layers only.
     """
 

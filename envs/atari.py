@@ -30,7 +30,7 @@ from ale_py import Action, ALEInterface, AtariVectorEnv, LoggerMode, roms
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
 
-from envs.sb3_adapter import GymnasiumVecEnv
+from ngrl.envs.sb3_adapter import GymnasiumVecEnv
 
 __all__ = ["AtariVecEnv", "ale_vector_env", "needs_fire", "wrapper_vector_env"]
 

@@ -9,10 +9,10 @@ import gymnasium as gym
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
-from envs.atari import AtariVecEnv, ale_vector_env, needs_fire, wrapper_vector_env
-from envs.names import resolve
-from envs.ranks import rank_info, shard
-from envs.sb3_adapter import GymnasiumVecEnv
+from ngrl.envs.atari import AtariVecEnv, ale_vector_env, needs_fire, wrapper_vector_env
+from ngrl.envs.names import resolve
+from ngrl.envs.ranks import rank_info, shard
+from ngrl.envs.sb3_adapter import GymnasiumVecEnv
 
 __all__ = ["make_vec_env"]
 
@@ -36,7 +36,7 @@ def make_vec_env(
     Args:
         name: a short name (``CartPole``, ``HalfCheetah``) or a full gymnasium id.
         n_envs: environments over all ranks, a multiple of the number of ranks; this rank
-            gets its slice (:func:`envs.shard`).
+            gets its slice (:func:`ngrl.envs.shard`).
         seed: environment ``i`` (global index) is seeded with ``seed + i`` (``seed >= 0``).
         rank, world_size: default to torchrun's variables (one process: 0 and 1).
         vectorization: ``"async"`` (subprocesses, shared memory), ``"sync"`` (in
@@ -49,9 +49,9 @@ def make_vec_env(
             reference; ``vectorization`` applies to it).
         env_kwargs: passed to ``gymnasium.make`` for every environment; for Atari,
             ``episodic_life``, ``clip_rewards`` and ``fire_on_life_loss`` (default ``True``:
-            FIRE after each life loss in games that need it; :class:`envs.atari.AtariVecEnv`) and
-            the backend's options (:func:`envs.atari.ale_vector_env`,
-            :func:`envs.atari.wrapper_vector_env`).
+            FIRE after each life loss in games that need it; :class:`ngrl.envs.atari.AtariVecEnv`) and
+            the backend's options (:func:`ngrl.envs.atari.ale_vector_env`,
+            :func:`ngrl.envs.atari.wrapper_vector_env`).
     """
     spec = resolve(name)
     if atari_backend not in ("ale", "wrappers"):

@@ -1,6 +1,6 @@
 """``python -m ngrl.train ALGO --env NAME``: the training command line.
 
-The run itself (presets, checkpoints, logs, evaluation) lives in :mod:`agents.run`; this
+The run itself (presets, checkpoints, logs, evaluation) lives in :mod:`ngrl.agents.run`; this
 entry point is the one place where the core imports the agents.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from agents.run import main
+from ngrl.agents.run import main
 
 __all__ = ["main"]
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
-from bayes.base import VariationalOptimizer
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
+from ngrl.bayes.base import VariationalOptimizer
 
 DATASET_SIZE = 50_000
 Step = Callable[[], None]

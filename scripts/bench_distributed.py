@@ -33,9 +33,9 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
-    from agents import ACKTR
-    from agents.presets import resolve_config
-    from envs import make_vec_env, resolve
+    from ngrl.agents import ACKTR
+    from ngrl.agents.presets import resolve_config
+    from ngrl.envs import make_vec_env, resolve
 
     torch.set_num_threads(args.threads)
     use_cuda = args.device == "cuda"

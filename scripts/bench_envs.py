@@ -31,7 +31,7 @@ from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecFrameStack
 
-from envs import make_vec_env
+from ngrl.envs import make_vec_env
 
 gym.register_envs(ale_py)
 
@@ -125,7 +125,7 @@ def gym_rows(name: str, gym_id: str, n: int) -> dict[str, Callable[[], VecEnv | 
 
 
 def raw_emulator() -> Callable[[], VecEnv]:
-    from envs.atari import AtariVecEnv, ale_vector_env
+    from ngrl.envs.atari import AtariVecEnv, ale_vector_env
 
     return lambda: AtariVecEnv(ale_vector_env("breakout", 1, num_threads=1), [0])
 

@@ -41,12 +41,12 @@ import torch  # noqa: E402
 from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from agents.callbacks import EpisodeLog  # noqa: E402
-from agents.checkpoints import has_normalizer, load_normalizer  # noqa: E402
-from agents.evaluation import evaluate  # noqa: E402
-from agents.plots import read_episodes, rolling_mean  # noqa: E402
-from agents.presets import algorithm_class, resolve_config  # noqa: E402
-from envs import make_vec_env, resolve  # noqa: E402
+from ngrl.agents.callbacks import EpisodeLog  # noqa: E402
+from ngrl.agents.checkpoints import has_normalizer, load_normalizer  # noqa: E402
+from ngrl.agents.evaluation import evaluate  # noqa: E402
+from ngrl.agents.plots import read_episodes, rolling_mean  # noqa: E402
+from ngrl.agents.presets import algorithm_class, resolve_config  # noqa: E402
+from ngrl.envs import make_vec_env, resolve  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from agents import ACKTR
-from envs import make_vec_env
+from ngrl.agents import ACKTR
+from ngrl.envs import make_vec_env
 
 
 def layer_gradients(model: ACKTR, data: object, part: str) -> dict[str, Tensor]:

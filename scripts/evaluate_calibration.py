@@ -4,8 +4,8 @@
         --methods adam,vogn,noisy-kfac,slang,noisy-adam,ivon,laplace,ensemble \\
         --seeds 3 --out results/calibration
 
-Every method trains the same MLP on the same split, batches and epochs (``bayes.evaluation.methods``)
-for each seed; the test-set metrics of ``bayes.calibration`` are reported as mean and
+Every method trains the same MLP on the same split, batches and epochs (``ngrl.bayes.evaluation.methods``)
+for each seed; the test-set metrics of ``ngrl.bayes.calibration`` are reported as mean and
 standard deviation over the seeds. The run folder gets:
 
 * ``results.json``: the command, settings and options, and per method every metric
@@ -43,9 +43,9 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bayes import calibration  # noqa: E402
-from bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
-from bayes.evaluation.methods import (  # noqa: E402
+from ngrl.bayes import calibration  # noqa: E402
+from ngrl.bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
+from ngrl.bayes.evaluation.methods import (  # noqa: E402
     METHOD_OPTIONS,
     METHODS,
     SETTINGS,

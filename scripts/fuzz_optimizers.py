@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
-from bayes.base import VariationalOptimizer
 from ngrl import fisher_loss
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
+from ngrl.bayes.base import VariationalOptimizer
 from ngrl.curvature import available
 from ngrl.optim import KFAC
 

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents import ACKTR
-from agents.presets import resolve_config
-from envs import make_vec_env, resolve
+from ngrl.agents import ACKTR
+from ngrl.agents.presets import resolve_config
+from ngrl.envs import make_vec_env, resolve
 from ngrl.helpers import add_override_option, parse_override
 
 

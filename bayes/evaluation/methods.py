@@ -6,7 +6,7 @@ prior ``N(0, I/prior_precision)``:
 
 * ``adam``, ``sgd``: MAP estimates; the prior enters as weight decay ``prior_precision/N``.
 * ``vogn``, ``noisy-adam``, ``slang``, ``noisy-kfac``: ngrl's VI optimizers; predictive
-  by Monte Carlo over ``test_samples`` weight samples (:func:`bayes.predict`).
+  by Monte Carlo over ``test_samples`` weight samples (:func:`ngrl.bayes.predict`).
 * ``ivon``: IVON (Shen et al. 2024) from the ``ivon-opt`` package, with
   ``ess = N/kl_weight`` and ``weight_decay = prior_precision/N``; Monte Carlo predictive.
 * ``laplace``: post-hoc last-layer K-FAC Laplace (``laplace-torch``) around the ``adam``
@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayes.base import VariationalOptimizer
-from bayes.datasets import Dataset
-from bayes.hyperparams import check
-from bayes.noisy_adam import NoisyAdam
-from bayes.noisy_kfac import NoisyKFAC
-from bayes.predict import WeightSampler, mix, sample_outputs
-from bayes.slang import SLANG
-from bayes.vogn import VOGN
+from ngrl.bayes.base import VariationalOptimizer
+from ngrl.bayes.datasets import Dataset
+from ngrl.bayes.hyperparams import check
+from ngrl.bayes.noisy_adam import NoisyAdam
+from ngrl.bayes.noisy_kfac import NoisyKFAC
+from ngrl.bayes.predict import WeightSampler, mix, sample_outputs
+from ngrl.bayes.slang import SLANG
+from ngrl.bayes.vogn import VOGN
 from ngrl.optim.hyperparams import check_integer
 
 __all__ = [
@@ -220,7 +220,7 @@ class Run:
 
     def mixture_predictive(self, outputs: Callable[[Tensor], Tensor]) -> Predictive:
         """The predictive of an equal mixture, from a function giving the stacked outputs
-        ``(S, N, D)`` of its networks (:func:`bayes.predict.mix`); regression gives
+        ``(S, N, D)`` of its networks (:func:`ngrl.bayes.predict.mix`); regression gives
         ``(N,)`` means and variances, like the targets."""
 
         @torch.no_grad()

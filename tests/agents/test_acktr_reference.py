@@ -32,8 +32,8 @@ from stable_baselines3.common.type_aliases import RolloutBufferSamples
 from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import Tensor, nn
 
-from agents import ACKTR
-from agents.policies import KFACActorCriticPolicy
+from ngrl.agents import ACKTR
+from ngrl.agents.policies import KFACActorCriticPolicy
 
 LR, KL_CLIP, DAMPING, MOMENTUM, DECAY, INV_EVERY, VF_FISHER = 0.25, 1e-3, 1e-2, 0.9, 0.99, 4, 1.0
 VF_COEF, ENT_COEF = 0.5, 0.01

@@ -11,8 +11,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from agents import ACKTR, NPG
-from envs import make_vec_env
+from ngrl.agents import ACKTR, NPG
+from ngrl.envs import make_vec_env
 from ngrl.optim import KFAC
 
 # Budgets: ACKTR 100k steps (8 envs × 20 steps, the SB2 zoo CartPole setting) and NPG

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 
-from agents import ACKTR
-from agents.data_parallel import merge_running_stats
-from envs import make_vec_env
+from ngrl.agents import ACKTR
+from ngrl.agents.data_parallel import merge_running_stats
+from ngrl.envs import make_vec_env
 from tests.helpers.distributed import run_ranks
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import ACKTR
-from envs import make_vec_env
+from ngrl.agents import ACKTR
+from ngrl.envs import make_vec_env
 from tests.helpers.scripts import load_script
 
 

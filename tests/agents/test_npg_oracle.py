@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents import NPG
-from agents.npg import CRITIC_PREFIXES
-from envs import make_vec_env
+from ngrl.agents import NPG
+from ngrl.agents.npg import CRITIC_PREFIXES
+from ngrl.envs import make_vec_env
 from ngrl.fisher import exact_fisher, per_example_gradients
 
 

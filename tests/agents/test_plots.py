@@ -8,7 +8,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
-from agents.plots import plot_learning_curve, rolling_mean
+from ngrl.agents.plots import plot_learning_curve, rolling_mean
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

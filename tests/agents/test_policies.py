@@ -10,10 +10,10 @@ import pytest
 import torch
 from stable_baselines3 import A2C, PPO
 
-from agents import ACKTR
-from agents.policies import KFACActorCriticPolicy
-from envs import make_vec_env
 from ngrl import KFAC
+from ngrl.agents import ACKTR
+from ngrl.agents.policies import KFACActorCriticPolicy
+from ngrl.envs import make_vec_env
 
 
 @pytest.mark.parametrize("algorithm", [A2C, PPO])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from stable_baselines3.common.utils import LinearSchedule
 
-from agents.presets import LinearDecay, named_presets, resolve_config
-from envs import resolve
+from ngrl.agents.presets import LinearDecay, named_presets, resolve_config
+from ngrl.envs import resolve
 
 
 def test_a_linear_decay_over_the_run_is_sb3s_linear_schedule() -> None:

@@ -10,7 +10,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss, roc_auc_score
 
-from bayes import calibration as cal
+from ngrl.bayes import calibration as cal
 
 # Four binary predictions worked out by hand below:
 # confidences 0.9, 0.6, 0.7, 0.8; correct, wrong, correct, wrong.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayes.datasets import DATASETS, _mnist1d_arrays, load
+from ngrl.bayes.datasets import DATASETS, _mnist1d_arrays, load
 
 
 @pytest.mark.parametrize("name", sorted(set(DATASETS) - {"mnist1d"}))

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
-from bayes.base import VariationalOptimizer
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
+from ngrl.bayes.base import VariationalOptimizer
 
 EPOCHS = 30
 

@@ -10,8 +10,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from bayes import calibration
-from bayes.evaluation.methods import METHODS, Run, options_for, settings_for
+from ngrl.bayes import calibration
+from ngrl.bayes.evaluation.methods import METHODS, Run, options_for, settings_for
 from tests.helpers.scripts import SCRIPTS, load_script
 
 
@@ -70,7 +70,7 @@ def test_regression_run_reports_coverage_and_gap_uncertainty(script, tmp_path: P
 
 
 def test_ensemble_reuses_the_adam_network_as_its_first_member() -> None:
-    from bayes.datasets import load
+    from ngrl.bayes.datasets import load
 
     run = Run(load("iris"), settings_for("iris", {"epochs": 1}), seed=0)
     first = run.map_network(0)

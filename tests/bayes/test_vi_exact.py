@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
-from bayes.base import VariationalOptimizer
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
+from ngrl.bayes.base import VariationalOptimizer
 from ngrl.fisher import empirical_fisher, layer_indices, per_example_gradients
 
 DATASET_SIZE = 1_000_000.0

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
-from bayes.base import VariationalOptimizer
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
+from ngrl.bayes.base import VariationalOptimizer
 
 OPTIMIZERS: dict[str, Callable[..., VariationalOptimizer]] = {
     "vogn": VOGN,

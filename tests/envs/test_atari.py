@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from gymnasium.spaces import Discrete
 
-from envs import make_vec_env
-from envs.atari import FIRE, needs_fire
+from ngrl.envs import make_vec_env
+from ngrl.envs.atari import FIRE, needs_fire
 
 
 def test_breakout_16_envs_is_an_sb3_vec_env_of_stacked_frames() -> None:

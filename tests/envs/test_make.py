@@ -9,7 +9,7 @@ from stable_baselines3 import A2C
 from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
-from envs import make_vec_env
+from ngrl.envs import make_vec_env
 
 
 def run_both(ours: VecEnv, reference: VecEnv, steps: int, seed: int = 0) -> list[tuple]:

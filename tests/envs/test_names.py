@@ -6,7 +6,7 @@ import ale_py
 import gymnasium as gym
 import pytest
 
-from envs import known_names, resolve
+from ngrl.envs import known_names, resolve
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envs import rank_info, shard
+from ngrl.envs import rank_info, shard
 
 
 def test_rank_info_reads_torchrun_variables() -> None:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents import ACKTR
-from bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
 from ngrl import fisher_loss
+from ngrl.agents import ACKTR
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
 from ngrl.curvature import available
 from ngrl.optim import KFAC
 from ngrl.train import main

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import ACKTR
+from ngrl.agents import ACKTR
 
 #: ``python -m ngrl.train acktr`` on CartPole, quietly: the start of every command here.
 TRAIN = [

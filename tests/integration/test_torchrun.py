@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import ACKTR
+from ngrl.agents import ACKTR
 from ngrl.train import main
 
 

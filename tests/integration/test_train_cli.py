@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents import ACKTR
+from ngrl.agents import ACKTR
 from ngrl.train import main
 from tests.helpers.oracle import state_tensors
 
@@ -526,7 +526,7 @@ def test_a_resumed_run_drops_the_records_its_checkpoint_did_not_keep(tmp_path: P
 def test_vecnormalize_statistics_travel_inside_the_checkpoint(tmp_path: Path) -> None:
     import numpy as np
 
-    from agents.checkpoints import has_normalizer
+    from ngrl.agents.checkpoints import has_normalizer
 
     args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--set", "normalize=true"]
     code, first = train(tmp_path, "first", *args, "--timesteps", "160")
@@ -546,8 +546,8 @@ def test_vecnormalize_statistics_travel_inside_the_checkpoint(tmp_path: Path) ->
         str(first / "checkpoint.zip"),
     )
     assert code == 0  # nothing left to train: the statistics come back as they were saved
-    from agents.checkpoints import load_normalizer
-    from envs import make_vec_env
+    from ngrl.agents.checkpoints import load_normalizer
+    from ngrl.envs import make_vec_env
 
     saved = load_normalizer(first / "checkpoint.zip", make_vec_env("CartPole", 2))
     again = load_normalizer(second / "checkpoint.zip", make_vec_env("CartPole", 2))
