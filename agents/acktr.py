@@ -31,6 +31,8 @@ from ngrl.agents.policies import (
     MultiInputPolicy,
 )
 from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
+from ngrl.optim import KFAC, KFACConfig
+from ngrl.optim.config import SCHEDULABLE
 from ngrl.optim.hyperparams import check_choice, check_integer
 
 __all__ = ["A2CLossTerms", "ACKTR"]
@@ -47,6 +49,55 @@ class A2CLossTerms(NamedTuple):
 
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
+
+#: ACKTR's own arguments that are K-FAC options; the others come in ``kfac_kwargs``.
+KFAC_ARGUMENTS = (
+    "kl_clip",
+    "damping",
+    "momentum",
+    "factor_decay",
+    "factor_update_steps",
+    "inv_update_steps",
+    "curvature",
+)
+
+
+class KFACSetting:
+    """An ACKTR attribute that names a field of its :class:`ngrl.optim.KFACConfig`.
+
+    Reading gives the value in use: the optimizer's ``param_groups[0]`` once the policy
+    exists (where schedules and SB3 change it), else the config. Assigning a value the
+    optimizer reads at every step (``model.damping = 1e-3``) checks it and changes both;
+    assigning one that fixed the optimizer's structure (``curvature``) after the policy
+    exists raises ``AttributeError`` instead of silently doing nothing.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: ACKTR | None, owner: type | None = None) -> Any:
+        if model is None:
+            return self
+        optimizer = model._kfac_optimizer()
+        if optimizer is not None and self.name in SCHEDULABLE:
+            return optimizer.param_groups[0][self.name]
+        return getattr(model.kfac_config, self.name)
+
+    def __set__(self, model: ACKTR, value: Any) -> None:
+        optimizer = model._kfac_optimizer()
+        if optimizer is not None and self.name not in SCHEDULABLE:
+            raise AttributeError(
+                f"ACKTR.{self.name} fixes the structure of the K-FAC optimizer and cannot "
+                f"change after construction; build ACKTR(..., {self.name}=...) instead"
+            )
+        changes = {self.name: value}
+        if self.name == "momentum":  # ACKTR's averaged momentum: dampening = momentum
+            changes["dampening"] = value
+        model.kfac_config = model.kfac_config.replace(**changes)  # checks the value
+        if optimizer is not None:
+            optimizer.param_groups[0].update(changes)
+            if self.name == "momentum":
+                model.cold_optimizer.param_groups[0].update(momentum=value, dampening=value)
 
 
 class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
@@ -111,6 +162,13 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: KFACActorCriticPolicy
+    kl_clip = KFACSetting()
+    damping = KFACSetting()
+    momentum = KFACSetting()
+    factor_decay = KFACSetting()
+    factor_update_steps = KFACSetting()
+    inv_update_steps = KFACSetting()
+    curvature = KFACSetting()
 
     def __init__(
         self,
@@ -154,11 +212,30 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
                 f"{', '.join(self.policy_aliases)}), got {policy.__name__}"
             )
-        if policy_kwargs and "kfac_kwargs" in policy_kwargs:
+        if policy_kwargs and {"kfac_kwargs", "kfac_config"} & set(policy_kwargs):
             raise ValueError(
                 "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "
-                "named arguments, not to policy_kwargs['kfac_kwargs']"
+                "named arguments, not to policy_kwargs"
             )
+        taken = sorted(set(kfac_kwargs or {}) & {*KFAC_ARGUMENTS, "lr", "dampening"})
+        if taken:
+            raise ValueError(
+                f"Invalid kfac_kwargs: {', '.join(taken)} are set by ACKTR's own arguments "
+                "(learning_rate, momentum, ...), not through kfac_kwargs"
+            )
+        #: Every K-FAC option of this agent, checked once; the policy's optimizer is built
+        #: from it (its learning rate follows ``learning_rate``).
+        self.kfac_config = KFACConfig.from_options(
+            **(kfac_kwargs or {}),
+            kl_clip=kl_clip,
+            damping=damping,
+            momentum=momentum,
+            dampening=momentum,  # ACKTR's averaged momentum
+            factor_decay=factor_decay,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+            curvature=curvature,
+        )
         check_integer("cold_start_steps", cold_start_steps, 0)
         if target_kl is not None and not target_kl > 0.0:
             raise ValueError(f"Invalid target_kl value: {target_kl!r} (> 0, or None)")
@@ -189,14 +266,6 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             supported_action_spaces=ACTION_SPACES,
         )
         self.vf_fisher_coef = vf_fisher_coef
-        self.kl_clip = kl_clip
-        self.damping = damping
-        self.momentum = momentum
-        self.factor_decay = factor_decay
-        self.factor_update_steps = factor_update_steps
-        self.inv_update_steps = inv_update_steps
-        self.curvature = curvature
-        self.kfac_kwargs = dict(kfac_kwargs or {})
         self.cold_start_steps = cold_start_steps
         self.target_kl = target_kl
         self.trust_region = trust_region
@@ -206,23 +275,52 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         if _init_setup_model:
             self._setup_model()
 
-    def _setup_model(self) -> None:
+    def _kfac_optimizer(self) -> KFAC | None:
+        """The policy's K-FAC optimizer, once the policy exists."""
+        policy = self.__dict__.get("policy")
+        return getattr(policy, "optimizer", None) if policy is not None else None
+
+    @property
+    def kfac_kwargs(self) -> dict[str, Any]:
+        """The K-FAC options not given as ACKTR's own arguments (read-only)."""
+        own = {*KFAC_ARGUMENTS, "lr", "dampening"}
+        return {k: v for k, v in self.kfac_config.kwargs().items() if k not in own}
+
+    def _migrate_legacy_attributes(self) -> None:
+        """A checkpoint of an older version stored the K-FAC options as attributes (and
+        in ``policy_kwargs``), and ``ACKTR.load(..., custom_objects={"damping": ...})``
+        sets them the same way: they go into :attr:`kfac_config`."""
+        legacy = {
+            k: self.__dict__.pop(k) for k in (*KFAC_ARGUMENTS, "kfac_kwargs") if k in self.__dict__
+        }
         self.policy_kwargs = {
-            **self.policy_kwargs,
-            "kfac_kwargs": {
-                **self.kfac_kwargs,
-                "kl_clip": self.kl_clip,
-                "damping": self.damping,
-                "momentum": self.momentum,
-                "dampening": self.momentum,
-                "factor_decay": self.factor_decay,
-                "factor_update_steps": self.factor_update_steps,
-                "inv_update_steps": self.inv_update_steps,
-                "curvature": self.curvature,
-            },
+            k: v
+            for k, v in self.policy_kwargs.items()
+            if k not in ("kfac_kwargs", "kfac_config", "vf_fisher_coef")
+        }
+        if legacy:
+            options = dict(legacy.pop("kfac_kwargs", None) or {})
+            options = {
+                k: v
+                for k, v in options.items()
+                if k not in KFAC_ARGUMENTS and k not in ("lr", "dampening")
+            }
+            if "momentum" in legacy:
+                legacy["dampening"] = legacy["momentum"]
+            self.kfac_config = self.kfac_config.replace(**options, **legacy)
+
+    def _setup_model(self) -> None:
+        self._migrate_legacy_attributes()
+        given = self.policy_kwargs
+        self.policy_kwargs = {
+            **given,
+            "kfac_config": self.kfac_config,
             "vf_fisher_coef": self.vf_fisher_coef,
         }
-        super()._setup_model()
+        try:
+            super()._setup_model()
+        finally:
+            self.policy_kwargs = given  # the config is kept once, in kfac_config
         if not isinstance(self.policy, KFACActorCriticPolicy):
             raise ValueError(
                 f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "

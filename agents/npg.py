@@ -30,7 +30,7 @@ from ngrl.agents.policies import (
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
 )
-from ngrl.optim import conjugate_gradient, fisher_vector_product, flat_grad
+from ngrl.optim import KFACConfig, conjugate_gradient, fisher_vector_product, flat_grad
 from ngrl.optim.hyperparams import check_choice
 
 __all__ = ["NPG"]
@@ -194,13 +194,14 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         ]
         self.actor_kfac: KFAC | None = None
         if self.preconditioner == "kfac":
-            options = {"damping": self.cg_damping, **self.kfac_kwargs}
-            options.update(kl_clip=None, momentum=0.0, lr=1.0)  # used only to precondition
-            self.actor_kfac = KFAC(
-                self.policy,
+            config = KFACConfig.from_options(**{"damping": self.cg_damping, **self.kfac_kwargs})
+            config = config.replace(
+                kl_clip=None,  # used only to precondition
+                momentum=0.0,
+                lr=1.0,
                 skip_layers=[rf"^{prefix.replace('.', '[.]')}(\.|$)" for prefix in CRITIC_PREFIXES],
-                **options,
             )
+            self.actor_kfac = KFAC.from_config(self.policy, config)
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         names = ["policy", "policy.optimizer"]

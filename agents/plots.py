@@ -6,13 +6,10 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ngrl.helpers import write_atomically  # noqa: E402
+from ngrl.helpers import write_atomically
 
 __all__ = ["read_episodes", "rolling_mean", "plot_learning_curve"]
 
@@ -45,7 +42,8 @@ def plot_learning_curve(
 
     The PNG is written atomically: a reader (or a crash) sees the old plot or the new one.
     """
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure = Figure(figsize=(7, 4.2))
+    axes = figure.subplots()
     for index, log in enumerate(episode_logs):
         steps, returns = read_episodes(log)
         if len(steps) == 0:
@@ -61,7 +59,4 @@ def plot_learning_curve(
     if labels:
         axes.legend()
     figure.tight_layout()
-    try:
-        write_atomically(png, lambda target: figure.savefig(target, dpi=110, format="png"))
-    finally:
-        plt.close(figure)
+    write_atomically(png, lambda target: figure.savefig(target, dpi=110, format="png"))

@@ -24,6 +24,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import Tensor
 
 from ngrl import KFAC, fisher_loss
+from ngrl.optim import KFACConfig
 
 __all__ = [
     "ACTION_SPACES",
@@ -57,8 +58,10 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
 
     Args:
         observation_space, action_space, lr_schedule: as for ``ActorCriticPolicy``.
-        kfac_kwargs: keyword arguments of :class:`ngrl.optim.KFAC` (everything but the
-            model and ``lr``, which follows ``lr_schedule`` and the algorithm).
+        kfac_config: the :class:`ngrl.optim.KFACConfig` of the optimizer (its ``lr``
+            follows ``lr_schedule`` and the algorithm); ACKTR passes its own.
+        kfac_kwargs: the same as keyword arguments of :class:`ngrl.optim.KFAC`, for use
+            inside SB3's algorithms (``policy_kwargs=dict(kfac_kwargs={...})``).
         vf_fisher_coef: weight ``c`` of the value head's Gaussian term in the Fisher loss
             captured by :meth:`evaluate_actions`.
         **kwargs: the other ``ActorCriticPolicy`` arguments. ``optimizer_class`` and
@@ -74,6 +77,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         action_space: spaces.Space,
         lr_schedule: Schedule,
         *args: Any,
+        kfac_config: KFACConfig | None = None,
         kfac_kwargs: dict[str, Any] | None = None,
         vf_fisher_coef: float = 1.0,
         **kwargs: Any,
@@ -89,7 +93,9 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
                 UserWarning,
                 stacklevel=2,
             )
-        self.kfac_kwargs = dict(kfac_kwargs or {})
+        if kfac_config is not None and kfac_kwargs:
+            raise ValueError("Invalid K-FAC options: give kfac_config or kfac_kwargs, not both")
+        self.kfac_config = kfac_config or KFACConfig.from_options(**(kfac_kwargs or {}))
         self.vf_fisher_coef = float(vf_fisher_coef)
         super().__init__(observation_space, action_space, lr_schedule, *args, **kwargs)
 
@@ -98,13 +104,13 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         # needs the module itself, so a throw-away SGD (no state) stands in and is replaced.
         self.optimizer_class, self.optimizer_kwargs = torch.optim.SGD, {}
         super()._build(lr_schedule)
-        self.optimizer = KFAC(self, lr=lr_schedule(1), **self.kfac_kwargs)
+        self.optimizer = KFAC.from_config(self, self.kfac_config.replace(lr=lr_schedule(1)))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.pop("optimizer_class", None)
         data.pop("optimizer_kwargs", None)
-        data.update(kfac_kwargs=self.kfac_kwargs, vf_fisher_coef=self.vf_fisher_coef)
+        data.update(kfac_config=self.kfac_config, vf_fisher_coef=self.vf_fisher_coef)
         return data
 
     # --- one forward pass for everything a training step needs ----------------------------

@@ -32,21 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from stable_baselines3.common.vec_env import VecNormalize
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from ngrl.agents.callbacks import EpisodeLog  # noqa: E402
-from ngrl.agents.checkpoints import has_normalizer, load_normalizer  # noqa: E402
-from ngrl.agents.evaluation import evaluate  # noqa: E402
-from ngrl.agents.plots import read_episodes, rolling_mean  # noqa: E402
-from ngrl.agents.presets import algorithm_class, resolve_config  # noqa: E402
-from ngrl.envs import make_vec_env, resolve  # noqa: E402
+from ngrl.agents.callbacks import EpisodeLog
+from ngrl.agents.checkpoints import has_normalizer, load_normalizer
+from ngrl.agents.evaluation import evaluate
+from ngrl.agents.plots import read_episodes, rolling_mean
+from ngrl.agents.presets import algorithm_class, resolve_config
+from ngrl.envs import make_vec_env, resolve
 
 
 @dataclass(frozen=True)
@@ -253,7 +250,8 @@ def results_json(
 
 
 def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png: Path) -> None:
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False)
+    figure = Figure(figsize=(6.5 * len(tasks), 4.2))
+    axes = figure.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         grid = np.linspace(0, task.timesteps, 200)
         for index, algo in enumerate(algos):
@@ -298,7 +296,6 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
             ax.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=110)
-    plt.close(figure)
 
 
 def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:

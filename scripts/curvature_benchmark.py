@@ -37,21 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from ngrl.curvature import available  # noqa: E402
-from ngrl.fisher import layer_indices, per_example_gradients  # noqa: E402
-from ngrl.helpers import write_atomically  # noqa: E402
-from ngrl.optim import KFAC  # noqa: E402
+from ngrl.curvature import available
+from ngrl.fisher import layer_indices, per_example_gradients
+from ngrl.helpers import write_atomically
+from ngrl.optim import KFAC
 
 FIRST_ORDER = ("sgd", "adam")
 SECOND_ORDER_LR = 0.3
@@ -273,7 +270,8 @@ def median_curve(runs: list[dict[str, list[float]]], key: str) -> list[float]:
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    by_epoch, by_time = fig.subplots(1, 2)
     for method, result in results.items():
         loss = median_curve(result["runs"], "loss")
         seconds = median_curve(result["runs"], "seconds")
@@ -293,7 +291,6 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     write_atomically(
         path, lambda target: fig.savefig(target, format="png", dpi=110, bbox_inches="tight")
     )
-    plt.close(fig)
 
 
 def _format_time(value: float | None) -> str:

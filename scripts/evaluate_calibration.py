@@ -35,17 +35,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ngrl.bayes import calibration  # noqa: E402
-from ngrl.bayes.datasets import DATASETS, SPLITS, Dataset, load  # noqa: E402
-from ngrl.bayes.evaluation.methods import (  # noqa: E402
+from ngrl.bayes import calibration
+from ngrl.bayes.datasets import DATASETS, SPLITS, Dataset, load
+from ngrl.bayes.evaluation.methods import (
     METHOD_OPTIONS,
     METHODS,
     SETTINGS,
@@ -55,7 +52,7 @@ from ngrl.bayes.evaluation.methods import (  # noqa: E402
     options_for,
     settings_for,
 )
-from ngrl.helpers import add_override_option, parse_override, write_atomically  # noqa: E402
+from ngrl.helpers import add_override_option, parse_override, write_atomically
 
 EXIT_USAGE = 2
 DEFAULT_METHODS = "adam,vogn,noisy-kfac,slang,noisy-adam,ensemble"
@@ -269,7 +266,8 @@ def _panels(n: int, height: float) -> tuple[Any, list[Any]]:
     """A grid of ``n`` panels, four to a row; the unused ones are hidden."""
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, height * rows), squeeze=False)
+    fig = Figure(figsize=(3.0 * cols, height * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -323,7 +321,6 @@ def plot_reliability(task: str, raw: dict[str, list[dict]], path: Path) -> None:
         axes[0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_spread(task: str, raw: dict[str, list[dict]], path: Path) -> None:
@@ -341,7 +338,6 @@ def plot_spread(task: str, raw: dict[str, list[dict]], path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

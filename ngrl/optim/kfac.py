@@ -16,7 +16,8 @@ from ngrl import distributed
 from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.diagonal import DiagonalBlock
-from ngrl.optim.hyperparams import Schedule, check, check_choice, resolve
+from ngrl.optim.config import SCHEDULABLE, KFACConfig
+from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
 __all__ = ["KFAC"]
@@ -118,7 +119,7 @@ class KFAC(torch.optim.Optimizer):
             raise TypeError(
                 f"KFAC takes the model (an nn.Module) to attach its hooks, got {type(model)}"
             )
-        defaults: dict[str, Any] = dict(
+        config = KFACConfig(
             lr=lr,
             damping=damping,
             kl_clip=kl_clip,
@@ -128,39 +129,34 @@ class KFAC(torch.optim.Optimizer):
             factor_decay=factor_decay,
             factor_update_steps=factor_update_steps,
             inv_update_steps=inv_update_steps,
+            curvature=curvature,
+            skip_layers=skip_layers,  # type: ignore[arg-type]
+            loss_reduction=loss_reduction,
+            stats_batch_size=stats_batch_size,
+            weight_sharing=weight_sharing,
+            curvature_options=curvature_options or {},
+            grad_worker_fraction=grad_worker_fraction,
+            statistics_dtype=statistics_dtype,
         )
-        for name, value in defaults.items():
-            if value is not None and not callable(value):
-                check(name, value)
-        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
-        if stats_batch_size is not None:
-            check("stats_batch_size", stats_batch_size)
-        block_class = get_block_class(curvature)
+        block_class = get_block_class(config.curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
                 f"Invalid model: {type(model).__name__} has no trainable parameters, "
                 "so there is nothing for K-FAC to precondition"
             )
-        if statistics_dtype is not None and not (
-            isinstance(statistics_dtype, torch.dtype) and statistics_dtype.is_floating_point
-        ):
-            raise ValueError(
-                f"Invalid statistics_dtype: {statistics_dtype!r} (a floating torch.dtype)"
-            )
+        defaults = {name: getattr(config, name) for name in SCHEDULABLE}
         super().__init__(params, defaults)
         self.param_groups[0]["step"] = 0
         #: The dtype of every statistic, decomposition and preconditioned gradient,
         #: whatever the dtype of the forward pass (bf16 autocast, a half-precision model).
-        self.statistics_dtype = statistics_dtype or torch.promote_types(
+        self.statistics_dtype = config.statistics_dtype or torch.promote_types(
             params[0].dtype, torch.float32
         )
-        if isinstance(skip_layers, str):
-            skip_layers = (skip_layers,)
-        self.curvature = curvature
-        self.layers: list[Layer] = find_layers(model, skip_layers)
-        options = dict(curvature_options or {})
+        self._config = config
+        self.curvature = config.curvature
+        self.layers: list[Layer] = find_layers(model, config.skip_layers)
+        options = dict(config.curvature_options)
         try:
             self.blocks: dict[str, CurvatureBlock] = {
                 layer.name: (
@@ -172,17 +168,33 @@ class KFAC(torch.optim.Optimizer):
             }
         except TypeError as error:
             raise ValueError(
-                f"Invalid curvature_options for {curvature!r}: {options} ({error})"
+                f"Invalid curvature_options for {config.curvature!r}: {options} ({error})"
             ) from None
         self._block_options = options
         self._capture = Capture(
-            self.layers, self._sink, loss_reduction, stats_batch_size, weight_sharing
+            self.layers,
+            self._sink,
+            config.loss_reduction,
+            config.stats_batch_size,
+            config.weight_sharing,
         )
         self._warned_uncaptured = False
         #: The trust-region scale ``ν`` of the last step (one per part for step_parts).
         self.trust_region_scales: list[float] = []
-        self.grad_worker_fraction = distributed.check_grad_worker_fraction(grad_worker_fraction)
+        self.grad_worker_fraction = config.grad_worker_fraction
         self._plan: distributed.LocalPlan | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: KFACConfig) -> KFAC:
+        """The optimizer of ``model`` with every argument from ``config``."""
+        return cls(model, **config.kwargs())
+
+    @property
+    def config(self) -> KFACConfig:
+        """The optimizer's arguments, with the current values of those that
+        ``param_groups[0]`` carries (which schedulers and agents may change)."""
+        group = self.param_groups[0]
+        return self._config.replace(**{name: group[name] for name in SCHEDULABLE})
 
     # --- hyperparameters --------------------------------------------------------------
     @property

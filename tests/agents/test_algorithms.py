@@ -245,3 +245,48 @@ def test_the_adaptive_learning_rate_follows_the_measured_kl() -> None:
         if shift:
             measured = model.logger.name_to_value["train/approx_kl"]
             assert measured == pytest.approx(shift**2 / 2, rel=0.15)
+
+
+# --- the K-FAC options of an agent: one config, and assignments that work or raise ----------
+def test_assigning_a_kfac_hyperparameter_changes_the_optimizer() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=8, seed=0)
+    optimizer = model.policy.optimizer
+    model.damping = 0.05
+    model.momentum = 0.5
+    assert optimizer.param_groups[0]["damping"] == model.damping == 0.05
+    assert optimizer.param_groups[0]["dampening"] == optimizer.param_groups[0]["momentum"] == 0.5
+    assert model.cold_optimizer.param_groups[0]["momentum"] == 0.5
+    assert model.kfac_config == optimizer.config.replace(lr=model.kfac_config.lr)
+    with pytest.raises(ValueError, match="Invalid damping value"):
+        model.damping = -1.0
+    assert optimizer.param_groups[0]["damping"] == 0.05
+    with pytest.raises(AttributeError, match="ACKTR.curvature.*ACKTR\\(\\.\\.\\., curvature="):
+        model.curvature = "ekfac"
+    assert (
+        model.curvature == "kfac" and type(optimizer.blocks["action_net"]).__name__ == "KFACBlock"
+    )
+
+
+def test_an_assigned_hyperparameter_survives_save_and_load(tmp_path) -> None:  # noqa: ANN001
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=8, seed=0)
+    model.damping = 0.05
+    model.save(tmp_path / "model.zip")
+    loaded = ACKTR.load(tmp_path / "model.zip")
+    assert loaded.damping == loaded.kfac_config.damping == 0.05
+    assert "kfac_config" not in loaded.policy_kwargs  # kept once, in ACKTR.kfac_config
+
+
+def test_the_kfac_options_of_an_older_checkpoint_become_the_config() -> None:
+    model = ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), n_steps=8, seed=0)
+    # How a checkpoint of an older version sets them: plain attributes, and policy_kwargs.
+    model.__dict__.update(damping=0.05, kfac_kwargs={"stats_batch_size": 4}, curvature="tkfac")
+    model.policy_kwargs = {"kfac_kwargs": {"damping": 0.05}, "vf_fisher_coef": 1.0}
+    model._setup_model()
+    optimizer = model.policy.optimizer
+    assert optimizer.config.damping == 0.05 and optimizer.config.stats_batch_size == 4
+    assert optimizer.curvature == "tkfac" and model.policy_kwargs == {}
+
+
+def test_kfac_options_are_given_once() -> None:
+    with pytest.raises(ValueError, match="damping are set by ACKTR's own arguments"):
+        ACKTR("MlpPolicy", make_vec_env("CartPole", 2, seed=0), kfac_kwargs={"damping": 0.1})

@@ -82,5 +82,6 @@ def test_load_refuses_a_checkpoint_of_another_curvature(tmp_path: Path) -> None:
     model.learn(160)
     model.save(tmp_path / "model.zip")
     with pytest.raises(ValueError, match="'ekfac' curvature statistics.*uses 'kfac'"):
-        ACKTR.load(tmp_path / "model.zip", env=env, custom_objects={"curvature": "kfac"})
+        other = model.kfac_config.replace(curvature="kfac")
+        ACKTR.load(tmp_path / "model.zip", env=env, custom_objects={"kfac_config": other})
     assert ACKTR.load(tmp_path / "model.zip", env=env).curvature == "ekfac"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from ngrl.curvature import available
 from ngrl.curvature.diagonal import DiagonalBlock
-from ngrl.optim import KFAC, kl_clip_scale
+from ngrl.optim import KFAC, KFACConfig, kl_clip_scale
 from tests.helpers.oracle import (
     capture_batch,
     flat_parameters,
@@ -465,3 +466,49 @@ def test_a_non_finite_part_skips_the_whole_step() -> None:
 def layer_positions(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
     ids = [id(p) for p in model.parameters()]
     return [ids.index(id(p)) for p in params]
+
+
+# --- one typed configuration ---------------------------------------------------------------
+def test_a_config_builds_the_same_optimizer_as_its_keyword_arguments() -> None:
+    config = KFACConfig(damping=0.05, kl_clip=1e-2, curvature="tkfac", stats_batch_size=8)
+    model_a, by_kwargs = make(damping=0.05, kl_clip=1e-2, curvature="tkfac", stats_batch_size=8)
+    model_b, _ = make()
+    by_config = KFAC.from_config(model_b, config)
+    assert by_config.config == by_kwargs.config == config
+    for seed in range(3):
+        train_step(model_a, by_kwargs, seed)
+        train_step(model_b, by_config, seed)
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_config_shows_the_values_a_scheduler_set() -> None:
+    _, opt = make(damping=0.05)
+    opt.param_groups[0]["damping"] = 0.2
+    assert opt.config.damping == 0.2
+    assert opt.config.replace(damping=0.3).damping == 0.3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"damping": 0.0}, "Invalid damping value"),
+        ({"curvature": "kfca"}, "kfac"),
+        ({"weight_sharing": "x"}, "Invalid weight_sharing"),
+        ({"grad_worker_fraction": 2.0}, "Invalid grad_worker_fraction"),
+        ({"dampingg": 1.0}, "Invalid K-FAC option.*dampingg.*damping"),
+    ],
+)
+def test_a_bad_config_names_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KFACConfig.from_options(**options)
+
+
+def test_a_config_is_frozen_and_pickles() -> None:
+    config = KFACConfig(curvature_options={"damping_rule": "factored"}, skip_layers="head")
+    assert config.skip_layers == ("head",)
+    with pytest.raises(AttributeError):
+        config.damping = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.curvature_options["damping_rule"] = "exact"  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(config)) == config
