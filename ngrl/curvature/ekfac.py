@@ -6,10 +6,12 @@ from torch import Tensor
 
 from ngrl.capture import squared_gradient_sum
 from ngrl.curvature.base import (
+    CurvatureBlock,
     PendingStatistics,
     blend,
     checked_state,
     eigenbasis_power,
+    eigenbasis_sample,
     eigenbasis_solve,
     kronecker_dense,
     register,
@@ -21,7 +23,7 @@ __all__ = ["EKFACBlock"]
 
 
 @register("ekfac")
-class EKFACBlock(KFACBlock):
+class EKFACBlock(CurvatureBlock):
     """Eigenvalue-corrected K-FAC (George et al. 2018, arXiv:1806.03884).
 
     K-FAC's eigenbases ``Q_A``, ``Q_G`` (of ``A = E[Σ_t ā ā ᵀ]`` and ``G = E[(1/T) Σ_t g gᵀ]``)
@@ -39,6 +41,10 @@ class EKFACBlock(KFACBlock):
     then carried into the new basis as the diagonal of the old approximation there, the
     best it can do without the old per-example gradients. The first batch sets the basis.
 
+    ``A`` and ``G`` are K-FAC's statistics, kept by an inner :class:`KFACBlock`
+    (:attr:`kfac`); the inverse is EKFAC's own (it uses neither K-FAC's eigenvalues nor
+    its damping rule).
+
     Exact for dense and convolutional layers with ``weight_sharing="expand"`` (the
     per-example gradients ``Σ_t g_t ā_tᵀ`` are formed in the rotated basis).
 
@@ -51,37 +57,46 @@ class EKFACBlock(KFACBlock):
     data_parallel = "local"  # the first batch picks the basis of S on each rank
 
     def __init__(self, shape: tuple[int, ...], *, float64_max_dim: int = 1024) -> None:
-        super().__init__(shape, float64_max_dim=float64_max_dim)
+        #: K-FAC's running factors, for their eigenbases (K-FAC's statistics, not its inverse).
+        self.kfac = KFACBlock(shape, float64_max_dim=float64_max_dim)
+        self.shape = self.kfac.shape
+        self.float64_max_dim = float64_max_dim
         self.scalings: Tensor | None = None
         self._basis: tuple[Tensor, Tensor] | None = None  # (Q_G, Q_A)
         self._pending = PendingStatistics()
 
+    # --- statistics -------------------------------------------------------------------
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
-        super().accumulate(a, g)
+        self.kfac.accumulate(a, g)
         self._pending.add(a, g, "EKFAC")
+
+    def pending_is_finite(self) -> bool:
+        return self._pending.is_finite()
 
     def commit(self, factor_decay: float) -> None:
         batch = self._pending.batch()
         if batch is None:
             return
         a, g = batch
-        super().commit(factor_decay)  # running A and G
+        self.kfac.commit(factor_decay)  # running A and G
         if self._basis is None:
             self._basis = self._eigenbasis()
         g_basis, a_basis = self._basis
         second_moments = squared_gradient_sum(a @ a_basis, g @ g_basis) / a.shape[0]
         self.scalings = blend(self.scalings, second_moments, factor_decay)
+        self._pending.clear()
 
     def discard(self) -> None:
-        super().discard()
+        self.kfac.discard()
         self._pending.clear()
 
     @property
     def initialized(self) -> bool:
         return self.scalings is not None
 
+    # --- inverse ----------------------------------------------------------------------
     def _eigenbasis(self) -> tuple[Tensor, Tensor]:
-        g_factor, a_factor = self.factors()
+        g_factor, a_factor = self.kfac.factors()
         _, a_basis = symmetric_eigh(a_factor, self.float64_max_dim)
         _, g_basis = symmetric_eigh(g_factor, self.float64_max_dim)
         return g_basis, a_basis
@@ -99,6 +114,13 @@ class EKFACBlock(KFACBlock):
         self.scalings = carry_g @ self.scalings @ carry_a.T
         self._basis = (new_g, new_a)
 
+    def _damped_eigen(self, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+        assert self._basis is not None and self.scalings is not None, (
+            "EKFAC used before any statistics"
+        )
+        g_basis, a_basis = self._basis
+        return g_basis, a_basis, self.scalings + damping
+
     def precondition(self, grad: Tensor, damping: float) -> Tensor:
         assert self._basis is not None and self.scalings is not None, (
             "precondition() before any statistics"
@@ -107,17 +129,19 @@ class EKFACBlock(KFACBlock):
         return eigenbasis_solve(grad, g_basis, a_basis, self.scalings, damping)
 
     def _matpower(self, v: Tensor, damping: float, power: float) -> Tensor:
-        assert self._basis is not None and self.scalings is not None
-        g_basis, a_basis = self._basis
-        return eigenbasis_power(v, g_basis, a_basis, self.scalings + damping, power)
+        return eigenbasis_power(v, *self._damped_eigen(damping), power)
 
+    def sample_matpower(self, damping: float, power: float) -> Tensor:
+        return eigenbasis_sample(*self._damped_eigen(damping), power)
+
+    # --- inspection and checkpoints ---------------------------------------------------
     def to_dense(self) -> Tensor:
         assert self._basis is not None and self.scalings is not None
         g_basis, a_basis = self._basis
         return kronecker_dense(g_basis, a_basis, self.scalings)
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = super().state_dict()
+        state = self.kfac.state_dict()
         if state:
             assert self._basis is not None and self.scalings is not None
             state.update(
@@ -136,7 +160,8 @@ class EKFACBlock(KFACBlock):
                 checked_state(state, "g_basis", (d_out, d_out), name),
                 checked_state(state, "a_basis", (d_in, d_in), name),
             )
-        super().load_state_dict(state)
+        self.kfac.load_state_dict({k: v for k, v in state.items() if k in KFACBlock.state_keys})
+        self._pending.clear()
         if state:
             self.scalings, self._basis = scalings, basis
         else:

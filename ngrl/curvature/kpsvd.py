@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ngrl.curvature.base import PendingStatistics, blend, register
-from ngrl.curvature.kfac import KFACBlock
+from ngrl.curvature.kronecker_product import KroneckerProductBlock
 
 __all__ = ["KPSVDBlock", "RearrangedFisher", "best_kronecker", "check_power_iteration_options"]
 
@@ -115,7 +115,7 @@ def check_power_iteration_options(power_iterations: int, tolerance: float) -> No
 
 
 @register("kpsvd")
-class KPSVDBlock(KFACBlock):
+class KPSVDBlock(KroneckerProductBlock):
     """KPSVD (Koroko et al. 2022, arXiv:2201.10285): ``F̂ = G ⊗ A`` with
 
         (G, A) = argmin_{G, A} ‖F − G ⊗ A‖_F,
@@ -128,8 +128,8 @@ class KPSVDBlock(KFACBlock):
     Each captured batch gets its own pair (warm-started from the running ``A``), scaled so
     both factors have norm ``√σ₁``; the running factors blend them with ``factor_decay``
     like K-FAC's. The factors are PSD (the power iteration maps PSD matrices to PSD
-    matrices), so preconditioning is K-FAC's: exact damping in the eigenbases, or the
-    factored rule.
+    matrices), so the block is inverted like every Kronecker product
+    (:class:`KroneckerProductBlock`): exact damping in the eigenbases, or the factored rule.
 
     Args:
         shape: ``(d_out, d_in)`` of the combined parameter ``Ŵ = [W | b]``.
@@ -153,11 +153,11 @@ class KPSVDBlock(KFACBlock):
         tolerance: float = 1e-4,
         float64_max_dim: int = 1024,
     ) -> None:
-        super().__init__(shape, damping_rule=damping_rule, float64_max_dim=float64_max_dim)
         check_power_iteration_options(power_iterations, tolerance)
         self.power_iterations = power_iterations
         self.tolerance = tolerance
         self._pending = PendingStatistics()
+        super().__init__(shape, damping_rule=damping_rule, float64_max_dim=float64_max_dim)
 
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
         self._pending.add(a, g, "KPSVD")
@@ -185,5 +185,4 @@ class KPSVDBlock(KFACBlock):
         self.discard()
 
     def discard(self) -> None:
-        super().discard()
         self._pending.clear()

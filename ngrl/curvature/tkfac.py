@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor
 
 from ngrl.capture import squared_gradient_norm_sum
@@ -33,16 +31,8 @@ class TKFACBlock(KFACBlock):
 
     state_keys = ("a_factor", "g_factor", "trace")
 
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        *,
-        damping_rule: Literal["exact", "factored"] = "exact",
-        float64_max_dim: int = 1024,
-    ) -> None:
-        super().__init__(shape, damping_rule=damping_rule, float64_max_dim=float64_max_dim)
-        self.trace: Tensor | None = None
-        self._trace_sum: Tensor | None = None
+    trace: Tensor | None = None  # τ, the running trace of the exact block
+    _trace_sum: Tensor | None = None
 
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
         super().accumulate(a, g)
