@@ -12,6 +12,8 @@ comparison keeps its finished runs), a Markdown table and a PNG of the learning 
 each run's episodes go to ``OUT.runs/`` as they finish.
 
     python scripts/compare_rl.py --suite classic --seeds 3 --out docs/compare_rl_classic
+    python scripts/compare_rl.py --suite mujoco --seeds 1 --seed-start 0 --algos npg:kfac \
+        --out /tmp/mujoco_npg_s0
     python scripts/compare_rl.py --suite breakout --seeds 1 --seed-start 2 --algos acktr \
         --out /tmp/breakout_acktr_s2
 
@@ -50,7 +52,7 @@ from ngrl.envs import make_vec_env, resolve
 class Task:
     env: str
     timesteps: int
-    n_envs: int
+    n_envs: int | None  # None: each algorithm's preset chooses (MuJoCo presets differ)
     threshold: float
     marks: tuple[int, ...] = ()  # timesteps at which the mean training return is read
 
@@ -61,8 +63,20 @@ SUITES: dict[str, list[Task]] = {
         Task("InvertedPendulum", 100_000, 8, 950.0),
     ],
     "breakout": [Task("Breakout", 1_500_000, 32, 10.0, (500_000, 1_000_000, 1_500_000))],
+    # Thresholds near tianshou's TRPO at 1M; each algorithm with its preset's envs.
+    "mujoco": [
+        Task("HalfCheetah", 1_000_000, None, 3000.0, (300_000, 500_000, 1_000_000)),
+        Task("Walker2d", 1_000_000, None, 3000.0, (300_000, 500_000, 1_000_000)),
+        Task("Hopper", 1_000_000, None, 2500.0, (300_000, 500_000, 1_000_000)),
+    ],
 }
-ALGOS = {"classic": ["acktr", "a2c", "ppo", "trpo-sb3"], "breakout": ["acktr", "a2c", "ppo"]}
+ALGOS = {
+    "classic": ["acktr", "a2c", "ppo", "trpo-sb3"],
+    "breakout": ["acktr", "a2c", "ppo"],
+    # ngrl's natural-gradient agents (NPG with the K-FAC preconditioner: npg:kfac) and the
+    # first-order and TRPO peers.
+    "mujoco": ["acktr", "npg:kfac", "trpo", "ppo", "trpo-sb3"],
+}
 #: Published curves drawn beside the runs: openai/baselines' means of 6 seeds on
 #: BreakoutNoFrameskip-v4 (its benchmark page), mean return at 1M, 1.5M and 2M steps.
 ANCHORS: dict[str, dict[str, list[tuple[float, float]]]] = {
@@ -71,6 +85,18 @@ ANCHORS: dict[str, dict[str, list[tuple[float, float]]]] = {
         "baselines A2C": [(1e6, 2.9), (1.5e6, 8.2), (2e6, 18.9)],
         "baselines PPO2": [(1e6, 22.1), (1.5e6, 32.1), (2e6, 47.5)],
     },
+    # tianshou's MuJoCo benchmark (10 seeds), mean return at 1M steps.
+    "HalfCheetah": {
+        "tianshou TRPO": [(1e6, 4471.0)],
+        "tianshou NPG": [(1e6, 3485.0)],
+        "tianshou PPO": [(1e6, 5784.0)],
+    },
+    "Walker2d": {
+        "tianshou TRPO": [(1e6, 3827.0)],
+        "tianshou NPG": [(1e6, 2503.0)],
+        "tianshou PPO": [(1e6, 3589.0)],
+    },
+    "Hopper": {"tianshou NPG": [(1e6, 1915.0)]},
 }
 WINDOW = 20
 MARK_WINDOW = 100  # episodes averaged at a mark (openai/baselines' curves)
@@ -103,7 +129,7 @@ def build(label: str, task: Task, seed: int) -> Any:
     spec = resolve(task.env)
     config = build_config(label, task)
     config.timesteps = task.timesteps  # schedules follow the shared budget
-    env = make_vec_env(spec.gym_id, task.n_envs, seed=seed)
+    env = make_vec_env(spec.gym_id, task.n_envs or config.n_envs, seed=seed)
     if config.normalize:
         env = VecNormalize(env)
     if algo == "trpo-sb3":
@@ -166,7 +192,7 @@ def run(algo: str, task: Task, seed: int, folder: Path) -> dict[str, Any]:
         "env": task.env,
         "seed": seed,
         "timesteps": task.timesteps,
-        "n_envs": task.n_envs,
+        "n_envs": model.n_envs,
         "seconds": seconds,
         "ms_per_1000_steps": 1000.0 * seconds / task.timesteps * 1000.0,
         "steps_to_threshold": steps_to_threshold(steps, returns, task.threshold),
@@ -288,7 +314,7 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
                     label=f"{name} (published)",
                 )
         ax.axhline(task.threshold, color="gray", linestyle=":", linewidth=1)
-        ax.set_title(f"{task.env} ({task.n_envs} envs)")
+        ax.set_title(f"{task.env} ({task.n_envs} envs)" if task.n_envs else task.env)
         ax.set_xlabel("timesteps")
         ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
         ax.grid(alpha=0.3)
@@ -427,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         "--suite",
         choices=sorted(SUITES),
         default="classic",
-        help="classic: CartPole and InvertedPendulum; breakout: Breakout",
+        help="classic: CartPole and InvertedPendulum; breakout: Breakout; mujoco: "
+        "HalfCheetah, Walker2d and Hopper at 1M steps (each algorithm with its preset's envs)",
     )
     parser.add_argument(
         "--seeds", type=int, default=3, help="number of seeds (default: 3), from --seed-start on"

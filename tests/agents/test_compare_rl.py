@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -328,3 +329,19 @@ def test_bad_counts_stop_before_training(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_mujoco_suite_builds_every_algorithm_with_its_presets_envs() -> None:
+    compare = load_script("compare_rl")
+    bench_extra = importlib.util.find_spec("sb3_contrib") is not None  # for trpo-sb3
+    labels = [label for label in compare.ALGOS["mujoco"] if label != "trpo-sb3" or bench_extra]
+    assert {"acktr", "npg:kfac", "trpo", "ppo"} <= set(labels)
+    walker = next(task for task in compare.SUITES["mujoco"] if task.env == "Walker2d")
+    for label in labels:
+        model = compare.build(label, walker, seed=0)
+        assert model.n_envs == compare.build_config(label, walker).n_envs, label
+        if label == "npg:kfac":
+            assert model.actor_kfac is not None  # K-FAC preconditions, not conjugate gradient
+        model.env.close()
+    for task in compare.SUITES["mujoco"]:  # every task has its env and its published marks
+        assert compare.resolve(task.env).family == "mujoco" and task.marks[-1] == task.timesteps
