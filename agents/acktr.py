@@ -60,6 +60,9 @@ KFAC_ARGUMENTS = (
     "inv_update_steps",
     "curvature",
 )
+#: The K-FAC options ACKTR sets itself (its own arguments, the schedule's lr, dampening =
+#: momentum): never taken from ``kfac_kwargs``.
+OWN_OPTIONS = frozenset({*KFAC_ARGUMENTS, "lr", "dampening"})
 
 
 class KFACSetting:
@@ -217,7 +220,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "
                 "named arguments, not to policy_kwargs"
             )
-        taken = sorted(set(kfac_kwargs or {}) & {*KFAC_ARGUMENTS, "lr", "dampening"})
+        taken = sorted(set(kfac_kwargs or {}) & OWN_OPTIONS)
         if taken:
             raise ValueError(
                 f"Invalid kfac_kwargs: {', '.join(taken)} are set by ACKTR's own arguments "
@@ -283,8 +286,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     @property
     def kfac_kwargs(self) -> dict[str, Any]:
         """The K-FAC options not given as ACKTR's own arguments (read-only)."""
-        own = {*KFAC_ARGUMENTS, "lr", "dampening"}
-        return {k: v for k, v in self.kfac_config.kwargs().items() if k not in own}
+        return {k: v for k, v in self.kfac_config.kwargs().items() if k not in OWN_OPTIONS}
 
     def _migrate_legacy_attributes(self) -> None:
         """A checkpoint of an older version stored the K-FAC options as attributes (and
@@ -299,12 +301,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             if k not in ("kfac_kwargs", "kfac_config", "vf_fisher_coef")
         }
         if legacy:
-            options = dict(legacy.pop("kfac_kwargs", None) or {})
-            options = {
-                k: v
-                for k, v in options.items()
-                if k not in KFAC_ARGUMENTS and k not in ("lr", "dampening")
-            }
+            saved = legacy.pop("kfac_kwargs", None) or {}
+            options = {k: v for k, v in saved.items() if k not in OWN_OPTIONS}
             if "momentum" in legacy:
                 legacy["dampening"] = legacy["momentum"]
             self.kfac_config = self.kfac_config.replace(**options, **legacy)

@@ -12,6 +12,7 @@ import torch
 
 from ngrl.capture import Reduction, WeightSharing
 from ngrl.curvature.base import get_block_class
+from ngrl.distributed import check_grad_worker_fraction
 from ngrl.optim.hyperparams import Schedule, check, check_choice
 
 __all__ = ["SCHEDULABLE", "KFACConfig"]
@@ -77,10 +78,7 @@ class KFACConfig:
         check_choice("weight_sharing", self.weight_sharing, ("expand", "reduce"))
         if self.stats_batch_size is not None:
             check("stats_batch_size", self.stats_batch_size)
-        if not 0.0 < self.grad_worker_fraction <= 1.0:
-            raise ValueError(
-                f"Invalid grad_worker_fraction value: {self.grad_worker_fraction} (in (0, 1])"
-            )
+        check_grad_worker_fraction(self.grad_worker_fraction)
         if self.statistics_dtype is not None and not (
             isinstance(self.statistics_dtype, torch.dtype)
             and self.statistics_dtype.is_floating_point
