@@ -24,11 +24,15 @@ demo: $(STAMP)
 	$(PY) scripts/demo_kfac_vs_sgd.py
 	$(PY) -m ngrl.train acktr --env Breakout --timesteps $(DEMO_TIMESTEPS) --eval-episodes 5
 
+# One worker per core; `--dist loadfile` keeps a file's tests (and the processes its
+# module fixtures start) on one worker.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not benchmark" -q
+	$(PYTEST) -m "not slow and not gpu and not benchmark"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

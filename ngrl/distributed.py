@@ -285,11 +285,16 @@ class LocalPlan:
         for block in blocks.values():
             block.refresh(damping)
 
-    def precondition(
-        self, blocks: Mapping[str, CurvatureBlock], grads: Mapping[str, Tensor], damping: float
+    def preconditioned_here(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The gradients this rank preconditions itself (all of them, for one process)."""
+        return dict(grads)
+
+    def gather_directions(
+        self, directions: Mapping[str, Tensor], grads: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        """``X = (F̂ + λI)⁻¹ ∇Ŵ`` for every layer in ``grads``."""
-        return {name: blocks[name].precondition(grad, damping) for name, grad in grads.items()}
+        """Every layer's preconditioned gradient (of ``grads``) on this rank, given those
+        it computed itself."""
+        return dict(directions)
 
 
 class KaisaPlan(LocalPlan):
@@ -321,20 +326,22 @@ class KaisaPlan(LocalPlan):
         super().refresh({n: b for n, b in blocks.items() if n not in owners}, damping)
         self._share_from_owners({n: b for n, b in blocks.items() if n in owners}, damping)
 
-    def precondition(
-        self, blocks: Mapping[str, CurvatureBlock], grads: Mapping[str, Tensor], damping: float
-    ) -> dict[str, Tensor]:
+    def preconditioned_here(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         me, plan = rank(), self.assignment
-        mine = {
+        return {
             name: grad
             for name, grad in grads.items()
             if name not in plan.owners or plan.is_grad_worker(name, me)
         }
-        directions = super().precondition(blocks, mine, damping)
-        if plan.grad_workers < plan.world:
-            shared = [name for name in grads if name in plan.owners]
-            directions = self._share_with_row(shared, directions, grads)
-        return directions
+
+    def gather_directions(
+        self, directions: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        plan = self.assignment
+        if plan.grad_workers == plan.world:
+            return dict(directions)
+        shared = [name for name in grads if name in plan.owners]
+        return self._share_with_row(shared, directions, grads)
 
     def _share_from_owners(self, blocks: Mapping[str, CurvatureBlock], damping: float) -> None:
         """Each owner refreshes its blocks and sends their derived state to its column:

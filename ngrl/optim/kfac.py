@@ -371,7 +371,13 @@ class KFAC(torch.optim.Optimizer):
         with self._exact_dtype():
             if refresh and self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
                 plan.refresh({name: self.blocks[name] for name in grads}, damping)
-            directions = plan.precondition(self.blocks, grads, damping)  # X = (F̂ + λI)⁻¹ ∇Ŵ
+            directions = plan.gather_directions(
+                {  # X = (F̂ + λI)⁻¹ ∇Ŵ
+                    name: self.blocks[name].precondition(grad, damping)
+                    for name, grad in plan.preconditioned_here(grads).items()
+                },
+                grads,
+            )
         quadratic = self._quadratic(directions, grads)
         if quadratic is None:
             return None

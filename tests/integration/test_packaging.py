@@ -28,25 +28,23 @@ def _project_with_its_own_agents_and_envs(path: Path) -> Path:
 
 def test_a_project_with_its_own_agents_and_envs_packages_runs_the_cli(tmp_path: Path) -> None:
     project = _project_with_its_own_agents_and_envs(tmp_path)
+    # One interpreter (started in the project folder, which is first on sys.path, as for
+    # `python -m`) checks the imports, then runs the CLI as `python -m ngrl.train` would.
+    argv = ["acktr", "--env", "CartPole", "--timesteps", "64", "--no-progress",
+            "--eval-episodes", "0", "--log-dir", str(tmp_path / "run")]  # fmt: skip
     code = (
+        "import runpy, sys\n"
         "import agents, envs\n"
         "from ngrl.agents import ACKTR\n"
         "from ngrl.envs import make_vec_env\n"
         "assert (agents.MINE, envs.MINE) == ('agents', 'envs')\n"
         "assert ACKTR.__module__ == 'ngrl.agents.acktr'\n"
+        f"sys.argv = ['ngrl.train', *{argv!r}]\n"
+        "runpy.run_module('ngrl.train', run_name='__main__', alter_sys=True)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    done = subprocess.run(
-        [sys.executable, "-m", "ngrl.train", "acktr", "--env", "CartPole", "--timesteps", "64",
-         "--no-progress", "--eval-episodes", "0", "--log-dir", str(tmp_path / "run")],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoint.zip").is_file()
 
@@ -56,7 +54,8 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("ngrl", "agents", "bayes", "envs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "docs/LICENSE"):
+        (source / name).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, source / name)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -72,6 +71,7 @@ def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     for module in ("agents/acktr.py", "agents/presets.toml", "bayes/evaluation/methods.py"):
         assert f"ngrl/{module}" in names
     assert "ngrl/envs/atari.py" in names
+    assert any(name.endswith(".dist-info/licenses/docs/LICENSE") for name in names)
 
 
 def test_a_checkpoint_from_the_top_level_layout_loads(

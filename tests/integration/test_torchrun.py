@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ngrl.agents import ACKTR
+from ngrl.agents.run import EXIT_USAGE, UsageError, _check_distributed
 from ngrl.train import main
 
 
@@ -84,8 +87,15 @@ def test_two_ranks_train_and_a_single_process_resumes(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["acktr", "--env", "CartPole", "--n-envs", "3"], "cannot be split evenly over 2 ranks"),
-        (["npg", "--env", "CartPole"], "cannot run on several ranks yet"),
-        (["acktr", "--env", "CartPole", "--dist-timeout", "0"], "--dist-timeout must be > 0"),
+        # The other two messages are pinned in one process below; here they cost ~5 s each.
+        pytest.param(
+            ["npg", "--env", "CartPole"], "cannot run on several ranks yet", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ["acktr", "--env", "CartPole", "--dist-timeout", "0"],
+            "--dist-timeout must be > 0",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_input_under_torchrun_is_one_line_per_job(
@@ -96,6 +106,34 @@ def test_bad_input_under_torchrun_is_one_line_per_job(
     errors = [line for line in done.stderr.splitlines() if line.startswith("ngrl.train: error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_dist_timeout_is_refused_before_joining_the_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As rank 0 of 2 sees it: the check comes before the process group would wait for rank 1.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    argv = ["acktr", "--env", "CartPole", "--dist-timeout", "0", "--log-dir", str(run)]
+    assert main(argv) == EXIT_USAGE
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["ngrl.train: error: --dist-timeout must be > 0, got 0.0"]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("algo", "n_envs", "message"),
+    [
+        ("npg", 8, "npg cannot run on several ranks yet"),
+        ("acktr", 3, "--n-envs 3 cannot be split evenly over 2 ranks; use a multiple of 2"),
+    ],
+)
+def test_the_checks_of_several_ranks_name_the_problem(algo: str, n_envs: int, message: str) -> None:
+    args = argparse.Namespace(algo=algo)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        _check_distributed(args, argparse.Namespace(n_envs=n_envs), world=2)
+    _check_distributed(argparse.Namespace(algo="acktr"), argparse.Namespace(n_envs=4), world=2)
 
 
 @pytest.mark.slow  # two full CartPole runs (~30 s on 2 cores)
