@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BlockPosterior",
     "DiagonalPosterior",
     "KroneckerFactors",
     "KroneckerPosterior",
+    "LayerCovariance",
     "LowRankPosterior",
     "Posterior",
 ]
@@ -101,4 +103,36 @@ class KroneckerPosterior(Posterior):
         for factors in self.layers.values():
             idx = factors.index
             dense[idx[:, None], idx[None, :]] = block(factors)
+        return dense
+
+
+@dataclass(frozen=True)
+class LayerCovariance:
+    """One layer's dense covariance over its ``Ŵ = [W | b]`` in row-major order; ``index``
+    maps that order to flat positions."""
+
+    covariance: Tensor
+    index: Tensor
+
+
+@dataclass(frozen=True)
+class BlockPosterior(Posterior):
+    """Block-diagonal over layers, each block dense (noisy natural gradient with any
+    curvature); parameters outside the blocks have the precision ``isotropic``."""
+
+    isotropic: float
+    layers: dict[str, LayerCovariance]
+
+    def precision(self) -> Tensor:
+        return self._blocks(self.isotropic, torch.linalg.inv)
+
+    def covariance(self) -> Tensor:
+        return self._blocks(1.0 / self.isotropic, lambda covariance: covariance)
+
+    def _blocks(self, diagonal: float, block: Callable[[Tensor], Tensor]) -> Tensor:
+        size = self.mean.numel()
+        dense = diagonal * torch.eye(size, dtype=self.mean.dtype, device=self.mean.device)
+        for layer in self.layers.values():
+            idx = layer.index
+            dense[idx[:, None], idx[None, :]] = block(layer.covariance)
         return dense

@@ -9,8 +9,9 @@ for each seed; the test-set metrics of ``ngrl.bayes.calibration`` are reported a
 standard deviation over the seeds. The run folder gets:
 
 * ``results.json``: the command, settings and options, and per method every metric
-  (mean, std and the per-seed values) and the training time;
-* ``results.md``: the same as a Markdown table;
+  (mean, std and the per-seed values), the training time and, when ``adam`` is among
+  the methods, the paired differences from it (:func:`paired_difference`);
+* ``results.md``: the same as Markdown tables;
 * ``reliability.png``: the reliability diagrams of all methods side by side (15 bins,
   test predictions of all seeds pooled); for regression, observed against nominal
   interval coverage;
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -71,6 +73,9 @@ TABLE_METRICS = {
     "regression": ["nll", "rmse", "coverage_50", "coverage_90", "coverage_95"],
 }
 HIGHER_IS_BETTER = {"accuracy", "auroc_misclassification"}
+# Compared with the reference method seed by seed (same split, batches and initialisation).
+PAIRED_METRICS = {"classification": ["nll", "ece_15"], "regression": ["nll"]}
+REFERENCE = "adam"
 
 
 class UsageError(Exception):
@@ -224,6 +229,47 @@ def summarise(values: list[float]) -> dict[str, Any]:
     }
 
 
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """``method − reference`` per seed (the seeds both have, finite): the mean difference
+    with its 95% Student-t interval, and whether that interval excludes 0."""
+    seeds = sorted(
+        s for s in values.keys() & reference.keys() if np.isfinite(values[s] - reference[s])
+    )
+    diffs = [values[s] - reference[s] for s in seeds]
+    mean = statistics.fmean(diffs) if diffs else float("nan")
+    if len(diffs) < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "seeds": seeds,
+                "significant": False}  # fmt: skip
+    half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs)
+    half /= len(diffs) ** 0.5
+    low, high = mean - half, mean + half
+    return {"mean": mean, "low": low, "high": high, "seeds": seeds,
+            "significant": bool(low > 0.0 or high < 0.0)}  # fmt: skip
+
+
+def paired_table(task: str, results: dict[str, Any]) -> str:
+    """The paired differences from the reference method as a Markdown table."""
+    columns = PAIRED_METRICS[task]
+    lines = [
+        f"Paired against {REFERENCE} (method − {REFERENCE} per seed: mean [95% interval]; "
+        "n.s. where the interval contains 0):",
+        "",
+        "| method | " + " | ".join(f"Δ {c}" for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for method, result in results.items():
+        paired = result.get("paired")
+        if method == REFERENCE or not paired:
+            continue
+        cells = []
+        for column in columns:
+            d = paired[column]
+            verdict = "" if d["significant"] else " n.s."
+            cells.append(f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{verdict}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(task: str, results: dict[str, Any]) -> str:
     trained = [r for r in results.values() if "metrics" in r]
     if not trained:
@@ -357,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     raw: dict[str, list[dict]] = {m: [] for m in methods}
-    per_seed: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    per_seed: dict[str, dict[int, dict[str, float]]] = {m: {} for m in methods}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     diverged: dict[str, list[int]] = {m: [] for m in methods}
     tasks = [(seed, method) for seed in range(args.seeds) for method in methods]
@@ -379,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tqdm.write(f"warning: {method} diverged on seed {seed} (non-finite predictions)")
             diverged[method].append(seed)
             continue
-        per_seed[method].append(metrics)
+        per_seed[method][seed] = metrics
         raw[method].append(predictions)
     assert dataset is not None
 
@@ -387,12 +433,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not per_seed[method]:
             results[method] = {"diverged_seeds": diverged[method]}
             continue
-        keys = per_seed[method][0].keys()
+        runs = per_seed[method].values()
+        keys = next(iter(runs)).keys()
         results[method] = {
-            "metrics": {k: summarise([m[k] for m in per_seed[method]]) for k in keys},
+            "metrics": {k: summarise([m[k] for m in runs]) for k in keys},
             "train_seconds": summarise(seconds[method]),
             "diverged_seeds": diverged[method],
         }
+        if REFERENCE in methods and method != REFERENCE:
+            results[method]["paired"] = {
+                k: paired_difference(
+                    {s: m[k] for s, m in per_seed[method].items()},
+                    {s: m[k] for s, m in per_seed[REFERENCE].items()},
+                )
+                for k in PAIRED_METRICS[dataset.task]
+            }
     report = {
         "command": "python scripts/evaluate_calibration.py " + shlex.join(sys.argv[1:]),
         "dataset": args.dataset,
@@ -407,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     _write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     table = markdown_table(dataset.task, results)
+    if REFERENCE in methods and len(methods) > 1:
+        table += "\n" + paired_table(dataset.task, results)
     header = f"# Calibration on {args.dataset}, {args.seeds} seed(s)\n\n`{report['command']}`\n\n"
     _write_text(out / "results.md", header + table)
     plotted = {m: runs for m, runs in raw.items() if runs}

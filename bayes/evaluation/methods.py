@@ -5,7 +5,8 @@ initialisation on the same minibatches, for the same number of epochs, with the 
 prior ``N(0, I/prior_precision)``:
 
 * ``adam``, ``sgd``: MAP estimates; the prior enters as weight decay ``prior_precision/N``.
-* ``vogn``, ``noisy-adam``, ``slang``, ``noisy-kfac``: ngrl's VI optimizers; predictive
+* ``vogn``, ``noisy-adam``, ``slang``, ``noisy-kfac``, ``noisy-ekfac`` (noisy natural
+  gradient with EK-FAC, Bae et al. 2018): ngrl's VI optimizers; predictive
   by Monte Carlo over ``test_samples`` weight samples (:func:`ngrl.bayes.predict`).
 * ``ivon``: IVON (Shen et al. 2024) from the ``ivon-opt`` package, with
   ``ess = N/kl_weight`` and ``weight_decay = prior_precision/N``; Monte Carlo predictive.
@@ -27,6 +28,7 @@ Shared settings are per dataset (:data:`SETTINGS`); method options have defaults
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import warnings
@@ -43,6 +45,7 @@ from ngrl.bayes.datasets import Dataset
 from ngrl.bayes.hyperparams import check
 from ngrl.bayes.noisy_adam import NoisyAdam
 from ngrl.bayes.noisy_kfac import NoisyKFAC
+from ngrl.bayes.noisy_natural_gradient import NoisyNaturalGradient
 from ngrl.bayes.predict import WeightSampler, mix, sample_outputs
 from ngrl.bayes.slang import SLANG
 from ngrl.bayes.vogn import VOGN
@@ -104,6 +107,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "noisy-adam": {"lr": 1e-3, "kl_weight": 1.0},
     "slang": {"lr": 1e-3, "kl_weight": 1.0, "rank": 8},
     "noisy-kfac": {"lr": 1e-3, "kl_weight": 1.0},
+    "noisy-ekfac": {"lr": 1e-3, "kl_weight": 1.0},
     "ivon": {"lr": 0.1, "kl_weight": 1.0, "hess_init": 1.0},
     "laplace": {},
     "ensemble": {},
@@ -295,10 +299,12 @@ def _map(method: str) -> Callable[[Run], Predictive]:
     return train
 
 
-def _variational(method: str, cls: type[VariationalOptimizer]) -> Callable[[Run], Predictive]:
+def _variational(
+    method: str, make: Callable[..., VariationalOptimizer]
+) -> Callable[[Run], Predictive]:
     def train(run: Run) -> Predictive:
         model = run.network()
-        opt = cls(
+        opt = make(
             model, run.size, prior_precision=run.settings.prior_precision, **run.options[method]
         )
         for x, y in run.batches():
@@ -378,6 +384,10 @@ METHODS: dict[str, Method] = {
         Method("noisy-adam", _variational("noisy-adam", NoisyAdam)),
         Method("slang", _variational("slang", SLANG)),
         Method("noisy-kfac", _variational("noisy-kfac", NoisyKFAC)),
+        Method(
+            "noisy-ekfac",
+            _variational("noisy-ekfac", functools.partial(NoisyNaturalGradient, curvature="ekfac")),
+        ),
         Method("ivon", _ivon, module="ivon", extra="peers"),
         Method("laplace", _laplace, module="laplace", extra="peers"),
         Method("ensemble", _ensemble),

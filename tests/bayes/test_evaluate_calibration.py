@@ -46,8 +46,33 @@ def test_classification_run_writes_every_output(script, tmp_path: Path) -> None:
             assert set(stat) == {"mean", "std", "values"} and len(stat["values"]) == 2
         assert 0.0 <= result["metrics"]["accuracy"]["mean"] <= 1.0
         assert result["train_seconds"]["mean"] > 0 and result["diverged_seeds"] == []
+    paired = report["methods"]["vogn"]["paired"]
+    assert set(paired) == {"nll", "ece_15"} and "paired" not in report["methods"]["adam"]
+    for metric, difference in paired.items():
+        values = report["methods"]["vogn"]["metrics"][metric]["values"]
+        reference = report["methods"]["adam"]["metrics"][metric]["values"]
+        assert difference["seeds"] == [0, 1]
+        assert difference["mean"] == pytest.approx((values[0] + values[1] - sum(reference)) / 2)
     table = (out / "results.md").read_text()
     assert "| adam |" in table and "| vogn |" in table and "ece_15" in table
+    assert "Paired against adam" in table and "| vogn | " in table.split("Paired")[1]
+
+
+def test_paired_difference_is_the_mean_with_its_student_t_interval(script) -> None:
+    # Differences 0.5, 1.0, 2.5 (seed 3 has no reference, seed 4 a NaN): mean 4/3, sample
+    # std sqrt(13/12), t(0.975, 2 dof) = 4.3027 from the t table.
+    values = {0: 1.0, 1: 2.0, 2: 4.0, 3: 9.0, 4: float("nan")}
+    reference = {0: 0.5, 1: 1.0, 2: 1.5, 4: 1.0}
+    found = script.paired_difference(values, reference)
+    half = 4.302652729911275 * (13 / 12) ** 0.5 / 3**0.5
+    assert found["seeds"] == [0, 1, 2]
+    assert found["mean"] == pytest.approx(4 / 3)
+    assert found["low"] == pytest.approx(4 / 3 - half) and found["high"] == pytest.approx(
+        4 / 3 + half
+    )
+    assert not found["significant"]  # the interval [-1.25, 3.92] contains 0
+    shifted = script.paired_difference({0: 2.0, 1: 2.1, 2: 2.2}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert shifted["significant"] and shifted["low"] > 0
 
 
 def test_regression_run_reports_coverage_and_gap_uncertainty(script, tmp_path: Path) -> None:

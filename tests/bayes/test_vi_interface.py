@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, predict
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient, predict
 from ngrl.bayes.base import VariationalOptimizer
 
 OPTIMIZERS: dict[str, Callable[..., VariationalOptimizer]] = {
@@ -18,6 +18,9 @@ OPTIMIZERS: dict[str, Callable[..., VariationalOptimizer]] = {
     "noisy-adam": NoisyAdam,
     "slang": lambda model, n, **kw: SLANG(model, n, rank=3, **kw),
     "noisy-kfac": NoisyKFAC,
+    # Blocks with derived state (eigenbases) and without (a window of gradients).
+    "noisy-ekfac": lambda model, n, **kw: NoisyNaturalGradient(model, n, curvature="ekfac", **kw),
+    "noisy-mfac": lambda model, n, **kw: NoisyNaturalGradient(model, n, curvature="mfac", **kw),
 }
 
 
@@ -315,15 +318,34 @@ def test_slang_refuses_a_bfloat16_model_and_skips_a_step_whose_svd_fails(
     assert opt.steps == 3
 
 
+def first_noisy_kfac_format(state: dict) -> dict:
+    """A state dict as the first NoisyKFAC wrote it: (A_γ⁻¹, G_γ⁻¹) as ``a_inverse/<layer>``
+    and ``g_inverse/<layer>``, and no list of refreshed layers."""
+    variational = {}
+    for key, value in state["variational"].items():
+        if key.startswith("derived:_inverses."):
+            index, _, layer = key.removeprefix("derived:_inverses.").partition("/")
+            key = f"{('a_inverse', 'g_inverse')[int(index)]}/{layer}"
+        if key != "refreshed":
+            variational[key] = value
+    return {**state, "variational": variational}
+
+
 @pytest.mark.parametrize("saved_at", [3, 4, 5])
-def test_noisy_kfac_round_trip_between_refreshes_continues_bit_for_bit(saved_at: int) -> None:
+@pytest.mark.parametrize("kind", ["noisy-kfac", "noisy-ekfac", "first-noisy-kfac-format"])
+def test_a_round_trip_between_refreshes_continues_bit_for_bit(saved_at: int, kind: str) -> None:
     options = dict(lr=0.05, factor_update_steps=2, inv_update_steps=3)
+    make = OPTIMIZERS["noisy-ekfac" if kind == "noisy-ekfac" else "noisy-kfac"]
     model = mlp()
-    opt = NoisyKFAC(model, 100, **options)
+    opt = make(model, 100, **options)
     train(opt, model, saved_at)
     twin = copy.deepcopy(model)
-    twin_opt = NoisyKFAC(twin, 100, **options)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin_opt = make(twin, 100, **options)
+    state = copy.deepcopy(opt.state_dict())
+    if kind == "first-noisy-kfac-format":
+        state = first_noisy_kfac_format(state)
+        assert any(key.startswith("a_inverse/") for key in state["variational"])
+    twin_opt.load_state_dict(state)
     torch.manual_seed(7)
     train(opt, model, 4)
     torch.manual_seed(7)
