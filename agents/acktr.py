@@ -356,7 +356,9 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
             # 1. Curvature statistics of the true Fisher (sampled actions and values).
             if optimizer.capture_due:
-                self.policy.capture_fisher(distribution, values, self.vf_fisher_coef)
+                self.policy.capture_fisher(
+                    distribution, values, self.vf_fisher_coef, obs=rollout_data.observations
+                )
 
             # 2. The A2C loss.
             terms = self.a2c_loss_terms(distribution, values, rollout_data)

@@ -12,6 +12,7 @@ Fisher loss whenever the optimizer's ``capture_due`` says so.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -43,6 +44,13 @@ ACTION_SPACES: tuple[type[spaces.Space], ...] = (
     spaces.MultiDiscrete,
     spaces.MultiBinary,
 )
+
+
+def first_rows(obs: PyTorchObs, size: int) -> PyTorchObs:
+    """The first ``size`` examples of a batch of observations (a tensor or a dict of them)."""
+    if isinstance(obs, dict):
+        return {key: value[:size] for key, value in obs.items()}
+    return obs[:size]
 
 
 class KFACActorCriticPolicy(ActorCriticPolicy):
@@ -126,12 +134,30 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
 
     def capture_fisher(
-        self, distribution: Distribution, values: Tensor, vf_fisher_coef: float | None = None
+        self,
+        distribution: Distribution,
+        values: Tensor,
+        vf_fisher_coef: float | None = None,
+        obs: PyTorchObs | None = None,
     ) -> None:
         """Feed K-FAC the statistics of the sampled Fisher loss of this forward pass.
 
-        The graph is kept, so the training loss can be backpropagated afterwards.
+        The graph is kept, so the training loss can be backpropagated afterwards. Given
+        the pass's observations ``obs``, when K-FAC takes its statistics from fewer
+        examples than the batch (``stats_batch_size``), those examples are forwarded again
+        on their own: the statistics are the same, and their backward pass covers those
+        examples instead of the whole batch.
         """
+        size = self.optimizer.config.stats_batch_size
+        if obs is not None and size is not None and size < values.shape[0]:
+            # SB3 fills one distribution object per policy: the caller's stays as it was.
+            shared = self.action_dist
+            self.action_dist = copy.copy(shared)
+            try:
+                distribution, fewer = self.distribution_and_values(first_rows(obs, size))
+            finally:
+                self.action_dist = shared
+            values = fewer.reshape(size, *values.shape[1:])
         coef = self.vf_fisher_coef if vf_fisher_coef is None else vf_fisher_coef
         torch_distribution = distribution.distribution
         if isinstance(torch_distribution, list):  # MultiDiscrete: independent categoricals
@@ -153,7 +179,7 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         """
         distribution, values = self.distribution_and_values(obs)
         if torch.is_grad_enabled() and self.optimizer.capture_due:
-            self.capture_fisher(distribution, values)
+            self.capture_fisher(distribution, values, obs=obs)
         return values, distribution.log_prob(actions), distribution.entropy()
 
 

@@ -13,6 +13,7 @@ IVON (``pip install ivon-opt``) is measured when installed. Synthetic inputs; on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC
+from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient
 from ngrl.bayes.base import VariationalOptimizer
 
 DATASET_SIZE = 50_000
@@ -97,6 +98,7 @@ def optimizers(rank: int) -> dict[str, Callable[..., Step]]:
         "Adam": adam_step,
         "VOGN": vi_step(lambda m: VOGN(m, DATASET_SIZE)),
         "NoisyKFAC": vi_step(lambda m: NoisyKFAC(m, DATASET_SIZE)),
+        "noisy EK-FAC": vi_step(lambda m: NoisyNaturalGradient(m, DATASET_SIZE, curvature="ekfac")),
         f"SLANG (L={rank})": vi_step(lambda m: SLANG(m, DATASET_SIZE, rank=rank)),
         "NoisyAdam": vi_step(lambda m: NoisyAdam(m, DATASET_SIZE)),
     }
@@ -124,7 +126,12 @@ def time_steps(step: Step, steps: int, repeats: int, warmup: int) -> list[float]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
-    parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    parser.add_argument(
+        "--batch-sizes",
+        default="128,512",
+        help="comma-separated examples per step (per-example and eigenbasis costs scale "
+        "differently with it)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per optimizer")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
@@ -136,15 +143,21 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes must be integers, got {args.batch_sizes!r}")
+    if any(b < 1 for b in batch_sizes):
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes!r}")
     torch.set_num_threads(args.threads)
     results = []
-    for name in models:
+    for name, batch in itertools.product(models, batch_sizes):
         make_model, shape = MODELS[name]
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch_size, *shape, generator=generator)
-        y = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        x = torch.randn(batch, *shape, generator=generator)
+        y = torch.randint(0, 10, (batch,), generator=generator)
         params = sum(p.numel() for p in make_model().parameters())
-        print(f"\n### {name}: {params:,} parameters, batch {args.batch_size}\n")
+        print(f"\n### {name}: {params:,} parameters, batch {batch}\n")
         print("| optimizer | ms per step (median) | ÷ Adam |\n|---|---:|---:|")
         adam = None
         for label, build in optimizers(args.rank).items():
@@ -155,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {label} | {median:.2f} | {median / adam:.2f} |", flush=True)
             results.append(
                 dict(model=name, optimizer=label, ms_per_step=median, runs=runs,
-                     ratio_to_adam=median / adam, parameters=params, batch=args.batch_size)
+                     ratio_to_adam=median / adam, parameters=params, batch=batch)
             )  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

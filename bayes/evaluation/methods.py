@@ -107,7 +107,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "noisy-adam": {"lr": 1e-3, "kl_weight": 1.0},
     "slang": {"lr": 1e-3, "kl_weight": 1.0, "rank": 8},
     "noisy-kfac": {"lr": 1e-3, "kl_weight": 1.0},
-    "noisy-ekfac": {"lr": 1e-3, "kl_weight": 1.0},
+    "noisy-ekfac": {"lr": 1e-3, "kl_weight": 1.0, "damping": 1e-3},
     "ivon": {"lr": 0.1, "kl_weight": 1.0, "hess_init": 1.0},
     "laplace": {},
     "ensemble": {},

@@ -85,3 +85,44 @@ def test_load_refuses_a_checkpoint_of_another_curvature(tmp_path: Path) -> None:
         other = model.kfac_config.replace(curvature="kfac")
         ACKTR.load(tmp_path / "model.zip", env=env, custom_objects={"kfac_config": other})
     assert ACKTR.load(tmp_path / "model.zip", env=env).curvature == "ekfac"
+
+
+def test_statistics_of_fewer_examples_than_the_batch_come_from_their_own_forward_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fixed targets instead of sampled ones, so that both ways see the same Fisher loss.
+    def fixed_target_loss(output, kind=None, reduction="mean", generator=None):  # noqa: ANN001, ANN202
+        if kind == "gaussian":
+            return 0.5 * (output - (output.detach() + 0.7)).square().mean(0).sum()
+        return -output.log_prob(output.probs.argmax(-1)).mean()
+
+    monkeypatch.setattr("ngrl.agents.policies.fisher_loss", fixed_target_loss)
+    env = make_vec_env("CartPole", 2, seed=0)
+    model = ACKTR("MlpPolicy", env, seed=0, kfac_kwargs={"stats_batch_size": 4})
+    policy, optimizer = model.policy, model.policy.optimizer
+    obs = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+
+    def factors() -> dict[str, dict[str, torch.Tensor]]:
+        found = {name: block.state_dict() for name, block in optimizer.blocks.items()}
+        for block in optimizer.blocks.values():
+            block.load_state_dict({})  # the next capture starts afresh
+        return found
+
+    distribution, values = policy.distribution_and_values(obs)
+    policy.capture_fisher(distribution, values.flatten())  # the first 4 of the whole pass
+    whole = factors()
+    seen: list[int] = []
+    forward = policy.distribution_and_values
+    monkeypatch.setattr(
+        policy, "distribution_and_values", lambda o: seen.append(len(o)) or forward(o)
+    )
+    distribution, values = forward(obs)
+    probs = distribution.distribution.probs
+    policy.capture_fisher(distribution, values.flatten(), obs=obs)
+    assert seen == [4]
+    assert distribution.distribution.probs is probs  # the caller's distribution is kept
+    own = factors()
+    for name, state in whole.items():
+        assert state, name
+        for key, value in state.items():
+            torch.testing.assert_close(own[name][key], value, rtol=1e-5, atol=1e-7)
