@@ -51,12 +51,12 @@ peers: $(STAMP)
 	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall --quiet -y torchvision
 	$(PY) -c "import ivon, laplace; print('peers ready: ivon-opt, laplace-torch')"
 
-# The calibration tables of docs/benchmarks.md (about N minutes on 2 cores).
-CALIBRATION_METHODS ?= adam,vogn,noisy-kfac,slang,noisy-adam,ivon,laplace,ensemble
+# The calibration tables of docs/benchmarks.md.
+CALIBRATION_METHODS ?= adam,vogn,noisy-kfac,noisy-ekfac,slang,noisy-adam,ivon,laplace,ensemble
 calibration: peers
 	for d in digits breast_cancer mnist1d; do \
 		$(PY) scripts/evaluate_calibration.py --dataset $$d --methods $(CALIBRATION_METHODS) \
-			--seeds 3 --out results/calibration/$$d || exit 1; \
+			--seeds 5 --out results/calibration/$$d || exit 1; \
 	done
 
 lint: $(STAMP)

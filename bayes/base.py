@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ngrl.bayes.hyperparams import check
 from ngrl.bayes.posterior import Posterior
 from ngrl.capture import Capture, Layer, find_layers
-from ngrl.linalg import flatten_like
+from ngrl.linalg import all_finite, flatten_like
 
 __all__ = ["VariationalOptimizer", "blend_weight"]
 
@@ -185,6 +185,34 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         """The posterior mean (the parameters outside a sampling block), flattened."""
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
+    def _param_parts(self, flat: Tensor) -> dict[int, Tensor]:
+        """A flat vector split into views shaped like the parameters, keyed by ``id(p)``."""
+        parts = flat.split([p.numel() for p in self.params])
+        return {id(p): part.view_as(p) for p, part in zip(self.params, parts, strict=True)}
+
+    def _block_views(self, flat: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        """The block views ``Ŵ = [W | b]`` of the named layers in a flat vector (copies).
+
+        Contiguous slices and one concatenation per layer: a gather by flat index
+        (``flat[self._index[name]]``) costs several times more on large layers.
+        """
+        parts = self._param_parts(flat)
+        layers = {layer.name: layer for layer in self.layers}
+        return {
+            name: layers[name].gather([parts[id(p)] for p in layers[name].params]) for name in names
+        }
+
+    def _from_block_views(self, views: Mapping[str, Tensor], rest: Tensor) -> Tensor:
+        """A flat vector: the layers of ``views`` from their block views, every other entry
+        from ``rest``."""
+        parts = self._param_parts(rest)
+        for layer in self.layers:
+            if layer.name in views:
+                pieces = layer.scatter(views[layer.name])
+                for p, piece in zip(layer.params, pieces, strict=True):
+                    parts[id(p)] = piece
+        return torch.cat([parts[id(p)].reshape(-1) for p in self.params])
+
     def _add_to_params(self, flat: Tensor, alpha: float = 1.0) -> None:
         for p, part in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
             p.add_(part.view_as(p), alpha=alpha)
@@ -283,7 +311,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
             )
         grad = self._grad_sum / self._samples
         samples = self._samples
-        if not bool(torch.isfinite(grad).all()) or not self._statistics_finite():
+        if not all_finite(grad) or not self._statistics_finite():
             self._reset_samples()
             self._discard_step()
             warnings.warn(

@@ -232,11 +232,16 @@ class NoisyNaturalGradient(VariationalOptimizer):
             if missing or since >= int(self.hyperparameter("inv_update_steps")):
                 self._refresh()
         momentum = self._momentum_direction(grad, self.hyperparameter("momentum"))
-        step = momentum / (self.hyperparameter("hess_init") + self.prior_damping)
         gamma = self.total_damping
-        for name, block in self._refreshed().items():
-            index = self._index[name]
-            step[index] = block.multiply_matpower(momentum[index], gamma, -1.0).to(step.dtype)
+        refreshed = self._refreshed()
+        views = self._block_views(momentum, refreshed)
+        step = self._from_block_views(
+            {
+                name: block.multiply_matpower(views[name], gamma, -1.0).to(momentum.dtype)
+                for name, block in refreshed.items()
+            },
+            momentum / (self.hyperparameter("hess_init") + self.prior_damping),
+        )
         lr = self.hyperparameter("lr")
         kl_clip = self.param_groups[0].get("kl_clip")
         quadratic = float(torch.dot(step, momentum)) if kl_clip is not None else 0.0
@@ -247,10 +252,12 @@ class NoisyNaturalGradient(VariationalOptimizer):
         noise = torch.randn_like(self.vi_state["momentum"]) * self._isotropic_precision() ** -0.5
         scale = self.effective_size**-0.5
         gamma = self.total_damping
-        for name, block in self._refreshed().items():
-            # F̂_γ^{-1/2} z with z ~ N(0, I) has covariance F̂_γ⁻¹.
-            noise[self._index[name]] = block.sample_matpower(gamma, -0.5).to(noise.dtype) * scale
-        return noise
+        # F̂_γ^{-1/2} z with z ~ N(0, I) has covariance F̂_γ⁻¹.
+        samples = {
+            name: block.sample_matpower(gamma, -0.5).to(noise.dtype) * scale
+            for name, block in self._refreshed().items()
+        }
+        return self._from_block_views(samples, noise)
 
     def posterior(self) -> BlockPosterior:
         """Per layer, the covariance ``F̂_γ⁻¹ / N`` of the last refresh (dense: for small

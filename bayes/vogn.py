@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ngrl.bayes.diagonal import DiagonalVariational
 from ngrl.capture import Layer, squared_gradient_sum
+from ngrl.linalg import all_finite
 
 __all__ = ["VOGN"]
 
@@ -50,9 +51,8 @@ class VOGN(DiagonalVariational):
         self._begin_sample()
 
     def _end_sample(self, grad: Tensor) -> None:
-        hessian = torch.zeros_like(grad)
-        for name, squares in self._squares.items():
-            hessian[self._index[name].reshape(-1)] = squares.reshape(-1) / self._examples[name]
+        views = {name: s / self._examples[name] for name, s in self._squares.items()}
+        hessian = self._from_block_views(views, torch.zeros_like(grad))
         self._hessian_sum = (
             hessian if self._hessian_sum is None else self._hessian_sum.add_(hessian)
         )
@@ -63,7 +63,7 @@ class VOGN(DiagonalVariational):
         self._hessian_sum: Tensor | None = None
 
     def _statistics_finite(self) -> bool:
-        return self._hessian_sum is None or bool(torch.isfinite(self._hessian_sum).all())
+        return self._hessian_sum is None or all_finite(self._hessian_sum)
 
     def _curvature_estimate(self, samples: int) -> Tensor:
         assert self._hessian_sum is not None

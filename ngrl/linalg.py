@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MatVec", "conjugate_gradient", "flatten_like"]
+__all__ = ["MatVec", "all_finite", "conjugate_gradient", "flatten_like"]
 
 MatVec = Callable[[Tensor], Tensor]
 
@@ -21,6 +21,16 @@ def flatten_like(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> 
             for t, p in zip(tensors, params, strict=True)
         ]
     )
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite.
+
+    A finite sum proves it (an infinity or a NaN anywhere makes the sum infinite or NaN),
+    and costs a reduction instead of an elementwise mask; only a sum that is not finite,
+    which a sum of large finite entries can also be, takes the elementwise check.
+    """
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def conjugate_gradient(

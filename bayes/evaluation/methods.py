@@ -122,6 +122,7 @@ TUNED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "noisy-adam": {"lr": 1e-2, "kl_weight": 0.01},
         "slang": {"lr": 1e-2, "kl_weight": 0.3},
         "noisy-kfac": {"lr": 3e-3, "kl_weight": 0.3},
+        "noisy-ekfac": {"lr": 3e-4, "kl_weight": 0.03},
         "ivon": {"lr": 1.0, "hess_init": 0.1},
     },
     "breast_cancer": {  # 91 validation examples: the mean over the three seeds' splits
@@ -130,6 +131,7 @@ TUNED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "noisy-adam": {"lr": 1e-2, "kl_weight": 0.03},
         "slang": {"lr": 3e-3, "kl_weight": 0.1},
         "noisy-kfac": {"lr": 1e-3, "kl_weight": 0.1},
+        "noisy-ekfac": {"lr": 3e-4, "kl_weight": 0.01},
         "ivon": {"lr": 0.3, "hess_init": 0.1},
     },
     "mnist1d": {
@@ -138,6 +140,7 @@ TUNED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "noisy-adam": {"lr": 1e-2, "kl_weight": 0.01},
         "slang": {"lr": 3e-3, "kl_weight": 0.3},
         "noisy-kfac": {"lr": 1e-3, "kl_weight": 0.1},
+        "noisy-ekfac": {"lr": 1e-3, "kl_weight": 0.1},
         "ivon": {"lr": 0.3, "hess_init": 0.1},
     },
 }

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ngrl.linalg import all_finite
+
 __all__ = [
     "CurvatureBlock",
     "ExampleStatisticsBlock",
@@ -224,7 +226,7 @@ class PendingStatistics:
         self._pairs.append((a, g))
 
     def is_finite(self) -> bool:
-        return all(bool(a.isfinite().all() and g.isfinite().all()) for a, g in self._pairs)
+        return all(all_finite(a, g) for a, g in self._pairs)
 
     def batch(self) -> tuple[Tensor, Tensor] | None:
         """All pending pairs as one batch ``(a, g)`` (concatenated examples), or ``None``."""
@@ -251,7 +253,7 @@ class PendingStatistics:
         if not self.is_finite():
             return False
         terms = self.derived(compute)
-        return terms is None or all(bool(t.isfinite().all()) for t in terms)
+        return terms is None or all_finite(*terms)
 
     def clear(self) -> None:
         self._pairs = []

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ngrl.capture import squared_gradient_sum
 from ngrl.curvature.base import CurvatureBlock, blend, register
+from ngrl.linalg import all_finite
 
 __all__ = ["DiagonalBlock"]
 
@@ -54,7 +55,7 @@ class DiagonalBlock(CurvatureBlock):
         self._count += g.shape[0]
 
     def pending_is_finite(self) -> bool:
-        return self._sum is None or bool(torch.isfinite(self._sum).all())
+        return self._sum is None or all_finite(self._sum)
 
     def commit(self, factor_decay: float) -> None:
         if self._sum is None:

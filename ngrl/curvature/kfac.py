@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ngrl.curvature.base import blend, register
 from ngrl.curvature.kronecker_product import KroneckerProductBlock
+from ngrl.linalg import all_finite
 
 __all__ = ["KFACBlock"]
 
@@ -56,7 +56,7 @@ class KFACBlock(KroneckerProductBlock):
     def pending_is_finite(self) -> bool:
         if self._a_sum is None or self._g_sum is None:
             return True
-        return bool(torch.isfinite(self._a_sum).all() and torch.isfinite(self._g_sum).all())
+        return all_finite(self._a_sum, self._g_sum)
 
     def commit(self, factor_decay: float) -> None:
         if self._a_sum is None or self._g_sum is None:

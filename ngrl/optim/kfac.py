@@ -16,6 +16,7 @@ from ngrl import distributed
 from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.diagonal import DiagonalBlock
+from ngrl.linalg import all_finite
 from ngrl.optim.config import SCHEDULABLE, KFACConfig
 from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
@@ -401,7 +402,7 @@ class KFAC(torch.optim.Optimizer):
         params = self.param_groups[0]["params"]
         self._work_plan().average_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not all_finite(*grads):
             self._skip("gradients")
             return None
         gathered: dict[str, Tensor] = {}

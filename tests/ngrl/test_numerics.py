@@ -12,6 +12,7 @@ from torch import nn
 from ngrl.curvature import available, base
 from ngrl.curvature.base import symmetric_eigh
 from ngrl.fisher import layer_indices
+from ngrl.linalg import all_finite
 from ngrl.losses import fisher_loss
 from ngrl.optim import KFAC
 from tests.helpers.oracle import (
@@ -235,3 +236,24 @@ def test_a_bfloat16_model_steps_with_float32_statistics() -> None:
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
     with pytest.raises(ValueError, match="Invalid statistics_dtype"):
         KFAC(model, statistics_dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([1.0, -2.0, 3.0], torch.float32, True),
+        ([1.0, float("nan"), 3.0], torch.float32, False),
+        ([1.0, float("inf"), 3.0], torch.float32, False),
+        ([float("-inf"), float("inf")], torch.float32, False),  # the sum is NaN
+        ([3e38, 3e38, -1.0], torch.float32, True),  # finite entries whose sum overflows
+        ([6e4, 6e4], torch.float16, True),
+        ([], torch.float32, True),
+    ],
+)
+def test_all_finite_agrees_with_the_elementwise_check(
+    values: list[float], dtype: torch.dtype, finite: bool
+) -> None:
+    tensor = torch.tensor(values, dtype=dtype)
+    assert bool(torch.isfinite(tensor).all()) == finite
+    assert all_finite(tensor) == finite
+    assert all_finite(torch.ones(3), tensor) == finite
