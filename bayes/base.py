@@ -186,12 +186,18 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def _param_parts(self, flat: Tensor) -> dict[int, Tensor]:
-        """A flat vector split into views shaped like the parameters, keyed by ``id(p)``."""
+        """A flat vector (or a ``(P, *trailing)`` matrix) split into views shaped like the
+        parameters (with the trailing dimensions), keyed by ``id(p)``."""
         parts = flat.split([p.numel() for p in self.params])
-        return {id(p): part.view_as(p) for p, part in zip(self.params, parts, strict=True)}
+        trailing = flat.shape[1:]
+        return {
+            id(p): part.view(*p.shape, *trailing)
+            for p, part in zip(self.params, parts, strict=True)
+        }
 
     def _block_views(self, flat: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        """The block views ``Ŵ = [W | b]`` of the named layers in a flat vector (copies).
+        """The block views ``Ŵ = [W | b]`` of the named layers in a flat vector (copies);
+        for a ``(P, *trailing)`` matrix, ``(d_out, d_in, *trailing)``.
 
         Contiguous slices and one concatenation per layer: a gather by flat index
         (``flat[self._index[name]]``) costs several times more on large layers.
@@ -203,15 +209,16 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         }
 
     def _from_block_views(self, views: Mapping[str, Tensor], rest: Tensor) -> Tensor:
-        """A flat vector: the layers of ``views`` from their block views, every other entry
-        from ``rest``."""
+        """A flat vector (a ``(P, *trailing)`` matrix, like ``rest``): the layers of
+        ``views`` from their block views, every other entry from ``rest``."""
         parts = self._param_parts(rest)
         for layer in self.layers:
             if layer.name in views:
                 pieces = layer.scatter(views[layer.name])
                 for p, piece in zip(layer.params, pieces, strict=True):
                     parts[id(p)] = piece
-        return torch.cat([parts[id(p)].reshape(-1) for p in self.params])
+        trailing = rest.shape[1:]
+        return torch.cat([parts[id(p)].reshape(-1, *trailing) for p in self.params])
 
     def _add_to_params(self, flat: Tensor, alpha: float = 1.0) -> None:
         for p, part in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):

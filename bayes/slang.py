@@ -8,36 +8,27 @@ import torch
 from torch import Tensor, nn
 
 from ngrl.bayes.base import VariationalOptimizer, blend_weight
+from ngrl.bayes.example_gradients import LayerExampleGradients
 from ngrl.bayes.posterior import LowRankPosterior
-from ngrl.capture import Layer, example_gradients
-from ngrl.optim.hyperparams import check_integer
+from ngrl.capture import Layer
+from ngrl.linalg import all_finite
 
-__all__ = ["SLANG", "top_singular"]
-
-
-def top_singular(
-    matrix: Tensor, rank: int, oversampling: int, power_iterations: int
-) -> tuple[Tensor, Tensor]:
-    """Leading ``rank`` left singular vectors and values of ``matrix`` (``P × K``).
-
-    Randomized (Halko, Martinsson & Tropp 2011, ``torch.svd_lowrank``) with
-    ``rank + oversampling`` probe vectors and ``power_iterations`` power steps; a dense
-    thin SVD when that many probes would cover ``min(P, K)`` anyway.
-    """
-    probes = rank + oversampling
-    if probes >= min(matrix.shape):
-        left, values, _ = torch.linalg.svd(matrix, full_matrices=False)
-    else:
-        left, values, _ = torch.svd_lowrank(matrix, q=probes, niter=power_iterations)
-    return left[:, :rank], values[:rank]
+__all__ = ["SLANG"]
 
 
 def decompose(factor: Tensor, diagonal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(d^{-1/2}, Q, S)`` with ``d^{-1/2}U = Q diag(S) Rᵀ`` (thin SVD); raises
-    ``torch.linalg.LinAlgError`` when the SVD fails or its result is not finite."""
+    ``torch.linalg.LinAlgError`` when it fails or its result is not finite.
+
+    Through a QR decomposition of the tall ``d^{-1/2}U`` and the SVD of its ``L × L``
+    triangle, which is less than half the time of the tall SVD and as stable.
+    """
     inv_sqrt = diagonal.rsqrt()
-    q, s, _ = torch.linalg.svd(inv_sqrt[:, None] * factor, full_matrices=False)
-    if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(s).all())):
+    basis, triangle = torch.linalg.qr(inv_sqrt[:, None] * factor)
+    left, s, _ = torch.linalg.svd(triangle.to(torch.float64))
+    q = basis @ left.to(basis.dtype)
+    s = s.to(basis.dtype)
+    if not all_finite(q, s):
         raise torch.linalg.LinAlgError("the SVD of the low-rank precision is not finite")
     return inv_sqrt, q, s
 
@@ -54,16 +45,20 @@ class SLANG(VariationalOptimizer):
 
         B  = (1 − w)·U Uᵀ + w·(N/M)·ĜᵀĜ                  (never formed: B = W Wᵀ with
                                                           W = [√(1−w)·U, √(wN/M)·Ĝᵀ])
-        U ← top-L eigenvectors·√eigenvalues of B           (randomized SVD of W)
+        U ← top-L eigenvectors·√eigenvalues of B           (from the Gram matrix WᵀW)
         d ← (1 − w)·d + w·λ + diag(B − U Uᵀ)                (the dropped diagonal mass)
         m ← (1 − w₁)·m + w₁·(ĝ + (λ/N)μ)
         μ ← μ − lr · N·(U Uᵀ + diag(d))⁻¹ m                 (Woodbury, O(P·L²))
 
     The fixed point of the precision is ``λI + N·mean_i(g_i g_iᵀ)`` projected to rank
     ``L`` plus the diagonal; with ``L`` equal to the number of parameters it is exact.
-    Samples are ``d^{-1/2}(I + VVᵀ)^{-1/2} z`` with ``V = d^{-1/2}U``, from a thin SVD
-    of ``V``, which also serves the Woodbury solve. Per-example gradients come from
-    ngrl's capture hooks.
+    The top eigenpairs of ``B`` are exact: with ``WᵀW = V diag(σ²) Vᵀ`` (size ``L + M``),
+    the new ``U`` is ``W V_L``. Per-example gradients of dense layers stay rank-one
+    factors ``g_n ā_nᵀ`` (ngrl's capture hooks), so ``WᵀW`` and ``W V_L`` cost ``O(M·L·P)``
+    and no ``M × P`` matrix is formed; convolutions form theirs layer by layer. A model
+    with at most ``L + M`` parameters takes the thin SVD of ``W`` itself. Samples are
+    ``d^{-1/2}(I + VVᵀ)^{-1/2} z`` with ``V = d^{-1/2}U``, from a thin SVD of ``V``, which
+    also serves the Woodbury solve.
 
     Args:
         model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
@@ -75,7 +70,6 @@ class SLANG(VariationalOptimizer):
         betas: decays of the gradient momentum and of the precision average.
         hess_init: the initial precision is ``(N·hess_init + prior_precision)·I``.
         kl_weight: weight of the KL term.
-        oversampling, power_iterations: of the randomized SVD.
     """
 
     def __init__(
@@ -89,8 +83,6 @@ class SLANG(VariationalOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         hess_init: float = 1.0,
         kl_weight: float = 1.0,
-        oversampling: int = 10,
-        power_iterations: int = 2,
     ) -> None:
         super().__init__(
             model,
@@ -113,10 +105,6 @@ class SLANG(VariationalOptimizer):
             raise ValueError(
                 f"Invalid rank value: {rank} (at most the number of parameters, {self.numel})"
             )
-        check_integer("oversampling", oversampling, 0)
-        check_integer("power_iterations", power_iterations, 0)
-        self.oversampling = oversampling
-        self.power_iterations = power_iterations
         mean = self.flat_mean()
         self.vi_state["factor"] = mean.new_zeros(self.numel, int(rank))
         self.vi_state["diagonal"] = torch.full_like(mean, self._isotropic_precision())
@@ -125,43 +113,45 @@ class SLANG(VariationalOptimizer):
     # --- per-example gradients ----------------------------------------------------------
     def _record(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
         assert a is not None
-        self._pending.append((layer.name, example_gradients(a, g)))
+        self._pending.append((layer.name, LayerExampleGradients(a, g)))
 
     def _begin_sample(self) -> None:
-        self._pending: list[tuple[str, Tensor]] = []
+        self._pending: list[tuple[str, LayerExampleGradients]] = []
 
     def _discard_sample(self) -> None:
         self._begin_sample()
 
     def _end_sample(self, grad: Tensor) -> None:
-        # One row per example; a layer's successive backward passes add rows in order.
-        rows: dict[str, list[Tensor]] = {}
-        for name, grads in self._pending:
-            rows.setdefault(name, []).append(grads.reshape(grads.shape[0], -1))
-        if rows:
-            per_layer = {name: torch.cat(parts) for name, parts in rows.items()}
-            examples = {part.shape[0] for part in per_layer.values()}
+        # A layer's successive backward passes in one sample add examples in order.
+        parts: dict[str, list[LayerExampleGradients]] = {}
+        for name, found in self._pending:
+            parts.setdefault(name, []).append(found)
+        if parts:
+            layers = {name: LayerExampleGradients.concatenate(p) for name, p in parts.items()}
+            examples = {layer.examples for layer in layers.values()}
             if len(examples) != 1:
                 raise RuntimeError(
                     "SLANG: the layers saw different numbers of examples in one sample "
                     f"({sorted(examples)}); every layer must run once per example"
                 )
-            flat = grad.new_zeros(examples.pop(), self.numel)
-            for name, part in per_layer.items():
-                flat[:, self._index[name].reshape(-1)] = part
-            self._example_grads.append(flat)
+            self._example_grads.append(layers)
         self._begin_sample()
 
     def _reset_samples(self) -> None:
         super()._reset_samples()
-        self._example_grads: list[Tensor] = []
+        self._example_grads: list[dict[str, LayerExampleGradients]] = []
 
     def _statistics_finite(self) -> bool:
-        return all(bool(torch.isfinite(g).all()) for g in self._example_grads)
+        return all(
+            all_finite(layer.a, layer.g)
+            for sample in self._example_grads
+            for layer in sample.values()
+        )
 
     # --- the update --------------------------------------------------------------------
     def _update(self, grad: Tensor, samples: int) -> None:
-        # Everything that can fail (the two SVDs) runs before any state changes.
+        # Everything that can fail (the eigendecomposition, the SVD) runs before any state
+        # changes.
         factor: Tensor = self.vi_state["factor"]
         diagonal: Tensor = self.vi_state["diagonal"]
         decomposition = self._decomposition
@@ -179,22 +169,87 @@ class SLANG(VariationalOptimizer):
     def _blended_precision(self, factor: Tensor, diagonal: Tensor) -> tuple[Tensor, Tensor]:
         """The new ``(U, d)`` from this step's per-example gradients (new tensors)."""
         weight = blend_weight(self.hyperparameter("beta2"), self.steps)
-        examples = torch.cat(self._example_grads)
-        scale = (weight * self.effective_size / examples.shape[0]) ** 0.5
-        blend = torch.cat([factor * (1.0 - weight) ** 0.5, examples.T * scale], dim=1)
-        vectors, values = top_singular(
-            blend, factor.shape[1], self.oversampling, self.power_iterations
+        layers = self._examples_by_layer()
+        examples = next(iter(layers.values())).examples
+        rank = factor.shape[1]
+        keep = (1.0 - weight) ** 0.5  # W = [keep·U, scale·Ĝᵀ]
+        scale = (weight * self.effective_size / examples) ** 0.5
+        if self.numel <= rank + examples:
+            new_factor = self._top_of_dense_blend(factor, layers, keep, scale)
+        else:
+            new_factor = self._top_of_gram(factor, layers, keep, scale)
+        squares = self._from_block_views(
+            {name: layer.squared_sum() for name, layer in layers.items()},
+            torch.zeros_like(diagonal),
         )
-        new_factor = vectors * values
-        dropped = (blend.square().sum(1) - new_factor.square().sum(1)).clamp_(min=0.0)
+        blended = factor.square().sum(1) * keep**2 + squares * scale**2  # diag(B)
+        dropped = (blended - new_factor.square().sum(1)).clamp_(min=0.0)
         new_diagonal = diagonal * (1.0 - weight) + (
             dropped + self.hyperparameter("prior_precision") * weight
         )
-        if not (
-            bool(torch.isfinite(new_factor).all()) and bool(torch.isfinite(new_diagonal).all())
-        ):
+        if not all_finite(new_factor, new_diagonal):
             raise torch.linalg.LinAlgError("the low-rank precision is not finite")
         return new_factor, new_diagonal
+
+    def _examples_by_layer(self) -> dict[str, LayerExampleGradients]:
+        """Each layer's per-example gradients over this step's samples, in order; a layer
+        that missed a sample gets zeros for its examples."""
+        counts = [next(iter(sample.values())).examples for sample in self._example_grads]
+        names = {name for sample in self._example_grads for name in sample}
+        layers = {}
+        for name in names:
+            parts = []
+            for sample, count in zip(self._example_grads, counts, strict=True):
+                found = sample.get(name)
+                if found is None:
+                    reference = next(s[name] for s in self._example_grads if name in s)
+                    a, g = reference.a, reference.g
+                    found = LayerExampleGradients(
+                        a.new_zeros(count, *a.shape[1:]), g.new_zeros(count, *g.shape[1:])
+                    )
+                parts.append(found)
+            layers[name] = LayerExampleGradients.concatenate(parts)
+        return layers
+
+    def _top_of_gram(
+        self, factor: Tensor, layers: dict[str, LayerExampleGradients], keep: float, scale: float
+    ) -> Tensor:
+        """``W V_L``, the top ``L`` eigenvectors of ``B = WWᵀ`` times ``√eigenvalues``, from
+        the eigendecomposition of the ``(L + M)``-square ``WᵀW``."""
+        rank = factor.shape[1]
+        examples = next(iter(layers.values())).examples
+        blocks = self._block_views(factor, layers)  # (d_out, d_in, L)
+        cross = sum(layer.inner(blocks[name]) for name, layer in layers.items())
+        gram = factor.new_empty(rank + examples, rank + examples)
+        gram[:rank, :rank] = factor.T @ factor * keep**2
+        gram[rank:, :rank] = cross * (keep * scale)
+        gram[:rank, rank:] = gram[rank:, :rank].T
+        gram[rank:, rank:] = sum(layer.gram() for layer in layers.values()) * scale**2
+        _, vectors = torch.linalg.eigh(gram.to(torch.float64))
+        top = vectors[:, -rank:].to(factor.dtype)
+        kept = factor @ top[:rank] * keep
+        kept_blocks = self._block_views(kept, layers)
+        return self._from_block_views(
+            {
+                name: kept_blocks[name] + layer.combine(top[rank:]) * scale
+                for name, layer in layers.items()
+            },
+            kept,
+        )
+
+    def _top_of_dense_blend(
+        self, factor: Tensor, layers: dict[str, LayerExampleGradients], keep: float, scale: float
+    ) -> Tensor:
+        """``W V_L`` from a thin SVD of ``W`` itself (a model of at most ``L + M``
+        parameters)."""
+        examples = next(iter(layers.values())).examples
+        rows = factor.new_zeros(examples, self.numel)
+        for name, layer in layers.items():
+            rows[:, self._index[name].reshape(-1)] = layer.dense()
+        blend = torch.cat([factor * keep, rows.T * scale], dim=1)
+        left, values, _ = torch.linalg.svd(blend, full_matrices=False)
+        rank = factor.shape[1]
+        return left[:, :rank] * values[:rank]
 
     def _decompose(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._decomposition is None:

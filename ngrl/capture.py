@@ -102,17 +102,23 @@ class LinearLayer(Layer):
         self.shape = (module.out_features, module.in_features + int(self.has_bias))
 
     def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """As :meth:`Layer.gather`, also for tensors with trailing dimensions beyond the
+        parameters' (one block view per trailing index: ``(d_out, d_in, *trailing)``)."""
         weight = tensors[0]
         if weight is None:
             weight = torch.zeros_like(self.params[0])
-        columns = [weight.reshape(weight.shape[0], -1)]
+        trailing = weight.shape[self.params[0].dim() :]
+        columns = [weight.reshape(weight.shape[0], -1, *trailing)]
         if self.has_bias:
             bias = tensors[1]
             columns.append((torch.zeros_like(self.params[1]) if bias is None else bias)[:, None])
         return torch.cat(columns, dim=1) if self.has_bias else columns[0]
 
     def scatter(self, view: Tensor) -> list[Tensor]:
-        weight_shape = self.params[0].shape
+        """As :meth:`Layer.scatter`; trailing dimensions of ``(d_out, d_in, *trailing)``
+        stay trailing."""
+        trailing = view.shape[2:]
+        weight_shape = (*self.params[0].shape, *trailing)
         if not self.has_bias:
             return [view.reshape(weight_shape)]
         return [view[:, :-1].reshape(weight_shape), view[:, -1].contiguous()]

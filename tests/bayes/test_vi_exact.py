@@ -153,10 +153,8 @@ def test_slang_keeps_the_top_eigenspace_and_the_whole_diagonal(float64, make_mod
     x, y = inputs_for(model)
     fisher = 100.0 * empirical_fisher(model, ce_sum, x, y)
     rank = 3
-    # 13 probes of a 27-column blend: the randomized path, run to convergence.
-    opt = SLANG(
-        model, 100.0, lr=0.0, prior_precision=0.5, rank=rank, hess_init=SHARP, power_iterations=12
-    )
+    # 24 examples and rank 3 against 43 (MLP) and 79 (CNN) parameters: the Gram path.
+    opt = SLANG(model, 100.0, lr=0.0, prior_precision=0.5, rank=rank, hess_init=SHARP)
     one_step(opt, model, x, y)
     posterior = opt.posterior()
     values, vectors = torch.linalg.eigh(fisher)
@@ -167,6 +165,27 @@ def test_slang_keeps_the_top_eigenspace_and_the_whole_diagonal(float64, make_mod
     torch.testing.assert_close(
         posterior.precision().diagonal(), 0.5 + fisher.diagonal(), rtol=1e-6, atol=1e-10
     )
+
+
+@pytest.mark.parametrize("make_model", [small_mlp, small_cnn], ids=["mlp", "cnn"])
+def test_slang_gram_path_equals_the_thin_svd_of_the_blend(float64, make_model) -> None:
+    """The ``(L+M)``-square Gram route to ``W V_L`` against the SVD of ``W`` itself, after
+    two steps of two samples (a non-zero ``U``, examples from two samples)."""
+    model = make_model()
+    x, y = inputs_for(model, n=8)
+    opt = SLANG(model, 100.0, lr=0.1, prior_precision=0.5, rank=3, mc_samples=2)
+    for _ in range(2):
+        for _ in range(2):
+            with opt.sampled_params(train=True):
+                F.cross_entropy(model(x), y).backward()
+        if opt.steps == 0:
+            opt.step()
+    factor = opt.vi_state["factor"]
+    layers = opt._examples_by_layer()
+    assert factor.abs().max() > 0 and next(iter(layers.values())).examples == 16
+    gram = opt._top_of_gram(factor, layers, keep=0.8, scale=3.0)
+    dense = opt._top_of_dense_blend(factor, layers, keep=0.8, scale=3.0)
+    torch.testing.assert_close(gram @ gram.T, dense @ dense.T, rtol=1e-8, atol=1e-10)
 
 
 def natural_step(opt: VariationalOptimizer, mean: Tensor, grad: Tensor) -> Tensor:
