@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient
 from ngrl.bayes.base import VariationalOptimizer
+from ngrl.capture import find_layers
 
 DATASET_SIZE = 50_000
 Step = Callable[[], None]
@@ -93,6 +94,63 @@ def ivon_step(model: nn.Module, x: Tensor, y: Tensor) -> Step:
     return step
 
 
+def layer_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """``(d_out, d_in)`` of each dense or conv layer's block ``Ŵ = [W | b]``."""
+    return [layer.shape for layer in find_layers(model) if layer.kronecker]  # type: ignore[misc]
+
+
+def kronecker_floor(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """Adam's step plus what noisy K-FAC cannot avoid in a step: per layer, the two
+    products of a sample (``Q_G Z Q_Aᵀ``) and the two of the preconditioned step
+    (``G⁻¹ m A⁻¹``)."""
+    adam = adam_step(model, x, y)
+    matrices = [
+        (torch.randn(o, o), torch.randn(o, i), torch.randn(i, i)) for o, i in layer_shapes(model)
+    ]
+
+    def step() -> None:
+        adam()
+        for left, middle, right in matrices:
+            left @ middle @ right  # the sample
+            left @ middle @ right  # the step
+
+    return step
+
+
+def slang_floor(rank: int) -> Callable[..., Step]:
+    """Adam's step plus SLANG's two products with the per-example gradients: ``ĜU``
+    (``g_nᵀ U_l ā_n``) and ``Ĝᵀc`` (``Gᵀ diag(c) Ā``), ``L·M·d_out·d_in`` each per layer."""
+
+    def build(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+        adam = adam_step(model, x, y)
+        m = x.shape[0]
+        matrices = [
+            (torch.randn(m, o), torch.randn(o, i * rank), torch.randn(m, i * rank))
+            for o, i in layer_shapes(model)
+        ]
+
+        def step() -> None:
+            adam()
+            for g, factor, scaled in matrices:
+                g @ factor
+                g.T @ scaled
+
+        return step
+
+    return build
+
+
+def floor_macs(model: nn.Module, batch: int, rank: int) -> dict[str, int]:
+    """Multiply-adds of the floors, and of Adam's forward and backward passes (dense
+    layers: ``3·B·d_out·d_in``; convolutions more)."""
+    shapes = layer_shapes(model)
+    return {
+        "noisy K-FAC products": sum(2 * (o * o * i + o * i * i) for o, i in shapes),
+        "SLANG products": sum(2 * rank * batch * o * i for o, i in shapes),
+        "dense forward and backward": sum(3 * batch * o * i for o, i in shapes),
+    }
+
+
 def optimizers(rank: int) -> dict[str, Callable[..., Step]]:
     found: dict[str, Callable[..., Step]] = {
         "Adam": adam_step,
@@ -101,6 +159,8 @@ def optimizers(rank: int) -> dict[str, Callable[..., Step]]:
         "noisy EK-FAC": vi_step(lambda m: NoisyNaturalGradient(m, DATASET_SIZE, curvature="ekfac")),
         f"SLANG (L={rank})": vi_step(lambda m: SLANG(m, DATASET_SIZE, rank=rank)),
         "NoisyAdam": vi_step(lambda m: NoisyAdam(m, DATASET_SIZE)),
+        "floor: Adam + noisy K-FAC's products": kronecker_floor,
+        f"floor: Adam + SLANG's products (L={rank})": slang_floor(rank),
     }
     try:
         import ivon  # noqa: F401
@@ -158,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randint(0, 10, (batch,), generator=generator)
         params = sum(p.numel() for p in make_model().parameters())
         print(f"\n### {name}: {params:,} parameters, batch {batch}\n")
+        macs = floor_macs(make_model(), batch, args.rank)
+        print(", ".join(f"{k}: {v / 1e6:.0f}M multiply-adds" for k, v in macs.items()) + "\n")
         print("| optimizer | ms per step (median) | ÷ Adam |\n|---|---:|---:|")
         adam = None
         for label, build in optimizers(args.rank).items():
@@ -168,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {label} | {median:.2f} | {median / adam:.2f} |", flush=True)
             results.append(
                 dict(model=name, optimizer=label, ms_per_step=median, runs=runs,
-                     ratio_to_adam=median / adam, parameters=params, batch=batch)
+                     ratio_to_adam=median / adam, parameters=params, batch=batch,
+                     floor_multiply_adds=macs)
             )  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
