@@ -14,7 +14,7 @@ sample, and the mean is written back bit for bit when the block ends, also when 
 The loss must be a batch mean (PyTorch's default). The optimizers that need per-example
 gradients (VOGN, SLANG, noisy K-FAC) take them from ngrl's capture hooks during the
 backward passes inside ``sampled_params(train=True)``: only ``nn.Linear`` and
-``nn.Conv2d`` layers are supported there.
+``nn.Conv1d``/``2d``/``3d`` layers are supported there.
 
 Scaling shared by all: with ``N = dataset_size / kl_weight`` (the KL weighting of
 Zhang et al. 2018 divides the dataset size) and prior ``N(0, I/prior_precision)``, the
@@ -135,7 +135,7 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
         if unsupported:
             raise ValueError(
                 f"Invalid model: {type(self).__name__} takes per-example gradients from "
-                "nn.Linear and nn.Conv2d (groups=1) layers only; unsupported: "
+                "nn.Linear and nn.Conv1d/2d/3d (groups=1) layers only; unsupported: "
                 f"{', '.join(unsupported)}"
             )
         # Flat position of every entry of each layer's block view Ŵ = [W | b].

@@ -46,7 +46,7 @@ class NoisyKFAC(NoisyNaturalGradient):
     the posterior is ``N(M, I/(N·hess_init + prior_precision))``.
 
     Args:
-        model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
+        model: the network (``nn.Linear`` and ``nn.Conv1d``/``2d``/``3d`` layers).
         dataset_size: number of training examples.
         lr: step size of the mean.
         prior_precision: precision of the Gaussian prior ``N(0, I/prior_precision)``.

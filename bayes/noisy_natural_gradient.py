@@ -76,7 +76,7 @@ class NoisyNaturalGradient(VariationalOptimizer):
     construction, with the list of those that work.
 
     Args:
-        model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
+        model: the network (``nn.Linear`` and ``nn.Conv1d``/``2d``/``3d`` layers).
         dataset_size: number of training examples.
         curvature: a registered curvature name (:func:`sampling_curvatures`).
         curvature_options: keyword arguments of its blocks (e.g. ``damping_rule``).

@@ -61,7 +61,7 @@ class SLANG(VariationalOptimizer):
     also serves the Woodbury solve.
 
     Args:
-        model: the network (``nn.Linear`` and ``nn.Conv2d`` layers).
+        model: the network (``nn.Linear`` and ``nn.Conv1d``/``2d``/``3d`` layers).
         dataset_size: number of training examples.
         lr: step size of the mean.
         prior_precision: precision of the Gaussian prior ``N(0, I/prior_precision)``.

@@ -33,7 +33,7 @@ class VOGN(DiagonalVariational):
     is the MAP estimate (for a narrow posterior) and the precision is
     ``prior_precision + N·mean_n(∇ℓ_n(μ)²)``. Arguments: see
     :class:`ngrl.bayes.diagonal.DiagonalVariational`; the model may hold ``nn.Linear`` and
-    ``nn.Conv2d`` layers only.
+    ``nn.Conv1d``/``2d``/``3d`` layers only.
     """
 
     def _record(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:

@@ -9,13 +9,15 @@ optimizer's curvature block). Outside the context the hooks return at once.
 Tensor hooks on the output are used instead of ``register_full_backward_hook``, which
 breaks when an in-place activation follows the layer (a known K-FAC pitfall).
 
-Supported: ``nn.Linear`` and ``nn.Conv2d`` with ``groups=1`` (Kronecker-factored, KFC
-conventions, bias as the homogeneous coordinate). Every other module that owns parameters
-becomes a :class:`GenericLayer`, whose statistics are gradient samples for a diagonal block.
+Supported: ``nn.Linear`` and ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` with ``groups=1``
+(Kronecker-factored, KFC conventions, bias as the homogeneous coordinate). Every other
+module that owns parameters becomes a :class:`GenericLayer`, whose statistics are gradient
+samples for a diagonal block.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "Capture",
     "Conv2dLayer",
+    "ConvLayer",
     "GenericLayer",
     "Layer",
     "LinearLayer",
@@ -148,16 +151,17 @@ class LinearLayer(Layer):
         return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
 
 
-class Conv2dLayer(LinearLayer):
-    """``nn.Conv2d`` (``groups=1``): KFC patches by unfold, ``T`` = output positions."""
+class ConvLayer(LinearLayer):
+    """``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` (``groups=1``): KFC patches,
+    ``T`` = output positions, one patch row ``(c, k_1, …, k_n)`` per position (the order
+    of ``weight.flatten(1)``)."""
 
-    unbatched_dim = 3
-
-    def __init__(self, name: str, module: nn.Conv2d) -> None:
+    def __init__(self, name: str, module: nn.modules.conv._ConvNd) -> None:
         Layer.__init__(self, name, module)
         self.has_bias = module.bias is not None
         fan_in = math.prod(module.weight.shape[1:])
         self.shape = (module.out_channels, fan_in + int(self.has_bias))
+        self.unbatched_dim = module.weight.dim() - 1  # (C, *spatial)
         self._conv = module
 
     def _padded(self, inputs: Tensor) -> Tensor:
@@ -168,35 +172,53 @@ class Conv2dLayer(LinearLayer):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         return F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
 
+    def _output_sizes(self, x: Tensor) -> list[int]:
+        conv = self._conv
+        return [
+            (size - dilation * (kernel - 1) - 1) // stride + 1
+            for size, kernel, stride, dilation in zip(
+                x.shape[2:], conv.kernel_size, conv.stride, conv.dilation, strict=True
+            )
+        ]
+
     def patches(self, inputs: Tensor) -> Tensor:
         conv = self._conv
-        columns = F.unfold(
-            self._padded(inputs), conv.kernel_size, dilation=conv.dilation, stride=conv.stride
-        )
-        return columns.transpose(1, 2)
+        x = self._padded(inputs)
+        if x.dim() == 4:  # torch's unfold, the fastest path, exists for 2-D only
+            columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            return columns.transpose(1, 2)
+        windows = x
+        for dim, (kernel, stride, dilation) in enumerate(
+            zip(conv.kernel_size, conv.stride, conv.dilation, strict=True), start=2
+        ):  # each unfold appends the window of one spatial dimension
+            windows = windows.unfold(dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
+        spatial = len(conv.kernel_size)
+        order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
+        positions = math.prod(self._output_sizes(x))
+        return windows.permute(order).reshape(x.shape[0], positions, -1)
 
     def patch_means(self, inputs: Tensor) -> Tensor:
-        # Σ_t of the patches without unfolding them: kernel offset (i, j) sees a strided
-        # window of the input, so one slice-sum per offset gives the column (c, i, j).
+        # Σ_t of the patches without unfolding them: kernel offset (i, j, …) sees a strided
+        # window of the input, so one slice-sum per offset gives the column (c, i, j, …).
         conv = self._conv
         x = self._padded(inputs)
-        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-        out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-        sums = [
-            x[
-                :,
-                :,
-                i * dh : i * dh + sh * (out_h - 1) + 1 : sh,
-                j * dw : j * dw + sw * (out_w - 1) + 1 : sw,
-            ].sum((2, 3))
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        return torch.stack(sums, dim=2).reshape(x.shape[0], -1) / (out_h * out_w)
+        sizes = self._output_sizes(x)
+        spatial = tuple(range(2, x.dim()))
+        sums = []
+        for offsets in itertools.product(*(range(k) for k in conv.kernel_size)):
+            window = tuple(
+                slice(o * d, o * d + s * (n - 1) + 1, s)
+                for o, d, s, n in zip(offsets, conv.dilation, conv.stride, sizes, strict=True)
+            )
+            sums.append(x[(slice(None), slice(None), *window)].sum(spatial))
+        return torch.stack(sums, dim=2).reshape(x.shape[0], -1) / math.prod(sizes)
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
         return grad_output.flatten(2).transpose(1, 2)
+
+
+#: The name of the first supported convolution (every ``ConvLayer``).
+Conv2dLayer = ConvLayer
 
 
 def example_gradients(a: Tensor, g: Tensor) -> Tensor:
@@ -236,7 +258,9 @@ class GenericLayer(Layer):
 
 _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
     nn.Linear: LinearLayer,
-    nn.Conv2d: Conv2dLayer,
+    nn.Conv1d: ConvLayer,
+    nn.Conv2d: ConvLayer,
+    nn.Conv3d: ConvLayer,
 }
 
 
@@ -245,7 +269,7 @@ def _make_layer(name: str, module: nn.Module) -> Layer:
     all_trainable = all(p.requires_grad for p in module.parameters(recurse=False))
     if factory is None or not all_trainable:
         return GenericLayer(name, module)
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return GenericLayer(name, module)
     return factory(name, module)
 

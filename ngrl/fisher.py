@@ -123,7 +123,7 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
     if not own:
         raise ValueError(f"layer {layer_name!r} has no trainable parameters of its own")
     module = model.get_submodule(layer_name)
-    if isinstance(module, (nn.Linear, nn.Conv2d)) and "weight" in own:
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and "weight" in own:
         weight = own["weight"].reshape(own["weight"].shape[0], -1)
         columns = [weight] + ([own["bias"][:, None]] if "bias" in own else [])
         return torch.cat(columns, dim=1).flatten()

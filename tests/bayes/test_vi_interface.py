@@ -175,7 +175,7 @@ def test_slang_rank_above_the_number_of_parameters_is_refused() -> None:
 @pytest.mark.parametrize("cls", [VOGN, SLANG, NoisyKFAC])
 def test_layers_without_per_example_gradients_are_refused(cls: type) -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
-    with pytest.raises(ValueError, match=r"nn.Linear and nn.Conv2d .*1 \(BatchNorm1d\)"):
+    with pytest.raises(ValueError, match=r"nn.Linear and nn.Conv1d/2d/3d .*1 \(BatchNorm1d\)"):
         cls(model, 100, rank=2) if cls is SLANG else cls(model, 100)
 
 
