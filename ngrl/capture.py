@@ -10,9 +10,10 @@ Tensor hooks on the output are used instead of ``register_full_backward_hook``, 
 breaks when an in-place activation follows the layer (a known K-FAC pitfall).
 
 Supported: ``nn.Linear`` and ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` with ``groups=1``
-(Kronecker-factored, KFC conventions, bias as the homogeneous coordinate). Every other
-module that owns parameters becomes a :class:`GenericLayer`, whose statistics are gradient
-samples for a diagonal block.
+(Kronecker-factored, KFC conventions, bias as the homogeneous coordinate); the affine part
+of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` (exact per-example
+gradients of ``(γ, β)``). Every other module that owns parameters becomes a
+:class:`GenericLayer`, whose statistics are gradient samples for a diagonal block.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "GenericLayer",
     "Layer",
     "LinearLayer",
+    "ScaleShiftLayer",
     "example_gradients",
     "find_layers",
     "squared_gradient_norm_sum",
@@ -221,6 +223,51 @@ class ConvLayer(LinearLayer):
 Conv2dLayer = ConvLayer
 
 
+class ScaleShiftLayer(Layer):
+    """The elementwise affine ``y = γ ⊙ x̂ + β`` of ``nn.LayerNorm``, ``nn.GroupNorm`` and
+    ``nn.BatchNorm1d/2d/3d`` (kfac-jax's scale-and-shift layer): statistics are the exact
+    per-example gradients ``(Σ_t g_t ⊙ x̂_t, Σ_t g_t)``, over the positions ``t`` that
+    share ``γ`` and ``β``, with ``x̂`` the layer's own normalisation of its input
+    (batch-norm layers in training mode: with this batch's statistics, taken as given).
+    The block view is ``γ`` then ``β``, flattened (the parameters' order)."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module)
+        self._norm = module
+        self.has_bias = getattr(module, "bias", None) is not None
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        """``x̂``: the input normalised as the layer does, without its affine part."""
+        norm = self._norm
+        if isinstance(norm, nn.LayerNorm):
+            return F.layer_norm(inputs, norm.normalized_shape, None, None, norm.eps)
+        if isinstance(norm, nn.GroupNorm):
+            return F.group_norm(inputs, norm.num_groups, None, None, norm.eps)
+        assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        batch_statistics = norm.training or norm.running_mean is None
+        return F.batch_norm(
+            inputs,
+            None if batch_statistics else norm.running_mean,
+            None if batch_statistics else norm.running_var,
+            training=batch_statistics,
+            eps=norm.eps,
+        )
+
+    def example_rows(self, inputs: Tensor, grad_output: Tensor) -> Tensor:
+        """``(N, P)``: each example's gradient of ``(γ, β)``, flattened in the block view."""
+        x_hat = self.normalized(inputs)
+        n = inputs.shape[0]
+        if isinstance(self._norm, nn.LayerNorm):
+            # γ covers the trailing normalized_shape; the leading dimensions are positions.
+            shape = (n, -1, *self._norm.normalized_shape)
+            scale = (grad_output * x_hat).reshape(shape).sum(1).flatten(1)
+            shift = grad_output.reshape(shape).sum(1).flatten(1)
+        else:  # one γ per channel (dimension 1), shared by the positions after it
+            scale = (grad_output * x_hat).flatten(2).sum(2)
+            shift = grad_output.flatten(2).sum(2)
+        return torch.cat([scale, shift], dim=1) if self.has_bias else scale
+
+
 def example_gradients(a: Tensor, g: Tensor) -> Tensor:
     """Per-example gradients ``∇Ŵ ℓ_n = Σ_t g_{n,t} ā_{n,t}ᵀ``, shape ``(N, d_out, d_in)``.
 
@@ -257,6 +304,11 @@ class GenericLayer(Layer):
 
 
 _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
+    nn.LayerNorm: ScaleShiftLayer,
+    nn.GroupNorm: ScaleShiftLayer,
+    nn.BatchNorm1d: ScaleShiftLayer,
+    nn.BatchNorm2d: ScaleShiftLayer,
+    nn.BatchNorm3d: ScaleShiftLayer,
     nn.Linear: LinearLayer,
     nn.Conv1d: ConvLayer,
     nn.Conv2d: ConvLayer,
@@ -349,7 +401,7 @@ class Capture:
         self._kronecker_batch: int | None = None
         self._generic_grads: dict[str, list[Tensor | None]] = {}
         for layer in self.layers:
-            if isinstance(layer, LinearLayer):
+            if isinstance(layer, (LinearLayer, ScaleShiftLayer)):
                 self._handles.append(
                     layer.module.register_forward_hook(self._kronecker_forward(layer))
                 )
@@ -383,7 +435,7 @@ class Capture:
         """
         targets: list[Tensor] = []
         for layer in self.layers:
-            if not layer.kronecker:
+            if not isinstance(layer, (LinearLayer, ScaleShiftLayer)):
                 targets.extend(layer.params)
                 continue
             entry = self._outputs.get(layer.name)
@@ -401,7 +453,7 @@ class Capture:
         self._handles.clear()
 
     # --- Kronecker layers ---------------------------------------------------------------
-    def _kronecker_forward(self, layer: LinearLayer) -> Callable[..., None]:
+    def _kronecker_forward(self, layer: LinearLayer | ScaleShiftLayer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
@@ -416,15 +468,18 @@ class Capture:
 
         return hook
 
-    def _record(self, layer: LinearLayer, x: Tensor, grad: Tensor) -> None:
-        if x.dim() == layer.unbatched_dim:  # one example without a batch dimension
-            x, grad = x[None], grad[None]
+    def _record(self, layer: LinearLayer | ScaleShiftLayer, x: Tensor, grad: Tensor) -> None:
+        if isinstance(layer, LinearLayer) and x.dim() == layer.unbatched_dim:
+            x, grad = x[None], grad[None]  # one example without a batch dimension
         n = x.shape[0]
         self._kronecker_batch = n
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         if self.batch_size is not None and self.batch_size < n:
             x, grad = x[: self.batch_size], grad[: self.batch_size]
         with torch.no_grad():
+            if isinstance(layer, ScaleShiftLayer):
+                self.sink(layer, None, layer.example_rows(x, grad.detach() * scale))
+                return
             a, g = layer.statistics(x, grad.detach() * scale, self.weight_sharing)
             self.sink(layer, a, g)
 

@@ -5,6 +5,7 @@ Importing this package registers them all; ``available()`` lists the names.
 
 from ngrl.curvature.base import CurvatureBlock, available, get_block_class, register
 from ngrl.curvature.deflation import DeflationBlock
+from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.curvature.ekfac import EKFACBlock
 from ngrl.curvature.kfac import KFACBlock
@@ -17,6 +18,7 @@ from ngrl.curvature.tkfac import TKFACBlock
 __all__ = [
     "CurvatureBlock",
     "DeflationBlock",
+    "DenseBlock",
     "DiagonalBlock",
     "EKFACBlock",
     "KFACBlock",

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -15,7 +15,11 @@ from ngrl.curvature.base import get_block_class
 from ngrl.distributed import check_grad_worker_fraction
 from ngrl.optim.hyperparams import Schedule, check, check_choice
 
-__all__ = ["SCHEDULABLE", "KFACConfig"]
+__all__ = ["SCHEDULABLE", "KFACConfig", "ScaleShiftBlock"]
+
+#: The block of a normalisation layer's affine ``(γ, β)``: the exact dense Fisher block
+#: or its diagonal (kfac-jax's two scale-and-shift blocks).
+ScaleShiftBlock = Literal["full", "diagonal"]
 
 #: The hyperparameters :class:`ngrl.optim.KFAC` reads from ``param_groups[0]`` at every
 #: step (so that schedulers, SB3 and a user's assignment change them); the other fields
@@ -63,6 +67,7 @@ class KFACConfig:
     loss_reduction: Reduction = "mean"
     stats_batch_size: int | None = None
     weight_sharing: WeightSharing = "expand"
+    scale_shift: ScaleShiftBlock = "full"
     curvature_options: Mapping[str, Any] = field(default_factory=dict)
     grad_worker_fraction: float = 1.0
     statistics_dtype: torch.dtype | None = None
@@ -76,6 +81,7 @@ class KFACConfig:
             raise ValueError("Invalid lr or damping value: None (a number or a schedule)")
         check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         check_choice("weight_sharing", self.weight_sharing, ("expand", "reduce"))
+        check_choice("scale_shift", self.scale_shift, ("full", "diagonal"))
         if self.stats_batch_size is not None:
             check("stats_batch_size", self.stats_batch_size)
         check_grad_worker_fraction(self.grad_worker_fraction)

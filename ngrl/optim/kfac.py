@@ -13,11 +13,19 @@ from torch import Tensor, nn
 
 import ngrl.curvature  # noqa: F401  (registers every approximation)
 from ngrl import distributed
-from ngrl.capture import Capture, Layer, Reduction, WeightSharing, find_layers
+from ngrl.capture import (
+    Capture,
+    Layer,
+    Reduction,
+    ScaleShiftLayer,
+    WeightSharing,
+    find_layers,
+)
 from ngrl.curvature.base import CurvatureBlock, get_block_class
+from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.linalg import all_finite
-from ngrl.optim.config import SCHEDULABLE, KFACConfig
+from ngrl.optim.config import SCHEDULABLE, KFACConfig, ScaleShiftBlock
 from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
@@ -74,6 +82,10 @@ class KFAC(torch.optim.Optimizer):
             on sequences) are factored: ``"expand"`` (KFC, Grosse & Martens 2016) or
             ``"reduce"`` (K-FAC-reduce, Eschenhagen et al. 2023: positions are averaged
             per example first; much cheaper for convolutions).
+        scale_shift: the block of the affine ``(γ, β)`` of ``nn.LayerNorm``,
+            ``nn.GroupNorm`` and batch-norm layers, from their exact per-example gradients:
+            ``"full"`` (the dense Fisher block, :class:`ngrl.curvature.DenseBlock`) or
+            ``"diagonal"``.
         curvature_options: keyword arguments for the curvature blocks of dense and conv
             layers, e.g. ``{"damping_rule": "factored"}`` for K-FAC.
         statistics_dtype: the dtype in which statistics are kept, decomposed and applied
@@ -112,6 +124,7 @@ class KFAC(torch.optim.Optimizer):
         loss_reduction: Reduction = "mean",
         stats_batch_size: int | None = None,
         weight_sharing: WeightSharing = "expand",
+        scale_shift: ScaleShiftBlock = "full",
         curvature_options: Mapping[str, Any] | None = None,
         grad_worker_fraction: float = 1.0,
         statistics_dtype: torch.dtype | None = None,
@@ -135,6 +148,7 @@ class KFAC(torch.optim.Optimizer):
             loss_reduction=loss_reduction,
             stats_batch_size=stats_batch_size,
             weight_sharing=weight_sharing,
+            scale_shift=scale_shift,
             curvature_options=curvature_options or {},
             grad_worker_fraction=grad_worker_fraction,
             statistics_dtype=statistics_dtype,
@@ -163,6 +177,8 @@ class KFAC(torch.optim.Optimizer):
                 layer.name: (
                     block_class(layer.shape, **options)
                     if layer.kronecker
+                    else DenseBlock(layer.shape)
+                    if isinstance(layer, ScaleShiftLayer) and config.scale_shift == "full"
                     else DiagonalBlock(layer.shape)
                 )
                 for layer in self.layers

@@ -304,7 +304,7 @@ def test_same_seed_gives_the_same_parameters() -> None:
 
 @pytest.mark.usefixtures("float64")
 def test_other_layers_get_a_diagonal_block_exact_for_one_example() -> None:
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 3))
     opt = KFAC(model)
     assert isinstance(opt.blocks["1"], DiagonalBlock)
     x = torch.randn(1, 3)
