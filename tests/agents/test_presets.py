@@ -36,7 +36,7 @@ def test_named_presets_start_from_the_algorithm_and_change_what_they_name() -> N
     breakout = resolve("Breakout")
     default = resolve_config("acktr", breakout, [])
     baselines = resolve_config("acktr", breakout, [], "baselines")
-    assert baselines.n_envs == default.n_envs == 32
+    assert (baselines.n_envs, default.n_envs) == (32, 16)
     assert baselines.hyperparameters.get("curvature", "kfac") == "kfac"
     with pytest.raises(ValueError, match="no preset 'x'; its presets: baselines"):
         resolve_config("acktr", breakout, [], "x")
