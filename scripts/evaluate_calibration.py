@@ -240,9 +240,11 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
     if len(diffs) < 2:
         return {"mean": mean, "low": float("nan"), "high": float("nan"), "seeds": seeds,
                 "significant": False}  # fmt: skip
-    half = float(scipy.stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs)
-    half /= len(diffs) ** 0.5
-    low, high = mean - half, mean + half
+    if statistics.stdev(diffs) == 0.0:  # scipy's interval is undefined (NaN) there
+        low = high = mean
+    else:
+        interval = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        low, high = float(interval.low), float(interval.high)
     return {"mean": mean, "low": low, "high": high, "seeds": seeds,
             "significant": bool(low > 0.0 or high < 0.0)}  # fmt: skip
 
