@@ -174,14 +174,7 @@ class KFAC(torch.optim.Optimizer):
         options = dict(config.curvature_options)
         try:
             self.blocks: dict[str, CurvatureBlock] = {
-                layer.name: (
-                    block_class(layer.shape, **options)
-                    if layer.kronecker
-                    else DenseBlock(layer.shape)
-                    if isinstance(layer, ScaleShiftLayer) and config.scale_shift == "full"
-                    else DiagonalBlock(layer.shape)
-                )
-                for layer in self.layers
+                layer.name: self._block_for(layer, block_class, options) for layer in self.layers
             }
         except TypeError as error:
             raise ValueError(
@@ -200,6 +193,17 @@ class KFAC(torch.optim.Optimizer):
         self.trust_region_scales: list[float] = []
         self.grad_worker_fraction = config.grad_worker_fraction
         self._plan: distributed.LocalPlan | None = None
+
+    def _block_for(
+        self, layer: Layer, block_class: Callable[..., CurvatureBlock], options: dict[str, Any]
+    ) -> CurvatureBlock:
+        """The chosen curvature for dense and conv layers; the full or diagonal block for a
+        normalisation layer's affine part; a diagonal block for any other layer."""
+        if layer.kronecker:
+            return block_class(layer.shape, **options)
+        if isinstance(layer, ScaleShiftLayer) and self._config.scale_shift == "full":
+            return DenseBlock(layer.shape)
+        return DiagonalBlock(layer.shape)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: KFACConfig) -> KFAC:
