@@ -12,8 +12,10 @@ breaks when an in-place activation follows the layer (a known K-FAC pitfall).
 Supported: ``nn.Linear`` and ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` with ``groups=1``
 (Kronecker-factored, KFC conventions, bias as the homogeneous coordinate); the affine part
 of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` (exact per-example
-gradients of ``(γ, β)``). Every other module that owns parameters becomes a
-:class:`GenericLayer`, whose statistics are gradient samples for a diagonal block.
+gradients of ``(γ, β)``); ``nn.Embedding`` (the indices and the output gradients, for a
+Kronecker block with a diagonal input factor). Every other module that owns parameters
+becomes a :class:`GenericLayer`, whose statistics are gradient samples for a diagonal
+block.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "Capture",
     "Conv2dLayer",
     "ConvLayer",
+    "EmbeddingLayer",
     "GenericLayer",
     "Layer",
     "LinearLayer",
@@ -57,6 +60,10 @@ class Layer:
     """
 
     kronecker = False
+    #: Whether the statistics come from the gradient of the layer's output (a tensor hook
+    #: set by the forward hook) through :meth:`output_statistics`; otherwise from the
+    #: parameters' gradients (a generic layer).
+    output_hooked = False
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -93,11 +100,23 @@ class Layer:
         """
         raise NotImplementedError(f"{type(self).__name__} has no Kronecker statistics")
 
+    def batched(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's input and output gradient with a leading batch dimension."""
+        return inputs, grad_output
+
+    def output_statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing
+    ) -> tuple[Tensor | None, Tensor]:
+        """What the capture hands the layer's block, from a batched input and the
+        per-example output gradient (output-hooked layers)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no output statistics")
+
 
 class LinearLayer(Layer):
     """``nn.Linear``: ``Ŵ = [W | b]``; inputs of shape ``(N, …, d_in)``, ``T = ∏ …``."""
 
     kronecker = True
+    output_hooked = True
     #: Number of input dimensions of one unbatched example.
     unbatched_dim = 1
 
@@ -144,6 +163,16 @@ class LinearLayer(Layer):
         if self.has_bias:
             a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
         return a, g
+
+    def batched(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        if inputs.dim() == self.unbatched_dim:  # one example without a batch dimension
+            return inputs[None], grad_output[None]
+        return inputs, grad_output
+
+    def output_statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing
+    ) -> tuple[Tensor | None, Tensor]:
+        return self.statistics(inputs, grad_output, weight_sharing)
 
     def patch_means(self, inputs: Tensor) -> Tensor:
         """``(N, d)``: each example's inputs averaged over its positions."""
@@ -231,6 +260,8 @@ class ScaleShiftLayer(Layer):
     (batch-norm layers in training mode: with this batch's statistics, taken as given).
     The block view is ``γ`` then ``β``, flattened (the parameters' order)."""
 
+    output_hooked = True
+
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__(name, module)
         self._norm = module
@@ -267,6 +298,62 @@ class ScaleShiftLayer(Layer):
             shift = grad_output.flatten(2).sum(2)
         return torch.cat([scale, shift], dim=1) if self.has_bias else scale
 
+    def output_statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing
+    ) -> tuple[Tensor | None, Tensor]:
+        return None, self.example_rows(inputs, grad_output)
+
+
+class EmbeddingLayer(Layer):
+    """``nn.Embedding``: the lookup ``y_t = W[i_t]`` is a dense layer without bias on the
+    one-hot input ``e_{i_t}``, ``y_t = Wᵀ e_{i_t}``. The block view is ``Wᵀ``, shape
+    ``(d_out, d_in) = (embedding_dim, num_embeddings)``.
+
+    Statistics: ``a`` holds the indices, ``(N, T)`` integers (the one-hot rows are never
+    formed), ``g`` the output gradients ``(N, T, embedding_dim)``; positions at
+    ``padding_idx``, which receive no gradient, have index ``-1``. ``max_norm`` only
+    rescales rows of ``W`` before the lookup, so the statistics are the same. Sparse
+    gradients and ``scale_grad_by_freq`` (a gradient that is not a sum over examples) are
+    refused.
+    """
+
+    output_hooked = True
+
+    def __init__(self, name: str, module: nn.Embedding) -> None:
+        for option in ("sparse", "scale_grad_by_freq"):
+            if getattr(module, option):
+                raise ValueError(
+                    f"Invalid model: embedding {name or '<root>'!r} has {option}=True; "
+                    f"K-FAC needs dense per-example gradients (set {option}=False, or "
+                    "leave the layer out with skip_layers)"
+                )
+        super().__init__(name, module)
+        self.shape = (module.embedding_dim, module.num_embeddings)
+        self.padding_idx = module.padding_idx
+
+    def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        weight = tensors[0]
+        return (torch.zeros_like(self.params[0]) if weight is None else weight).transpose(0, 1)
+
+    def scatter(self, view: Tensor) -> list[Tensor]:
+        return [view.transpose(0, 1).contiguous()]
+
+    def batched(self, inputs: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        if inputs.dim() == 0:  # one index without a batch dimension
+            return inputs[None], grad_output[None]
+        return inputs, grad_output
+
+    def output_statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing
+    ) -> tuple[Tensor | None, Tensor]:
+        # Always the expanded statistics: averaging one-hot rows over positions (reduce)
+        # would make the input factor dense.
+        n = inputs.shape[0]
+        indices = inputs.reshape(n, -1)
+        if self.padding_idx is not None:
+            indices = indices.masked_fill(indices == self.padding_idx, -1)
+        return indices, grad_output.reshape(n, indices.shape[1], grad_output.shape[-1])
+
 
 def example_gradients(a: Tensor, g: Tensor) -> Tensor:
     """Per-example gradients ``∇Ŵ ℓ_n = Σ_t g_{n,t} ā_{n,t}ᵀ``, shape ``(N, d_out, d_in)``.
@@ -302,6 +389,15 @@ def squared_gradient_norm_sum(a: Tensor, g: Tensor) -> Tensor:
 class GenericLayer(Layer):
     """Any other module with parameters: statistics are gradient samples for a diagonal block."""
 
+    @property
+    def free_parameters(self) -> bool:
+        """Whether these are parameters registered directly on a container module defined
+        outside ``torch.nn`` (SB3's ``log_std`` on its policy), which the container's
+        methods read, rather than the weights of a layer type K-FAC does not support."""
+        module = self.module
+        is_torch_type = type(module).__module__.startswith("torch.nn")
+        return not is_torch_type and next(module.children(), None) is not None
+
 
 _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
     nn.LayerNorm: ScaleShiftLayer,
@@ -310,6 +406,7 @@ _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
     nn.BatchNorm2d: ScaleShiftLayer,
     nn.BatchNorm3d: ScaleShiftLayer,
     nn.Linear: LinearLayer,
+    nn.Embedding: EmbeddingLayer,
     nn.Conv1d: ConvLayer,
     nn.Conv2d: ConvLayer,
     nn.Conv3d: ConvLayer,
@@ -390,20 +487,20 @@ class Capture:
         self.batch_size = batch_size
         self.weight_sharing = weight_sharing
         self.is_active = False
-        # Latest output of each Kronecker layer (with its version at the time), kept for
+        # Latest output of each output-hooked layer (with its version at the time), kept for
         # the statistics-only backward; released when a capture context ends.
         self._outputs: dict[str, tuple[Tensor, int]] = {}
         self._handles: list[RemovableHandle] = []
         self._generic_batch: dict[str, int] = {}
-        # Batch size seen by the Kronecker layers in this capture: the fallback for a
+        # Batch size seen by the output-hooked layers in this capture: the fallback for a
         # generic layer whose own forward never runs (a bare parameter such as SB3's
         # `log_std`, read by the parent module's methods rather than its forward).
-        self._kronecker_batch: int | None = None
+        self._hooked_batch: int | None = None
         self._generic_grads: dict[str, list[Tensor | None]] = {}
         for layer in self.layers:
-            if isinstance(layer, (LinearLayer, ScaleShiftLayer)):
+            if layer.output_hooked:
                 self._handles.append(
-                    layer.module.register_forward_hook(self._kronecker_forward(layer))
+                    layer.module.register_forward_hook(self._output_forward(layer))
                 )
             else:
                 self._handles.append(
@@ -423,7 +520,7 @@ class Capture:
             self._outputs.clear()
             self._flush_generic()
             self._generic_batch.clear()
-            self._kronecker_batch = None
+            self._hooked_batch = None
 
     def gradient_targets(self) -> list[Tensor] | None:
         """Tensors whose gradients feed the statistics of the latest forward pass.
@@ -435,7 +532,7 @@ class Capture:
         """
         targets: list[Tensor] = []
         for layer in self.layers:
-            if not isinstance(layer, (LinearLayer, ScaleShiftLayer)):
+            if not layer.output_hooked:
                 targets.extend(layer.params)
                 continue
             entry = self._outputs.get(layer.name)
@@ -452,8 +549,8 @@ class Capture:
             handle.remove()
         self._handles.clear()
 
-    # --- Kronecker layers ---------------------------------------------------------------
-    def _kronecker_forward(self, layer: LinearLayer | ScaleShiftLayer) -> Callable[..., None]:
+    # --- output-hooked layers ------------------------------------------------------------
+    def _output_forward(self, layer: Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
@@ -468,19 +565,15 @@ class Capture:
 
         return hook
 
-    def _record(self, layer: LinearLayer | ScaleShiftLayer, x: Tensor, grad: Tensor) -> None:
-        if isinstance(layer, LinearLayer) and x.dim() == layer.unbatched_dim:
-            x, grad = x[None], grad[None]  # one example without a batch dimension
+    def _record(self, layer: Layer, x: Tensor, grad: Tensor) -> None:
+        x, grad = layer.batched(x, grad)
         n = x.shape[0]
-        self._kronecker_batch = n
+        self._hooked_batch = n
         scale = float(n) if self.loss_reduction == "mean" else 1.0
         if self.batch_size is not None and self.batch_size < n:
             x, grad = x[: self.batch_size], grad[: self.batch_size]
         with torch.no_grad():
-            if isinstance(layer, ScaleShiftLayer):
-                self.sink(layer, None, layer.example_rows(x, grad.detach() * scale))
-                return
-            a, g = layer.statistics(x, grad.detach() * scale, self.weight_sharing)
+            a, g = layer.output_statistics(x, grad.detach() * scale, self.weight_sharing)
             self.sink(layer, a, g)
 
     # --- generic layers ----------------------------------------------------------------
@@ -505,7 +598,7 @@ class Capture:
         by_name = {layer.name: layer for layer in self.layers}
         for name, grads in self._generic_grads.items():
             layer = by_name[name]
-            n = self._generic_batch.get(name, self._kronecker_batch or 1)
+            n = self._generic_batch.get(name, self._hooked_batch or 1)
             # The batch gradient of a sampled-target loss: n·E[∇L∇Lᵀ] is the Fisher (mean
             # reduction); for a summed loss, E[∇L∇Lᵀ]/n is.
             scale = math.sqrt(n) if self.loss_reduction == "mean" else 1.0 / math.sqrt(n)

@@ -109,7 +109,8 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
 
     For a layer with ``weight`` (first dimension = outputs) and ``bias``, row ``i`` of
     ``Ŵ = [W | b]`` is ``W[i].flatten()`` followed by ``b[i]``; any other layer keeps the
-    concatenation of its own parameters.
+    concatenation of its own parameters; an embedding's block is ``Wᵀ`` (row ``i`` is
+    dimension ``i`` of every row of the table).
     """
     offsets: dict[str, Tensor] = {}
     start = 0
@@ -127,4 +128,6 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
         weight = own["weight"].reshape(own["weight"].shape[0], -1)
         columns = [weight] + ([own["bias"][:, None]] if "bias" in own else [])
         return torch.cat(columns, dim=1).flatten()
+    if isinstance(module, nn.Embedding) and "weight" in own:
+        return own["weight"].T.flatten()
     return torch.cat([idx.flatten() for idx in own.values()])

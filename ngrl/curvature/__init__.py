@@ -8,6 +8,7 @@ from ngrl.curvature.deflation import DeflationBlock
 from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.curvature.ekfac import EKFACBlock
+from ngrl.curvature.embedding import EmbeddingBlock
 from ngrl.curvature.kfac import KFACBlock
 from ngrl.curvature.kfac_corrected import KFACCorrectedBlock
 from ngrl.curvature.kpsvd import KPSVDBlock
@@ -20,6 +21,7 @@ __all__ = [
     "DeflationBlock",
     "DenseBlock",
     "DiagonalBlock",
+    "EmbeddingBlock",
     "EKFACBlock",
     "KFACBlock",
     "KFACCorrectedBlock",

@@ -43,6 +43,7 @@ __all__ = [
     "eigenbasis_solve",
     "factored_kronecker",
     "kronecker_dense",
+    "matrix_shape",
     "pi_split",
     "symmetric_eigh",
 ]
@@ -487,14 +488,27 @@ def factored_kronecker(g_factor: Tensor, a_factor: Tensor, damping: float) -> Te
     return torch.kron(g_factor + g_damping * eye_g, a_factor + a_damping * eye_a)
 
 
+def matrix_shape(
+    shape: tuple[int, ...], block: str, damping_rule: str = "exact"
+) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a block that preconditions a matrix view, after checking the
+    shape and the damping rule (``"exact"`` or ``"factored"``) with a ``ValueError``."""
+    if len(shape) != 2:
+        raise ValueError(f"{block} needs a (d_out, d_in) gradient shape, got {shape}")
+    if damping_rule not in ("exact", "factored"):
+        raise ValueError(f"Invalid damping_rule: {damping_rule!r} (use 'exact' or 'factored')")
+    return int(shape[0]), int(shape[1])
+
+
 def pi_split(a_factor: Tensor, g_factor: Tensor, damping: float) -> tuple[float, float]:
     """``(γ_A, γ_G)`` of factored damping: ``γ_A γ_G = λ``, split by the factors' traces.
 
     Martens & Grosse 2015, §6.3: ``γ_A = π√λ``, ``γ_G = √λ/π`` with
     ``π² = (tr A / d_in) / (tr G / d_out)``; ``π = 1`` when a trace is not positive.
+    A factor given as a vector is a diagonal matrix (the embedding's input factor).
     """
-    a_mean = float(a_factor.diagonal().mean())
-    g_mean = float(g_factor.diagonal().mean())
+    a_mean = float((a_factor.diagonal() if a_factor.dim() == 2 else a_factor).mean())
+    g_mean = float((g_factor.diagonal() if g_factor.dim() == 2 else g_factor).mean())
     pi = (a_mean / g_mean) ** 0.5 if a_mean > 0.0 and g_mean > 0.0 else 1.0
     root = damping**0.5
     return pi * root, root / pi

@@ -15,6 +15,7 @@ from ngrl.curvature.base import (
     eigenbasis_sample,
     eigenbasis_solve,
     factored_kronecker,
+    matrix_shape,
     pi_split,
     symmetric_eigh,
 )
@@ -60,13 +61,7 @@ class KroneckerProductBlock(CurvatureBlock):
         damping_rule: Literal["exact", "factored"] = "exact",
         float64_max_dim: int = 1024,
     ) -> None:
-        if len(shape) != 2:
-            raise ValueError(
-                f"{type(self).__name__} needs a (d_out, d_in) gradient shape, got {shape}"
-            )
-        if damping_rule not in ("exact", "factored"):
-            raise ValueError(f"Invalid damping_rule: {damping_rule!r} (use 'exact' or 'factored')")
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = matrix_shape(shape, type(self).__name__, damping_rule)
         self.damping_rule = damping_rule
         self.float64_max_dim = float64_max_dim
         self.a_factor: Tensor | None = None

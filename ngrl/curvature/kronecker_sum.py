@@ -12,6 +12,7 @@ from ngrl.curvature.base import (
     ExampleStatisticsBlock,
     blend,
     factored_kronecker,
+    matrix_shape,
     pi_split,
     symmetric_eigh,
 )
@@ -92,15 +93,12 @@ class KroneckerSumBlock(ExampleStatisticsBlock):
         cg_tolerance: float = 1e-20,
         float64_max_dim: int = 1024,
     ) -> None:
-        if len(shape) != 2:
-            raise ValueError(f"{self.name} needs a (d_out, d_in) gradient shape, got {shape}")
-        if damping_rule not in ("factored", "exact"):
-            raise ValueError(f"Invalid damping_rule: {damping_rule!r} (use 'factored' or 'exact')")
+        shape = matrix_shape(shape, self.name, damping_rule)
         check_power_iteration_options(power_iterations, tolerance)
         if cg_iterations < 1:
             raise ValueError(f"Invalid cg_iterations: {cg_iterations} (must be >= 1)")
         super().__init__()
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = shape
         self.damping_rule = damping_rule
         self.power_iterations = power_iterations
         self.tolerance = tolerance

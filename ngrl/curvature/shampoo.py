@@ -14,6 +14,7 @@ from ngrl.curvature.base import (
     eigenbasis_power,
     eigenbasis_solve,
     kronecker_dense,
+    matrix_shape,
     register,
     symmetric_eigh,
 )
@@ -67,14 +68,13 @@ class ShampooBlock(ExampleStatisticsBlock):
         graft_epsilon: float = 1e-8,
         float64_max_dim: int = 1024,
     ) -> None:
-        if len(shape) != 2:
-            raise ValueError(f"Shampoo needs a (d_out, d_in) gradient shape, got {shape}")
+        shape = matrix_shape(shape, "Shampoo")
         if not 0.0 < exponent <= 1.0:
             raise ValueError(f"Invalid exponent: {exponent!r} (must be in (0, 1])")
         if grafting not in ("none", "sgd", "adam"):
             raise ValueError(f"Invalid grafting: {grafting!r} (use 'none', 'sgd' or 'adam')")
         super().__init__()
-        self.shape = (int(shape[0]), int(shape[1]))
+        self.shape = shape
         self.exponent = exponent
         self.grafting = grafting
         self.graft_epsilon = graft_epsilon

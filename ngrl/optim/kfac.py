@@ -15,6 +15,8 @@ import ngrl.curvature  # noqa: F401  (registers every approximation)
 from ngrl import distributed
 from ngrl.capture import (
     Capture,
+    EmbeddingLayer,
+    GenericLayer,
     Layer,
     Reduction,
     ScaleShiftLayer,
@@ -24,12 +26,23 @@ from ngrl.capture import (
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
+from ngrl.curvature.embedding import EmbeddingBlock
 from ngrl.linalg import all_finite
 from ngrl.optim.config import SCHEDULABLE, KFACConfig, ScaleShiftBlock
 from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "CurvatureFallbackWarning"]
+
+
+class CurvatureFallbackWarning(UserWarning):
+    """A layer of the model has no Kronecker-factored or exact block and falls back to a
+    diagonal one (:attr:`KFAC.fallbacks`)."""
+
+
+#: The curvature options an embedding's block takes from ``curvature_options`` (the
+#: damping of a Kronecker product); the others belong to the dense and conv layers' blocks.
+EMBEDDING_OPTIONS = ("damping_rule", "float64_max_dim")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -153,7 +166,7 @@ class KFAC(torch.optim.Optimizer):
             grad_worker_fraction=grad_worker_fraction,
             statistics_dtype=statistics_dtype,
         )
-        block_class = get_block_class(config.curvature)
+        self._block_class = get_block_class(config.curvature)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
@@ -171,16 +184,36 @@ class KFAC(torch.optim.Optimizer):
         self._config = config
         self.curvature = config.curvature
         self.layers: list[Layer] = find_layers(model, config.skip_layers)
-        options = dict(config.curvature_options)
+        self._block_options = dict(config.curvature_options)
         try:
             self.blocks: dict[str, CurvatureBlock] = {
-                layer.name: self._block_for(layer, block_class, options) for layer in self.layers
+                layer.name: self._block_for(layer) for layer in self.layers
             }
         except TypeError as error:
             raise ValueError(
-                f"Invalid curvature_options for {config.curvature!r}: {options} ({error})"
+                f"Invalid curvature_options for {config.curvature!r}: "
+                f"{self._block_options} ({error})"
             ) from None
-        self._block_options = options
+        #: Every layer of a type without a Kronecker-factored or exact block, with the
+        #: block it falls back to; reported once with a :class:`CurvatureFallbackWarning`
+        #: (free parameters of a container, such as SB3's ``log_std``, are listed only).
+        self.fallbacks: dict[str, str] = {
+            layer.name: f"{type(self.blocks[layer.name]).__name__} ({type(layer.module).__name__})"
+            for layer in self.layers
+            if isinstance(layer, GenericLayer)
+        }
+        reported = [
+            f"{layer.name or '<root>'} ({type(layer.module).__name__})"
+            for layer in self.layers
+            if isinstance(layer, GenericLayer) and not layer.free_parameters
+        ]
+        if reported:
+            warnings.warn(
+                f"K-FAC has no Kronecker-factored block for {', '.join(reported)}: they take "
+                "a diagonal block (averaged squared gradients); see KFAC.fallbacks",
+                CurvatureFallbackWarning,
+                stacklevel=2,
+            )
         self._capture = Capture(
             self.layers,
             self._sink,
@@ -194,13 +227,17 @@ class KFAC(torch.optim.Optimizer):
         self.grad_worker_fraction = config.grad_worker_fraction
         self._plan: distributed.LocalPlan | None = None
 
-    def _block_for(
-        self, layer: Layer, block_class: Callable[..., CurvatureBlock], options: dict[str, Any]
-    ) -> CurvatureBlock:
-        """The chosen curvature for dense and conv layers; the full or diagonal block for a
-        normalisation layer's affine part; a diagonal block for any other layer."""
+    def _block_for(self, layer: Layer) -> CurvatureBlock:
+        """The chosen curvature for dense and conv layers; K-FAC with a diagonal input
+        factor for embeddings (with the curvature's damping options); the full or diagonal
+        block for a normalisation layer's affine part; a diagonal block for any other
+        layer."""
+        options = self._block_options
         if layer.kronecker:
-            return block_class(layer.shape, **options)
+            return self._block_class(layer.shape, **options)
+        if isinstance(layer, EmbeddingLayer):
+            shared = {k: v for k, v in options.items() if k in EMBEDDING_OPTIONS}
+            return EmbeddingBlock(layer.shape, **shared)
         if isinstance(layer, ScaleShiftLayer) and self._config.scale_shift == "full":
             return DenseBlock(layer.shape)
         return DiagonalBlock(layer.shape)
@@ -292,7 +329,9 @@ class KFAC(torch.optim.Optimizer):
     def _sink(self, layer: Layer, a: Tensor | None, g: Tensor) -> None:
         dtype = self.statistics_dtype
         with self._exact_dtype():
-            self.blocks[layer.name].accumulate(None if a is None else a.to(dtype), g.to(dtype))
+            if a is not None and a.is_floating_point():  # an embedding's indices stay integers
+                a = a.to(dtype)
+            self.blocks[layer.name].accumulate(a, g.to(dtype))
 
     def _exact_dtype(self) -> torch.autocast:
         """Statistics are formed in :attr:`statistics_dtype`, also inside an autocast region."""
@@ -570,8 +609,7 @@ class KFAC(torch.optim.Optimizer):
             block_state = {k: v for k, v in entry.items() if k in block.state_keys}
             derived = entry.get(self._DERIVED_KEY, {})
             # Validate on a fresh block so that a bad checkpoint leaves this one untouched.
-            options = self._block_options if layer.kronecker else {}
-            fresh = type(block)(layer.shape, **options)
+            fresh = self._block_for(layer)
             fresh.load_state_dict(block_state)
             fresh.load_derived_state(derived)
             restored[layer.name] = (block_state, derived)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from ngrl.curvature import available
 from ngrl.curvature.diagonal import DiagonalBlock
-from ngrl.optim import KFAC, KFACConfig, kl_clip_scale
+from ngrl.optim import KFAC, CurvatureFallbackWarning, KFACConfig, kl_clip_scale
 from tests.helpers.oracle import (
     capture_batch,
     flat_parameters,
@@ -305,8 +306,10 @@ def test_same_seed_gives_the_same_parameters() -> None:
 @pytest.mark.usefixtures("float64")
 def test_other_layers_get_a_diagonal_block_exact_for_one_example() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 3))
-    opt = KFAC(model)
+    with pytest.warns(CurvatureFallbackWarning, match=r"for 1 \(PReLU\): they take a diagonal"):
+        opt = KFAC(model)
     assert isinstance(opt.blocks["1"], DiagonalBlock)
+    assert opt.fallbacks == {"1": "DiagonalBlock (PReLU)"}
     x = torch.randn(1, 3)
     targets = sample_classes(model(x))
     capture_batch(opt, model, x, targets)
@@ -329,6 +332,9 @@ class ScaledLogits(nn.Module):
 def test_a_bare_parameter_outside_forward_is_scaled_by_the_batch_size() -> None:
     """Its gradient sample is ``sqrt(N)·∇L`` with N the batch of the captured pass."""
     model = ScaledLogits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)  # listed, not warned about
+        assert KFAC(model).fallbacks == {"": "DiagonalBlock (ScaledLogits)"}
     opt = KFAC(model)
     x = torch.randn(6, 3)
     logits = model.logits(x)
