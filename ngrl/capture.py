@@ -9,8 +9,8 @@ optimizer's curvature block). Outside the context the hooks return at once.
 Tensor hooks on the output are used instead of ``register_full_backward_hook``, which
 breaks when an in-place activation follows the layer (a known K-FAC pitfall).
 
-Supported: ``nn.Linear`` and ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` with ``groups=1``
-(Kronecker-factored, KFC conventions, bias as the homogeneous coordinate); the affine part
+Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` with
+``groups=1`` (Kronecker-factored, KFC conventions, bias as the homogeneous coordinate); the affine part
 of ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d`` (exact per-example
 gradients of ``(γ, β)``); ``nn.Embedding`` (the indices and the output gradients, for a
 Kronecker block with a diagonal input factor). Every other module that owns parameters
@@ -36,6 +36,7 @@ __all__ = [
     "Capture",
     "Conv2dLayer",
     "ConvLayer",
+    "ConvTransposeLayer",
     "EmbeddingLayer",
     "GenericLayer",
     "Layer",
@@ -190,10 +191,15 @@ class ConvLayer(LinearLayer):
     def __init__(self, name: str, module: nn.modules.conv._ConvNd) -> None:
         Layer.__init__(self, name, module)
         self.has_bias = module.bias is not None
-        fan_in = math.prod(module.weight.shape[1:])
-        self.shape = (module.out_channels, fan_in + int(self.has_bias))
         self.unbatched_dim = module.weight.dim() - 1  # (C, *spatial)
+        fan_in = math.prod(module.weight.shape[1:])
+        self.shape = (module.weight.shape[0], fan_in + int(self.has_bias))
         self._conv = module
+        #: The geometry of the convolution whose patches :meth:`patches` unfolds from the
+        #: input that :meth:`_padded` prepares.
+        self.kernel_size: tuple[int, ...] = tuple(module.kernel_size)
+        self.stride: tuple[int, ...] = tuple(module.stride)
+        self.dilation: tuple[int, ...] = tuple(module.dilation)
 
     def _padded(self, inputs: Tensor) -> Tensor:
         """The input padded as the layer pads it, so that patches need no further padding."""
@@ -204,26 +210,24 @@ class ConvLayer(LinearLayer):
         return F.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
 
     def _output_sizes(self, x: Tensor) -> list[int]:
-        conv = self._conv
         return [
             (size - dilation * (kernel - 1) - 1) // stride + 1
             for size, kernel, stride, dilation in zip(
-                x.shape[2:], conv.kernel_size, conv.stride, conv.dilation, strict=True
+                x.shape[2:], self.kernel_size, self.stride, self.dilation, strict=True
             )
         ]
 
     def patches(self, inputs: Tensor) -> Tensor:
-        conv = self._conv
         x = self._padded(inputs)
         if x.dim() == 4:  # torch's unfold, the fastest path, exists for 2-D only
-            columns = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            columns = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
             return columns.transpose(1, 2)
         windows = x
         for dim, (kernel, stride, dilation) in enumerate(
-            zip(conv.kernel_size, conv.stride, conv.dilation, strict=True), start=2
+            zip(self.kernel_size, self.stride, self.dilation, strict=True), start=2
         ):  # each unfold appends the window of one spatial dimension
             windows = windows.unfold(dim, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
-        spatial = len(conv.kernel_size)
+        spatial = len(self.kernel_size)
         order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
         positions = math.prod(self._output_sizes(x))
         return windows.permute(order).reshape(x.shape[0], positions, -1)
@@ -231,21 +235,102 @@ class ConvLayer(LinearLayer):
     def patch_means(self, inputs: Tensor) -> Tensor:
         # Σ_t of the patches without unfolding them: kernel offset (i, j, …) sees a strided
         # window of the input, so one slice-sum per offset gives the column (c, i, j, …).
-        conv = self._conv
         x = self._padded(inputs)
         sizes = self._output_sizes(x)
         spatial = tuple(range(2, x.dim()))
         sums = []
-        for offsets in itertools.product(*(range(k) for k in conv.kernel_size)):
+        for offsets in itertools.product(*(range(k) for k in self.kernel_size)):
             window = tuple(
                 slice(o * d, o * d + s * (n - 1) + 1, s)
-                for o, d, s, n in zip(offsets, conv.dilation, conv.stride, sizes, strict=True)
+                for o, d, s, n in zip(offsets, self.dilation, self.stride, sizes, strict=True)
             )
             sums.append(x[(slice(None), slice(None), *window)].sum(spatial))
         return torch.stack(sums, dim=2).reshape(x.shape[0], -1) / math.prod(sizes)
 
     def output_rows(self, grad_output: Tensor) -> Tensor:
         return grad_output.flatten(2).transpose(1, 2)
+
+
+class ConvTransposeLayer(ConvLayer):
+    """``nn.ConvTranspose1d/2d/3d`` (``groups=1``): KFC on the patches of the equivalent
+    convolution. A transposed convolution is the adjoint of a convolution: it equals a
+    stride-1 convolution, with the same dilation, of the input spread out by the stride
+    (``stride − 1`` zeros between entries) and padded by ``dilation·(k − 1) − padding``
+    (plus ``output_padding`` at the end; negative values crop), whose weight is
+    ``W' = W`` with input and output channels swapped and the kernel flipped. The block
+    view is ``[W' | b]``, ``(C_out, C_in·∏k + 1)``; :meth:`gather` and :meth:`scatter`
+    convert."""
+
+    def __init__(self, name: str, module: nn.modules.conv._ConvTransposeNd) -> None:
+        super().__init__(name, module)
+        fan_in = module.in_channels * math.prod(module.kernel_size)
+        self.shape = (module.out_channels, fan_in + int(self.has_bias))
+        self.spatial = len(module.kernel_size)
+        self.input_stride = self.stride
+        self.stride = (1,) * self.spatial
+        pads = []
+        for kernel, dilation, padding, extra in zip(
+            module.kernel_size, module.dilation, module.padding, module.output_padding, strict=True
+        ):
+            before = dilation * (kernel - 1) - padding
+            pads.append((before, before + extra))
+        # F.pad's order: the last dimension first.
+        self._pads = [p for pair in reversed(pads) for p in pair]
+
+    def statistics(
+        self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing = "expand"
+    ) -> tuple[Tensor, Tensor]:
+        conv = self._conv
+        sizes = [
+            (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + extra + 1
+            for size, stride, padding, dilation, kernel, extra in zip(
+                inputs.shape[2:],
+                self.input_stride,
+                conv.padding,
+                self.dilation,
+                self.kernel_size,
+                conv.output_padding,
+                strict=True,
+            )
+        ]
+        if list(grad_output.shape[2:]) != sizes:
+            raise ValueError(
+                f"Invalid forward of {self.name or '<root>'!r}: an output of size "
+                f"{list(grad_output.shape[2:])} instead of {sizes}; K-FAC takes the output "
+                "padding from the layer's `output_padding`, not from `output_size=`"
+            )
+        return super().statistics(inputs, grad_output, weight_sharing)
+
+    def _equivalent_weight(self, weight: Tensor) -> Tensor:
+        """``W'`` from ``W`` (with any trailing dimensions after the kernel's)."""
+        kernel_dims = tuple(range(2, 2 + self.spatial))
+        return weight.transpose(0, 1).flip(kernel_dims)
+
+    def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        weight = tensors[0]
+        if weight is None:
+            weight = torch.zeros_like(self.params[0])
+        return super().gather([self._equivalent_weight(weight), *tensors[1:]])
+
+    def scatter(self, view: Tensor) -> list[Tensor]:
+        trailing = view.shape[2:]
+        equivalent = (self.shape[0], self.params[0].shape[0], *self.kernel_size, *trailing)
+        weight = view[:, : self.shape[1] - int(self.has_bias)].reshape(equivalent)
+        parts = [self._equivalent_weight(weight).contiguous()]  # its own inverse
+        return parts + ([view[:, -1].contiguous()] if self.has_bias else [])
+
+    def _padded(self, inputs: Tensor) -> Tensor:
+        x = inputs
+        for dim, stride in enumerate(self.input_stride, start=2):
+            if stride > 1:
+                size = list(x.shape)
+                size[dim] = (x.shape[dim] - 1) * stride + 1
+                spread = x.new_zeros(size)
+                index = [slice(None)] * x.dim()
+                index[dim] = slice(None, None, stride)
+                spread[tuple(index)] = x
+                x = spread
+        return F.pad(x, self._pads) if any(self._pads) else x
 
 
 #: The name of the first supported convolution (every ``ConvLayer``).
@@ -410,6 +495,9 @@ _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
     nn.Conv1d: ConvLayer,
     nn.Conv2d: ConvLayer,
     nn.Conv3d: ConvLayer,
+    nn.ConvTranspose1d: ConvTransposeLayer,
+    nn.ConvTranspose2d: ConvTransposeLayer,
+    nn.ConvTranspose3d: ConvTransposeLayer,
 }
 
 

@@ -109,7 +109,8 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
 
     For a layer with ``weight`` (first dimension = outputs) and ``bias``, row ``i`` of
     ``Ŵ = [W | b]`` is ``W[i].flatten()`` followed by ``b[i]``; any other layer keeps the
-    concatenation of its own parameters; an embedding's block is ``Wᵀ`` (row ``i`` is
+    concatenation of its own parameters. A transposed convolution's ``W`` is that of its
+    equivalent convolution (channels swapped, kernel flipped); an embedding's block is ``Wᵀ`` (row ``i`` is
     dimension ``i`` of every row of the table).
     """
     offsets: dict[str, Tensor] = {}
@@ -124,7 +125,14 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
     if not own:
         raise ValueError(f"layer {layer_name!r} has no trainable parameters of its own")
     module = model.get_submodule(layer_name)
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and "weight" in own:
+    kronecker = isinstance(module, nn.Linear) or (
+        isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+    )
+    if kronecker and isinstance(module, nn.modules.conv._ConvTransposeNd) and "weight" in own:
+        # the equivalent convolution's weight: channels swapped, the kernel flipped
+        spatial = tuple(range(2, own["weight"].dim()))
+        own["weight"] = own["weight"].transpose(0, 1).flip(spatial)
+    if kronecker and "weight" in own:
         weight = own["weight"].reshape(own["weight"].shape[0], -1)
         columns = [weight] + ([own["bias"][:, None]] if "bias" in own else [])
         return torch.cat(columns, dim=1).flatten()
