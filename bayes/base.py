@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from ngrl.bayes.hyperparams import check
 from ngrl.bayes.posterior import Posterior
-from ngrl.capture import Capture, Layer, find_layers
+from ngrl.capture import Capture
+from ngrl.layers import Layer, find_layers
 from ngrl.linalg import all_finite, flatten_like
 
 __all__ = ["VariationalOptimizer", "blend_weight"]

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ngrl.bayes.base import VariationalOptimizer
 from ngrl.bayes.posterior import BlockPosterior, LayerCovariance
-from ngrl.capture import Layer
 from ngrl.curvature.base import CurvatureBlock, available, get_block_class
+from ngrl.layers import Layer
 from ngrl.optim.hyperparams import check_choice
 from ngrl.optim.trust_region import kl_clip_scale
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ngrl.bayes.base import VariationalOptimizer, blend_weight
 from ngrl.bayes.example_gradients import LayerExampleGradients
 from ngrl.bayes.posterior import LowRankPosterior
-from ngrl.capture import Layer
+from ngrl.layers import Layer
 from ngrl.linalg import all_finite
 
 __all__ = ["SLANG"]

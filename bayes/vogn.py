@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ngrl.bayes.diagonal import DiagonalVariational
-from ngrl.capture import Layer, squared_gradient_sum
+from ngrl.capture import squared_gradient_sum
+from ngrl.layers import Layer
 from ngrl.linalg import all_finite
 
 __all__ = ["VOGN"]

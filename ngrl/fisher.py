@@ -11,6 +11,7 @@ each flattened row-major. :func:`layer_indices` maps a layer to ngrl's block ord
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -110,7 +111,8 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
     For a layer with ``weight`` (first dimension = outputs) and ``bias``, row ``i`` of
     ``Ŵ = [W | b]`` is ``W[i].flatten()`` followed by ``b[i]``; any other layer keeps the
     concatenation of its own parameters. A transposed convolution's ``W`` is that of its
-    equivalent convolution (channels swapped, kernel flipped); an embedding's block is ``Wᵀ`` (row ``i`` is
+    equivalent convolution (channels swapped, kernel flipped); a recurrent module's map
+    ``"lstm.ih_l0"`` is ``[W | b]`` of ``weight_ih_l0`` and ``bias_ih_l0``; an embedding's block is ``Wᵀ`` (row ``i`` is
     dimension ``i`` of every row of the table).
     """
     offsets: dict[str, Tensor] = {}
@@ -119,6 +121,15 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
         if p.requires_grad:
             offsets[name] = torch.arange(start, start + p.numel()).reshape(p.shape)
             start += p.numel()
+    parent, _, last = layer_name.rpartition(".")
+    if _RECURRENT_MAP.fullmatch(last) and isinstance(model.get_submodule(parent), nn.RNNBase):
+        # one dense map of a recurrent module: [W | b] of weight_ih_l0 and bias_ih_l0
+        part, suffix = last.split("_", 1)
+        prefix = f"{parent}." if parent else ""
+        weight = offsets[f"{prefix}weight_{part}_{suffix}"]
+        bias = offsets.get(f"{prefix}bias_{part}_{suffix}")
+        columns = [weight] + ([bias[:, None]] if bias is not None else [])
+        return torch.cat(columns, dim=1).flatten()
     prefix = f"{layer_name}." if layer_name else ""
     own = {n[len(prefix) :]: idx for n, idx in offsets.items() if n.startswith(prefix)}
     own = {n: idx for n, idx in own.items() if "." not in n}
@@ -139,3 +150,7 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
     if isinstance(module, nn.Embedding) and "weight" in own:
         return own["weight"].T.flatten()
     return torch.cat([idx.flatten() for idx in own.values()])
+
+
+#: The name of one dense map of a recurrent module (:func:`ngrl.layers.recurrent_layers`).
+_RECURRENT_MAP = re.compile(r"(ih|hh)_l\d+(_reverse)?")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient
 from ngrl.bayes.base import VariationalOptimizer
-from ngrl.capture import find_layers
+from ngrl.layers import find_layers
 
 DATASET_SIZE = 50_000
 Step = Callable[[], None]

@@ -39,8 +39,8 @@ from torch.distributions import Bernoulli, Categorical
 from tqdm import tqdm
 
 from ngrl import KFAC, fisher_loss
-from ngrl.capture import Layer
 from ngrl.curvature import KFACBlock
+from ngrl.layers import Layer
 
 
 # --- workloads -------------------------------------------------------------------------

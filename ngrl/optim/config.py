@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 import torch
 
-from ngrl.capture import Reduction, WeightSharing
+from ngrl.capture import Reduction
 from ngrl.curvature.base import get_block_class
 from ngrl.distributed import check_grad_worker_fraction
+from ngrl.layers import WeightSharing
 from ngrl.optim.hyperparams import Schedule, check, check_choice
 
 __all__ = ["SCHEDULABLE", "KFACConfig", "ScaleShiftBlock"]

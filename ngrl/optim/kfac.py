@@ -13,20 +13,19 @@ from torch import Tensor, nn
 
 import ngrl.curvature  # noqa: F401  (registers every approximation)
 from ngrl import distributed
-from ngrl.capture import (
-    Capture,
-    EmbeddingLayer,
-    GenericLayer,
-    Layer,
-    Reduction,
-    ScaleShiftLayer,
-    WeightSharing,
-    find_layers,
-)
+from ngrl.capture import Capture, Reduction
 from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.curvature.embedding import EmbeddingBlock
+from ngrl.layers import (
+    EmbeddingLayer,
+    GenericLayer,
+    Layer,
+    ScaleShiftLayer,
+    WeightSharing,
+    find_layers,
+)
 from ngrl.linalg import all_finite
 from ngrl.optim.config import SCHEDULABLE, KFACConfig, ScaleShiftBlock
 from ngrl.optim.hyperparams import Schedule, resolve

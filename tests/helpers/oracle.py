@@ -30,6 +30,22 @@ def capture_batch(opt: KFAC, model: nn.Module, x: Tensor, targets: Tensor) -> No
     opt.zero_grad()
 
 
+def fit(opt: KFAC, model: nn.Module, x: Tensor, labels: Tensor, steps: int) -> tuple[float, float]:
+    """``steps`` K-FAC steps on the cross-entropy of ``labels``, statistics from targets
+    sampled from the model; the loss before and after."""
+    with torch.no_grad():
+        start = float(F.cross_entropy(model(x), labels))
+    for _ in range(steps):
+        logits = model(x)
+        with opt.capture():
+            F.cross_entropy(logits, sample_classes(logits)).backward(retain_graph=True)
+        opt.zero_grad()
+        F.cross_entropy(logits, labels).backward()
+        opt.step()
+    with torch.no_grad():
+        return start, float(F.cross_entropy(model(x), labels))
+
+
 def oracle_block(model: nn.Module, x: Tensor, targets: Tensor, layer: str) -> Tensor:
     """The exact Fisher block (same sampled targets) of one layer, in ngrl's order."""
     idx = layer_indices(model, layer)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ngrl.capture import ConvLayer, ConvTransposeLayer, find_layers
+from ngrl.layers import ConvLayer, ConvTransposeLayer, find_layers
 from ngrl.optim import KFAC
 from tests.helpers.oracle import capture_batch, oracle_block, sample_classes
 

@@ -16,7 +16,7 @@ from ngrl.curvature import available, get_block_class
 from ngrl.curvature.base import CurvatureBlock, pi_split
 from ngrl.fisher import layer_indices, per_example_gradients
 from ngrl.optim import KFAC
-from tests.helpers.oracle import ce_sum, damped_solve, oracle_block, sample_classes
+from tests.helpers.oracle import ce_sum, damped_solve, fit, oracle_block, sample_classes
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -167,17 +167,8 @@ def test_every_curvature_trains_a_model_through_kfac(name: str) -> None:
     x = torch.randn(64, 4)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     opt = KFAC(model, curvature=name, lr=0.1, kl_clip=1e-2, damping=1e-2, momentum=0.0)
-    with torch.no_grad():
-        first = float(F.cross_entropy(model(x), y))
-    for _ in range(30):
-        output = model(x)
-        with opt.capture():
-            F.cross_entropy(output, sample_classes(output)).backward(retain_graph=True)
-        opt.zero_grad()
-        F.cross_entropy(output, y).backward()
-        opt.step()
-    with torch.no_grad():
-        assert float(F.cross_entropy(model(x), y)) < 0.8 * first
+    first, last = fit(opt, model, x, y, steps=30)
+    assert last < 0.8 * first
 
 
 def test_unknown_curvature_lists_every_registered_name() -> None:

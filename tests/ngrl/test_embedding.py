@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ngrl.capture import EmbeddingLayer, find_layers
 from ngrl.curvature import EmbeddingBlock, KFACBlock
+from ngrl.layers import EmbeddingLayer, find_layers
 from ngrl.optim import KFAC
 from tests.helpers.oracle import capture_batch, damped_solve, oracle_block, sample_classes
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ngrl.capture import Conv2dLayer
 from ngrl.fisher import exact_fisher, layer_indices
+from ngrl.layers import Conv2dLayer
 from ngrl.optim import KFAC
 from tests.helpers.oracle import (
     capture_batch,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from ngrl.capture import ScaleShiftLayer, find_layers
 from ngrl.curvature import DenseBlock, DiagonalBlock
+from ngrl.layers import ScaleShiftLayer, find_layers
 from ngrl.optim import KFAC
 from tests.helpers.oracle import capture_batch, layer_gradient, oracle_block, sample_classes
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ngrl.capture import EmbeddingLayer, LinearLayer, ScaleShiftLayer, find_layers
+from ngrl.layers import EmbeddingLayer, LinearLayer, ScaleShiftLayer, find_layers
 from ngrl.optim import KFAC, CurvatureFallbackWarning
-from tests.helpers.oracle import capture_batch, sample_classes
+from tests.helpers.oracle import capture_batch, fit, sample_classes
 
 VOCAB, WIDTH, LENGTH, CLASSES = 11, 8, 6, 4
 
@@ -112,19 +112,5 @@ def test_the_tiny_transformer_trains_with_kfac_and_no_fallback(weight_sharing: s
         warnings.simplefilter("error", CurvatureFallbackWarning)
         opt = KFAC(model, lr=0.1, weight_sharing=weight_sharing, scale_shift="full")  # type: ignore[arg-type]
     assert opt.fallbacks == {}
-
-    def loss() -> Tensor:
-        return F.cross_entropy(model(tokens), labels)
-
-    with torch.no_grad():
-        start = float(loss())
-    for _ in range(30):
-        opt.zero_grad()
-        logits = model(tokens)
-        with opt.capture():
-            F.cross_entropy(logits, sample_classes(logits)).backward(retain_graph=True)
-        opt.zero_grad()
-        F.cross_entropy(logits, labels).backward()
-        opt.step()
-    with torch.no_grad():
-        assert float(loss()) < 0.6 * start
+    start, end = fit(opt, model, tokens, labels, steps=30)
+    assert end < 0.6 * start

@@ -1,0 +1,221 @@
+"""K-FAC for ``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``: the step-by-step forward equals the
+module's, and every dense map's statistics equal K-FAC-expand over time computed from
+per-step quantities that torch's own cells give (float64)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ngrl.fisher import layer_indices
+from ngrl.layers import RecurrentLayer, find_layers
+from ngrl.optim import KFAC, CurvatureFallbackWarning
+from ngrl.recurrent import unroll
+from tests.helpers.oracle import capture_batch, fit, sample_classes
+
+INPUT, HIDDEN, STEPS, CLASSES = 3, 4, 5, 3
+RECURRENT = {
+    "rnn-tanh": lambda **kw: nn.RNN(INPUT, HIDDEN, **kw),
+    "rnn-relu": lambda **kw: nn.RNN(INPUT, HIDDEN, nonlinearity="relu", **kw),
+    "gru": lambda **kw: nn.GRU(INPUT, HIDDEN, **kw),
+    "lstm": lambda **kw: nn.LSTM(INPUT, HIDDEN, **kw),
+}
+CELLS = {"rnn-tanh": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
+SHAPES = [
+    dict(num_layers=1),
+    dict(num_layers=2, batch_first=True),
+    dict(num_layers=2, bidirectional=True, dropout=0.0),
+    dict(num_layers=1, bidirectional=True, batch_first=True, bias=False),
+]
+
+
+def initial_state(kind: str, module: nn.RNNBase, batch: int | None) -> object:
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    shape = (layers, HIDDEN) if batch is None else (layers, batch, HIDDEN)
+    h = torch.randn(shape)
+    return (h, torch.randn(shape)) if kind == "lstm" else h
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", RECURRENT)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_the_step_by_step_forward_and_its_gradients_are_the_modules(
+    kind: str, shape: dict, with_state: bool
+) -> None:
+    module = RECURRENT[kind](**shape)
+    batch_first = shape.get("batch_first", False)
+    x = torch.randn((6, STEPS, INPUT) if batch_first else (STEPS, 6, INPUT), requires_grad=True)
+    hx = initial_state(kind, module, 6) if with_state else None
+    expected, expected_state = module(x, hx)
+    (output, state), maps = unroll(module, x, hx)
+    torch.testing.assert_close(output, expected)
+    for got, want in zip(
+        state if kind == "lstm" else (state,),
+        expected_state if kind == "lstm" else (expected_state,),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+    directions = 2 if module.bidirectional else 1
+    assert len(maps) == 2 * module.num_layers * directions
+    weights = list(module.parameters())
+    want_grads = torch.autograd.grad(expected.square().sum(), [x, *weights])
+    got_grads = torch.autograd.grad(output.square().sum(), [x, *weights])
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", RECURRENT)
+def test_an_unbatched_sequence_gives_the_modules_output(kind: str) -> None:
+    module = RECURRENT[kind](num_layers=2, bidirectional=True)
+    x = torch.randn(STEPS, INPUT)
+    hx = initial_state(kind, module, None)
+    expected, _ = module(x, hx)
+    (output, _), _ = unroll(module, x, hx)
+    torch.testing.assert_close(output, expected)
+
+
+def test_each_layer_and_direction_has_an_input_map_and_a_hidden_map() -> None:
+    model = nn.LSTM(INPUT, HIDDEN, num_layers=2, bidirectional=True)
+    layers = find_layers(model)
+    assert [layer.name for layer in layers] == [
+        f"{part}_l{k}{reverse}"
+        for k, reverse, part in itertools.product((0, 1), ("", "_reverse"), ("ih", "hh"))
+    ]
+    assert all(isinstance(layer, RecurrentLayer) for layer in layers)
+    first_input, second_input = layers[0], layers[4]
+    assert first_input.shape == (4 * HIDDEN, INPUT + 1)
+    assert second_input.shape == (4 * HIDDEN, 2 * HIDDEN + 1)
+    assert layers[1].shape == (4 * HIDDEN, HIDDEN + 1)
+    params = [p.detach() for p in first_input.params]
+    for part, param in zip(first_input.scatter(first_input.gather(params)), params, strict=True):
+        torch.testing.assert_close(part, param)
+
+
+class SequenceClassifier(nn.Module):
+    """A one-layer recurrent module on ``(N, T, d)`` sequences, all its outputs read by a
+    dense head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn = RECURRENT[kind](batch_first=True)
+        self.head = nn.Linear(STEPS * HIDDEN, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0].flatten(1))
+
+
+def per_step_statistics(model: SequenceClassifier, kind: str, x: Tensor, targets: Tensor):  # noqa: ANN201
+    """Per example and step, the inputs of the two maps and the gradients of the loss with
+    respect to their outputs, from torch's own cell with one bias copy per step."""
+    cell = CELLS[kind](INPUT, HIDDEN)
+    rnn = model.rnn
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    cell.load_state_dict({name: getattr(rnn, f"{name}_l0") for name in names})
+    inputs_ih, inputs_hh, grads_ih, grads_hh = [], [], [], []
+    for x_n, y_n in zip(x, targets, strict=True):
+        bias_ih = rnn.bias_ih_l0.detach().repeat(STEPS, 1).requires_grad_()
+        bias_hh = rnn.bias_hh_l0.detach().repeat(STEPS, 1).requires_grad_()
+        h = torch.zeros(1, HIDDEN)
+        state: object = (h, torch.zeros(1, HIDDEN)) if kind == "lstm" else h
+        previous, outputs = [], []
+        for t in range(STEPS):
+            previous.append(h[0].detach())
+            params = {
+                "weight_ih": rnn.weight_ih_l0,
+                "weight_hh": rnn.weight_hh_l0,
+                "bias_ih": bias_ih[t],
+                "bias_hh": bias_hh[t],
+            }
+            state = torch.func.functional_call(cell, params, (x_n[t][None], state))
+            h = state[0] if kind == "lstm" else state
+            outputs.append(h)
+        loss = F.cross_entropy(model.head(torch.cat(outputs, 1)), y_n[None])
+        g_ih, g_hh = torch.autograd.grad(loss, [bias_ih, bias_hh])
+        inputs_ih.append(x_n)
+        inputs_hh.append(torch.stack(previous))
+        grads_ih.append(g_ih)
+        grads_hh.append(g_hh)
+    return {
+        "ih": (torch.stack(inputs_ih), torch.stack(grads_ih)),
+        "hh": (torch.stack(inputs_hh), torch.stack(grads_hh)),
+    }
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", CELLS)
+def test_the_factors_are_kfac_expand_over_time_from_per_step_quantities(kind: str) -> None:
+    model = SequenceClassifier(kind)
+    x = torch.randn(6, STEPS, INPUT)
+    targets = sample_classes(model(x))
+    opt = KFAC(model)
+    capture_batch(opt, model, x, targets)
+    statistics = per_step_statistics(model, kind, x, targets)
+    n = x.shape[0]
+    for part, (a, g) in statistics.items():
+        a = torch.cat([a, torch.ones(n, STEPS, 1)], 2)
+        block = opt.blocks[f"rnn.{part}_l0"]
+        a_factor = torch.einsum("nti,ntj->ij", a, a) / n
+        g_factor = torch.einsum("nti,ntj->ij", g, g) / (n * STEPS)
+        torch.testing.assert_close(block.a_factor, a_factor, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(block.g_factor, g_factor, rtol=1e-10, atol=1e-12)
+
+
+def exact_block(model: nn.Module, x: Tensor, targets: Tensor, layer: str) -> Tensor:
+    """``E_n[∇ℓ_n ∇ℓ_nᵀ]`` of one layer, one example at a time, on a copy of the model
+    without K-FAC's hooks."""
+    plain = copy.deepcopy(model)
+    plain._forward_hooks.clear()
+    for module in plain.modules():
+        module._forward_hooks.clear()
+    params = [p for p in plain.parameters() if p.requires_grad]
+    index = layer_indices(plain, layer)
+    rows = []
+    for x_n, y_n in zip(x, targets, strict=True):
+        grads = torch.autograd.grad(F.cross_entropy(plain(x_n[None]), y_n[None]), params)
+        rows.append(torch.cat([g.flatten() for g in grads])[index])
+    stacked = torch.stack(rows)
+    return stacked.T @ stacked / len(rows)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", RECURRENT)
+def test_one_step_and_a_shared_input_give_the_exact_fisher_block(kind: str) -> None:
+    model = nn.Sequential(RECURRENT[kind](batch_first=True), Last(), nn.Linear(HIDDEN, CLASSES))
+    x = torch.randn(1, 1, INPUT).expand(7, 1, INPUT).contiguous()
+    targets = sample_classes(model(x))
+    opt = KFAC(model)
+    capture_batch(opt, model, x, targets)
+    for part in ("ih", "hh"):
+        name = f"0.{part}_l0"
+        torch.testing.assert_close(
+            opt.blocks[name].to_dense(), exact_block(model, x, targets, name), rtol=1e-9, atol=1e-12
+        )
+
+
+class Last(nn.Module):
+    """The output of the last step of a recurrent module's ``(output, state)``."""
+
+    def forward(self, output: tuple[Tensor, object]) -> Tensor:
+        return output[0][:, -1]
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_recurrent_classifier_trains_with_kfac_and_no_fallback(kind: str) -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier(kind)
+    x = torch.randn(128, STEPS, INPUT)
+    labels = (x[:, 0, 0] > 0).long() + (x[:, 0, 1] > 0).long()  # needs the first step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)
+        opt = KFAC(model, lr=0.2)
+    assert opt.fallbacks == {}
+    start, end = fit(opt, model, x, labels, steps=40)
+    assert end < 0.5 * start
