@@ -17,6 +17,7 @@ modules get a forward hook that recomputes their output step by step
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ngrl.layers import Layer, RecurrentLayer, WeightSharing
-from ngrl.recurrent import unroll
+from ngrl.recurrent import MapStatistics, unroll
 
 __all__ = [
     "Capture",
@@ -36,6 +37,13 @@ __all__ = [
 ]
 
 Reduction = Literal["mean", "sum"]
+
+#: The latest step-by-step output of each recurrent module and its maps' statistics, so
+#: that a second capture on the same module (two optimizers) hooks the same tensors
+#: instead of replacing the output again.
+_UNROLLED: weakref.WeakKeyDictionary[nn.Module, tuple[object, list[MapStatistics]]] = (
+    weakref.WeakKeyDictionary()
+)
 Sink = Callable[["Layer", "Tensor | None", Tensor], None]
 
 
@@ -203,8 +211,13 @@ class Capture:
             inputs = args[0] if args else kwargs.get("input")
             if not isinstance(inputs, Tensor):  # a PackedSequence: no statistics
                 return None
-            hx = args[1] if len(args) > 1 else kwargs.get("hx")
-            new_output, statistics = unroll(module, inputs, hx)  # type: ignore[arg-type]
+            earlier = _UNROLLED.get(module)
+            if earlier is not None and earlier[0] is output:  # another capture's hook ran
+                new_output, statistics = None, earlier[1]
+            else:
+                hx = args[1] if len(args) > 1 else kwargs.get("hx")
+                new_output, statistics = unroll(module, inputs, hx)  # type: ignore[arg-type]
+                _UNROLLED[module] = (new_output, statistics)
             for entry in statistics:
                 layer = by_key.get((entry.suffix, entry.part))
                 if layer is not None and entry.output.requires_grad:

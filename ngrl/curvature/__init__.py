@@ -13,6 +13,7 @@ from ngrl.curvature.kfac import KFACBlock
 from ngrl.curvature.kfac_corrected import KFACCorrectedBlock
 from ngrl.curvature.kpsvd import KPSVDBlock
 from ngrl.curvature.mfac import MFACBlock
+from ngrl.curvature.recurrent_chain import RecurrentChainBlock
 from ngrl.curvature.shampoo import ShampooBlock
 from ngrl.curvature.tkfac import TKFACBlock
 
@@ -27,6 +28,7 @@ __all__ = [
     "KFACCorrectedBlock",
     "KPSVDBlock",
     "MFACBlock",
+    "RecurrentChainBlock",
     "ShampooBlock",
     "TKFACBlock",
     "available",

@@ -16,11 +16,16 @@ from ngrl.distributed import check_grad_worker_fraction
 from ngrl.layers import WeightSharing
 from ngrl.optim.hyperparams import Schedule, check, check_choice
 
-__all__ = ["SCHEDULABLE", "KFACConfig", "ScaleShiftBlock"]
+__all__ = ["SCHEDULABLE", "KFACConfig", "RecurrentModel", "ScaleShiftBlock"]
 
 #: The block of a normalisation layer's affine ``(γ, β)``: the exact dense Fisher block
 #: or its diagonal (kfac-jax's two scale-and-shift blocks).
 ScaleShiftBlock = Literal["full", "diagonal"]
+
+#: How the time steps of a recurrent layer's maps are modelled: as independent
+#: (K-FAC-expand over time, with the chosen curvature) or as a chain with a symmetric
+#: lag-one transition (Martens, Ba & Johnson 2018's option 1, its own block).
+RecurrentModel = Literal["independent", "chain"]
 
 #: The hyperparameters :class:`ngrl.optim.KFAC` reads from ``param_groups[0]`` at every
 #: step (so that schedulers, SB3 and a user's assignment change them); the other fields
@@ -69,6 +74,7 @@ class KFACConfig:
     stats_batch_size: int | None = None
     weight_sharing: WeightSharing = "expand"
     scale_shift: ScaleShiftBlock = "full"
+    recurrent: RecurrentModel = "independent"
     curvature_options: Mapping[str, Any] = field(default_factory=dict)
     grad_worker_fraction: float = 1.0
     statistics_dtype: torch.dtype | None = None
@@ -83,6 +89,7 @@ class KFACConfig:
         check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         check_choice("weight_sharing", self.weight_sharing, ("expand", "reduce"))
         check_choice("scale_shift", self.scale_shift, ("full", "diagonal"))
+        check_choice("recurrent", self.recurrent, ("independent", "chain"))
         if self.stats_batch_size is not None:
             check("stats_batch_size", self.stats_batch_size)
         check_grad_worker_fraction(self.grad_worker_fraction)

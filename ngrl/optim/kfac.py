@@ -18,16 +18,18 @@ from ngrl.curvature.base import CurvatureBlock, get_block_class
 from ngrl.curvature.dense import DenseBlock
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.curvature.embedding import EmbeddingBlock
+from ngrl.curvature.recurrent_chain import RecurrentChainBlock
 from ngrl.layers import (
     EmbeddingLayer,
     GenericLayer,
     Layer,
+    RecurrentLayer,
     ScaleShiftLayer,
     WeightSharing,
     find_layers,
 )
 from ngrl.linalg import all_finite
-from ngrl.optim.config import SCHEDULABLE, KFACConfig, ScaleShiftBlock
+from ngrl.optim.config import SCHEDULABLE, KFACConfig, RecurrentModel, ScaleShiftBlock
 from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
@@ -98,6 +100,10 @@ class KFAC(torch.optim.Optimizer):
             ``nn.GroupNorm`` and batch-norm layers, from their exact per-example gradients:
             ``"full"`` (the dense Fisher block, :class:`ngrl.curvature.DenseBlock`) or
             ``"diagonal"``.
+        recurrent: how the time steps of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` maps are
+            modelled: ``"independent"`` (K-FAC-expand over time, with the chosen
+            curvature) or ``"chain"`` (Martens, Ba & Johnson 2018's chain of correlated
+            steps, :class:`ngrl.curvature.RecurrentChainBlock`).
         curvature_options: keyword arguments for the curvature blocks of dense and conv
             layers, e.g. ``{"damping_rule": "factored"}`` for K-FAC.
         statistics_dtype: the dtype in which statistics are kept, decomposed and applied
@@ -137,6 +143,7 @@ class KFAC(torch.optim.Optimizer):
         stats_batch_size: int | None = None,
         weight_sharing: WeightSharing = "expand",
         scale_shift: ScaleShiftBlock = "full",
+        recurrent: RecurrentModel = "independent",
         curvature_options: Mapping[str, Any] | None = None,
         grad_worker_fraction: float = 1.0,
         statistics_dtype: torch.dtype | None = None,
@@ -161,6 +168,7 @@ class KFAC(torch.optim.Optimizer):
             stats_batch_size=stats_batch_size,
             weight_sharing=weight_sharing,
             scale_shift=scale_shift,
+            recurrent=recurrent,
             curvature_options=curvature_options or {},
             grad_worker_fraction=grad_worker_fraction,
             statistics_dtype=statistics_dtype,
@@ -227,11 +235,15 @@ class KFAC(torch.optim.Optimizer):
         self._plan: distributed.LocalPlan | None = None
 
     def _block_for(self, layer: Layer) -> CurvatureBlock:
-        """The chosen curvature for dense and conv layers; K-FAC with a diagonal input
-        factor for embeddings (with the curvature's damping options); the full or diagonal
-        block for a normalisation layer's affine part; a diagonal block for any other
-        layer."""
+        """The chosen curvature for dense and conv layers and the maps of recurrent layers
+        (with ``recurrent="chain"``, the chain block for the latter); K-FAC with a diagonal
+        input factor for embeddings (with the curvature's damping options); the full or
+        diagonal block for a normalisation layer's affine part; a diagonal block for any
+        other layer."""
         options = self._block_options
+        if isinstance(layer, RecurrentLayer) and self._config.recurrent == "chain":
+            shared = {k: v for k, v in options.items() if k == "float64_max_dim"}
+            return RecurrentChainBlock(layer.shape, **shared)
         if layer.kronecker:
             return self._block_class(layer.shape, **options)
         if isinstance(layer, EmbeddingLayer):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ngrl.curvature import RecurrentChainBlock
 from ngrl.fisher import layer_indices
 from ngrl.layers import RecurrentLayer, find_layers
 from ngrl.optim import KFAC, CurvatureFallbackWarning
@@ -149,17 +150,23 @@ def per_step_statistics(model: SequenceClassifier, kind: str, x: Tensor, targets
     }
 
 
-@pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("kind", CELLS)
-def test_the_factors_are_kfac_expand_over_time_from_per_step_quantities(kind: str) -> None:
+def captured_classifier(kind: str, **kfac: object) -> tuple[KFAC, dict[str, tuple[Tensor, Tensor]]]:
+    """K-FAC on a :class:`SequenceClassifier` after one captured batch, and the batch's
+    per-step statistics (:func:`per_step_statistics`)."""
     model = SequenceClassifier(kind)
     x = torch.randn(6, STEPS, INPUT)
     targets = sample_classes(model(x))
-    opt = KFAC(model)
+    opt = KFAC(model, **kfac)  # type: ignore[arg-type]
     capture_batch(opt, model, x, targets)
-    statistics = per_step_statistics(model, kind, x, targets)
-    n = x.shape[0]
+    return opt, per_step_statistics(model, kind, x, targets)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", CELLS)
+def test_the_factors_are_kfac_expand_over_time_from_per_step_quantities(kind: str) -> None:
+    opt, statistics = captured_classifier(kind)
     for part, (a, g) in statistics.items():
+        n = a.shape[0]
         a = torch.cat([a, torch.ones(n, STEPS, 1)], 2)
         block = opt.blocks[f"rnn.{part}_l0"]
         a_factor = torch.einsum("nti,ntj->ij", a, a) / n
@@ -219,3 +226,86 @@ def test_a_recurrent_classifier_trains_with_kfac_and_no_fallback(kind: str) -> N
     assert opt.fallbacks == {}
     start, end = fit(opt, model, x, labels, steps=40)
     assert end < 0.5 * start
+
+
+# --- the chain of correlated steps (recurrent="chain") -----------------------------------
+def lag_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``E_{n,t}[x_t x_tᵀ]`` and the symmetrised ``E_{n,t}[x_t x_{t+1}ᵀ]``."""
+    n, steps = x.shape[0], x.shape[1]
+    lag0 = torch.einsum("nti,ntj->ij", x, x) / (n * steps)
+    lag1 = torch.einsum("nti,ntj->ij", x[:, :-1], x[:, 1:]) / (n * (steps - 1))
+    return lag0, 0.5 * (lag1 + lag1.T)
+
+
+def matrix_power(matrix: Tensor, power: float) -> Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.pow(power)) @ vectors.T
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("kind", CELLS)
+def test_the_chain_block_sums_the_modelled_moments_over_every_pair_of_steps(kind: str) -> None:
+    opt, statistics = captured_classifier(kind, recurrent="chain")
+    damping = 0.1
+    for part, (a, g) in statistics.items():
+        a = torch.cat([a, torch.ones(a.shape[0], STEPS, 1)], 2)
+        block = opt.blocks[f"rnn.{part}_l0"]
+        assert isinstance(block, RecurrentChainBlock)
+        (a0, a1), (g0, g1) = lag_moments(a), lag_moments(g)
+        assert block.a_moments is not None and block.g_moments is not None
+        torch.testing.assert_close(block.a_moments, torch.stack([a0, a1]))
+        torch.testing.assert_close(block.g_moments, torch.stack([g0, g1]))
+        # The model written out: factored damping λ/T split by the traces, whitened
+        # transitions, and E[w_t w_sᵀ] = C₀^{½} Ψ^{|t−s|} C₀^{½} summed over all pairs.
+        pi = ((a0.trace() / a0.shape[0]) / (g0.trace() / g0.shape[0])).sqrt()
+        root = (damping / STEPS) ** 0.5
+        a0 = a0 + pi * root * torch.eye(a0.shape[0])
+        g0 = g0 + root / pi * torch.eye(g0.shape[0])
+        psi = torch.kron(
+            matrix_power(g0, -0.5) @ g1 @ matrix_power(g0, -0.5),
+            matrix_power(a0, -0.5) @ a1 @ matrix_power(a0, -0.5),
+        )
+        c_root = torch.kron(matrix_power(g0, 0.5), matrix_power(a0, 0.5))
+        fisher = sum(
+            c_root @ torch.linalg.matrix_power(psi, abs(t - s)) @ c_root
+            for t in range(STEPS)
+            for s in range(STEPS)
+        )
+        block.refresh(damping)
+        torch.testing.assert_close(block.damped_dense(damping), fisher, rtol=1e-8, atol=1e-10)
+        grad = torch.randn(block.shape)
+        expected = torch.linalg.solve(fisher, grad.reshape(-1)).reshape(block.shape)
+        torch.testing.assert_close(
+            block.precondition(grad, damping), expected, rtol=1e-7, atol=1e-9
+        )
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_chain_of_one_step_is_kfac_with_factored_damping() -> None:
+    model = nn.Sequential(RECURRENT["lstm"](batch_first=True), Last(), nn.Linear(HIDDEN, 2))
+    x = torch.randn(9, 1, INPUT)
+    targets = sample_classes(model(x))
+    chain = KFAC(model, recurrent="chain")
+    reference = KFAC(model, curvature_options={"damping_rule": "factored"})
+    capture_batch(chain, model, x, targets)
+    capture_batch(reference, model, x, targets)
+    for name in ("0.ih_l0", "0.hh_l0"):
+        grad = torch.randn(chain.blocks[name].shape)
+        torch.testing.assert_close(
+            chain.blocks[name].precondition(grad, 0.1),
+            reference.blocks[name].precondition(grad, 0.1),
+        )
+
+
+def test_the_chain_trains_and_its_checkpoint_round_trips() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier("lstm")
+    x = torch.randn(128, STEPS, INPUT)
+    labels = (x[:, 0, 0] > 0).long() + (x[:, 0, 1] > 0).long()
+    opt = KFAC(model, lr=0.2, recurrent="chain")
+    start, end = fit(opt, model, x, labels, steps=40)
+    assert end < 0.5 * start
+    restored = KFAC(model, recurrent="chain")
+    restored.load_state_dict(opt.state_dict())
+    for name, block in opt.blocks.items():
+        torch.testing.assert_close(restored.blocks[name].to_dense(), block.to_dense())
