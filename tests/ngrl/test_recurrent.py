@@ -309,3 +309,41 @@ def test_the_chain_trains_and_its_checkpoint_round_trips() -> None:
     restored.load_state_dict(opt.state_dict())
     for name, block in opt.blocks.items():
         torch.testing.assert_close(restored.blocks[name].to_dense(), block.to_dense())
+
+
+class EveryLayer(nn.Module):
+    """One of every layer type with a K-FAC block: an embedding, a 1-D convolution and
+    its transpose, group, layer and batch norms, a GRU and an LSTM, dense layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.conv = nn.Conv1d(4, 6, 3, padding=1)
+        self.group_norm = nn.GroupNorm(2, 6)
+        self.deconv = nn.ConvTranspose1d(6, 4, 3, padding=1)
+        self.batch_norm = nn.BatchNorm1d(4)
+        self.gru = nn.GRU(4, 5, batch_first=True)
+        self.lstm = nn.LSTM(5, 5, batch_first=True, bidirectional=True)
+        self.layer_norm = nn.LayerNorm(10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embedding(tokens).transpose(1, 2)  # (N, 4, T)
+        x = self.batch_norm(self.deconv(torch.tanh(self.group_norm(self.conv(x)))))
+        x, _ = self.gru(x.transpose(1, 2))
+        x, _ = self.lstm(x)
+        return self.head(self.layer_norm(x[:, -1]))
+
+
+def test_a_model_with_every_layer_type_trains_without_a_fallback() -> None:
+    torch.manual_seed(0)
+    model = EveryLayer()
+    tokens = torch.randint(10, (96, 6))
+    labels = tokens[:, 0] % 3  # the first token, read through every layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)
+        opt = KFAC(model, lr=0.1)
+    assert opt.fallbacks == {}
+    assert len(opt.blocks) == 7 + 2 + 4  # one per layer, two per GRU map, four per LSTM
+    start, end = fit(opt, model, tokens, labels, steps=40)
+    assert end < 0.5 * start
