@@ -1,4 +1,5 @@
-"""RL agents on ngrl: ACKTR and natural policy gradient as Stable-Baselines3 algorithms.
+"""RL agents on ngrl: ACKTR (also with LSTM policies) and natural policy gradient as
+Stable-Baselines3 algorithms.
 
 Imports ngrl, envs and stable_baselines3, never the reverse::
 
@@ -13,10 +14,12 @@ from ngrl.agents.policies import (
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
 )
+from ngrl.agents.recurrent import RecurrentACKTR
 
 __all__ = [
     "ACKTR",
     "NPG",
+    "RecurrentACKTR",
     "KFACActorCriticCnnPolicy",
     "KFACActorCriticPolicy",
     "KFACMultiInputActorCriticPolicy",

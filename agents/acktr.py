@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
@@ -27,6 +28,7 @@ from ngrl.agents.policies import (
     ACTION_SPACES,
     CnnPolicy,
     KFACActorCriticPolicy,
+    KFACOptimized,
     MlpPolicy,
     MultiInputPolicy,
 )
@@ -165,6 +167,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: KFACActorCriticPolicy
+    #: The policies this algorithm can train.
+    policy_base: ClassVar[type[KFACOptimized]] = KFACActorCriticPolicy
     kl_clip = KFACSetting()
     damping = KFACSetting()
     momentum = KFACSetting()
@@ -210,11 +214,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         device: torch.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        if isinstance(policy, type) and not issubclass(policy, KFACActorCriticPolicy):
-            raise ValueError(
-                f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
-                f"{', '.join(self.policy_aliases)}), got {policy.__name__}"
-            )
+        if isinstance(policy, type) and not issubclass(policy, self.policy_base):
+            raise ValueError(self._invalid_policy(policy))
         if policy_kwargs and {"kfac_kwargs", "kfac_config"} & set(policy_kwargs):
             raise ValueError(
                 "Invalid policy_kwargs: K-FAC options go to ACKTR(kfac_kwargs=...) or its "
@@ -278,6 +279,13 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         if _init_setup_model:
             self._setup_model()
 
+    @classmethod
+    def _invalid_policy(cls, policy: type) -> str:
+        return (
+            f"Invalid policy: {cls.__name__} needs a {cls.policy_base.__name__} (or the "
+            f"aliases {', '.join(cls.policy_aliases)}), got {policy.__name__}"
+        )
+
     def _kfac_optimizer(self) -> KFAC | None:
         """The policy's K-FAC optimizer, once the policy exists."""
         policy = self.__dict__.get("policy")
@@ -319,11 +327,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             super()._setup_model()
         finally:
             self.policy_kwargs = given  # the config is kept once, in kfac_config
-        if not isinstance(self.policy, KFACActorCriticPolicy):
-            raise ValueError(
-                f"Invalid policy: ACKTR needs a KFACActorCriticPolicy (or the aliases "
-                f"{', '.join(self.policy_aliases)}), got {type(self.policy).__name__}"
-            )
+        if not isinstance(self.policy, self.policy_base):
+            raise ValueError(self._invalid_policy(type(self.policy)))
         if is_distributed():  # every rank starts from rank 0's parameters
             broadcast_module(self.policy)
         # The cold-start optimizer: momentum SGD damped like the K-FAC phase's momentum.
@@ -350,8 +355,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 group["lr"] *= self.lr_multiplier
         cold = self._n_updates < self.cold_start_steps
 
-        for rollout_data in self.rollout_buffer.get(batch_size=None):  # one full batch
-            distribution, values = self.policy.distribution_and_values(rollout_data.observations)
+        for rollout_data in self._training_batches():
+            distribution, values = self._forward(rollout_data)
             values = values.flatten()
 
             # 1. Curvature statistics of the true Fisher (sampled actions and values).
@@ -386,9 +391,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 optimizer.step()
 
             if self.target_kl is not None:
-                self._adapt_learning_rate(
-                    rollout_data.observations, terms.actions, terms.log_prob.detach()
-                )
+                self._adapt_learning_rate(rollout_data, terms.actions, terms.log_prob.detach())
 
         self._n_updates += 1
         explained_var = explained_variance(
@@ -406,6 +409,14 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             self.logger.record("train/lr_multiplier", self.lr_multiplier)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+
+    def _training_batches(self) -> Iterable[RolloutBufferSamples]:
+        """The batches of one update: the whole rollout, once."""
+        return self.rollout_buffer.get(batch_size=None)
+
+    def _forward(self, batch: RolloutBufferSamples) -> tuple[Distribution, torch.Tensor]:
+        """The policy's action distribution and values on a batch, in one pass."""
+        return self.policy.distribution_and_values(batch.observations)
 
     def a2c_loss_terms(
         self, distribution: Distribution, values: torch.Tensor, rollout_data: RolloutBufferSamples
@@ -430,11 +441,11 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
     @torch.no_grad()
     def _adapt_learning_rate(
-        self, observations: torch.Tensor, actions: torch.Tensor, old_log_prob: torch.Tensor
+        self, batch: RolloutBufferSamples, actions: torch.Tensor, old_log_prob: torch.Tensor
     ) -> None:
         """The continuous-control recipe: keep the measured KL of an update near ``target_kl``."""
         assert self.target_kl is not None
-        distribution, _ = self.policy.distribution_and_values(observations)
+        distribution, _ = self._forward(batch)
         log_ratio = distribution.log_prob(actions) - old_log_prob
         # KL(old ‖ new) from the actions sampled by the old policy (low-variance estimator).
         kl_estimate = torch.mean(torch.expm1(log_ratio) - log_ratio).reshape(1)

@@ -29,6 +29,7 @@ from ngrl.optim import KFACConfig
 
 __all__ = [
     "ACTION_SPACES",
+    "KFACOptimized",
     "KFACActorCriticCnnPolicy",
     "KFACActorCriticPolicy",
     "KFACMultiInputActorCriticPolicy",
@@ -53,31 +54,33 @@ def first_rows(obs: PyTorchObs, size: int) -> PyTorchObs:
     return obs[:size]
 
 
-class KFACActorCriticPolicy(ActorCriticPolicy):
-    """SB3's actor-critic policy (MLP features) trained by :class:`ngrl.optim.KFAC`.
+class KFACOptimized:
+    """What makes an SB3 actor-critic policy K-FAC's: the optimizer built on its modules
+    and the statistics of ACKTR's Fisher (Wu et al. 2017), for the feedforward
+    (:class:`KFACActorCriticPolicy`) and the recurrent
+    (:class:`ngrl.agents.recurrent.KFACRecurrentActorCriticPolicy`) policies.
 
-    The Fisher is that of the joint model ``p(a, v | s) = π(a | s) · N(v; V(s), 1/(4c²))``
-    (ACKTR, Wu et al. 2017): its statistics come from the backward pass of
-    ``−log π(â|s) + c·(V(s) − v̂)²`` with ``â ~ π(·|s)``, ``v̂ ~ N(V(s), 1)`` and
-    ``c = vf_fisher_coef``, the value term exactly as openai/baselines and ikostrikov's
-    port write it (so ``c = 1`` gives their value Fisher). Continuous actions use SB3's diagonal
-    Gaussian with a state-independent log standard deviation (a parameter of the policy,
-    which gets a diagonal curvature block).
+    The Fisher is that of the joint model ``p(a, v | s) = π(a | s) · N(v; V(s), 1/(4c²))``:
+    its statistics come from the backward pass of ``−log π(â|s) + c·(V(s) − v̂)²`` with
+    ``â ~ π(·|s)``, ``v̂ ~ N(V(s), 1)`` and ``c = vf_fisher_coef``, the value term exactly
+    as openai/baselines and ikostrikov's port write it (so ``c = 1`` gives their value
+    Fisher). Continuous actions use SB3's diagonal Gaussian with a state-independent log
+    standard deviation (a parameter of the policy, which gets a diagonal curvature block).
 
     Args:
-        observation_space, action_space, lr_schedule: as for ``ActorCriticPolicy``.
+        observation_space, action_space, lr_schedule: as for SB3's policies.
         kfac_config: the :class:`ngrl.optim.KFACConfig` of the optimizer (its ``lr``
             follows ``lr_schedule`` and the algorithm); ACKTR passes its own.
         kfac_kwargs: the same as keyword arguments of :class:`ngrl.optim.KFAC`, for use
             inside SB3's algorithms (``policy_kwargs=dict(kfac_kwargs={...})``).
-        vf_fisher_coef: weight ``c`` of the value head's Gaussian term in the Fisher loss
-            captured by :meth:`evaluate_actions`.
-        **kwargs: the other ``ActorCriticPolicy`` arguments. ``optimizer_class`` and
+        vf_fisher_coef: weight ``c`` of the value head's Gaussian term in the Fisher loss.
+        **kwargs: the other arguments of the SB3 policy. ``optimizer_class`` and
             ``optimizer_kwargs`` are ignored with a warning: K-FAC is this policy's
             optimizer (SB3's A2C passes RMSprop unless ``use_rms_prop=False``).
     """
 
     optimizer: KFAC
+    action_dist: Distribution
 
     def __init__(
         self,
@@ -112,6 +115,14 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         # needs the module itself, so a throw-away SGD (no state) stands in and is replaced.
         self.optimizer_class, self.optimizer_kwargs = torch.optim.SGD, {}
         super()._build(lr_schedule)
+        self.install_kfac(lr_schedule)
+
+    def install_kfac(self, lr_schedule: Schedule) -> None:
+        """Make K-FAC on every module of the policy its optimizer (again, after modules
+        were added: the earlier optimizer's hooks are removed)."""
+        previous = getattr(self, "optimizer", None)
+        if isinstance(previous, KFAC):
+            previous.remove_hooks()
         self.optimizer = KFAC.from_config(self, self.kfac_config.replace(lr=lr_schedule(1)))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -120,18 +131,6 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         data.pop("optimizer_kwargs", None)
         data.update(kfac_config=self.kfac_config, vf_fisher_coef=self.vf_fisher_coef)
         return data
-
-    # --- one forward pass for everything a training step needs ----------------------------
-    def distribution_and_values(self, obs: PyTorchObs) -> tuple[Distribution, Tensor]:
-        """The action distribution and the values ``V(s)`` (shape ``(N, 1)``) in one pass."""
-        features = self.extract_features(obs)
-        if self.share_features_extractor:
-            latent_pi, latent_vf = self.mlp_extractor(features)
-        else:
-            pi_features, vf_features = features
-            latent_pi = self.mlp_extractor.forward_actor(pi_features)
-            latent_vf = self.mlp_extractor.forward_critic(vf_features)
-        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
 
     def capture_fisher(
         self,
@@ -167,7 +166,33 @@ class KFACActorCriticPolicy(ActorCriticPolicy):
         if coef != 0.0:
             # fisher_loss(..., "gaussian") is ½(V − v̂)²; baselines' term is c·(V − v̂)².
             loss = loss + (2.0 * coef) * fisher_loss(values, kind="gaussian")
+        self.capture_statistics(loss, rows=values.shape[0])
+
+    def capture_statistics(self, loss: Tensor, rows: int) -> None:
+        """K-FAC's statistics from the backward pass of ``loss``, a mean over ``rows``
+        examples (the graph is kept)."""
         self.optimizer.capture_backward(loss)
+
+
+class KFACActorCriticPolicy(KFACOptimized, ActorCriticPolicy):
+    """SB3's actor-critic policy (MLP features) trained by :class:`ngrl.optim.KFAC`, with
+    ACKTR's Fisher (:class:`KFACOptimized`).
+
+    Inside an algorithm that knows nothing of K-FAC (SB3's A2C and PPO),
+    :meth:`evaluate_actions` captures the statistics when they are due.
+    """
+
+    # --- one forward pass for everything a training step needs ----------------------------
+    def distribution_and_values(self, obs: PyTorchObs) -> tuple[Distribution, Tensor]:
+        """The action distribution and the values ``V(s)`` (shape ``(N, 1)``) in one pass."""
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
+        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
 
     def evaluate_actions(
         self, obs: PyTorchObs, actions: Tensor

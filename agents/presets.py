@@ -11,11 +11,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from sb3_contrib import RecurrentPPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from ngrl.agents.acktr import ACKTR
 from ngrl.agents.npg import NPG
+from ngrl.agents.recurrent import RecurrentACKTR
 from ngrl.envs import EnvSpec
 from ngrl.helpers import parse_override
 
@@ -30,13 +32,16 @@ __all__ = [
     "resolve_config",
 ]
 
-#: CLI name -> algorithm class. ``trpo`` is NPG with the line search (see presets.toml).
+#: CLI name -> algorithm class. ``trpo`` is NPG with the line search (see presets.toml);
+#: ``acktr-lstm`` and ``ppo-lstm`` train LSTM policies (``ppo-lstm``: sb3-contrib's).
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "acktr": ACKTR,
+    "acktr-lstm": RecurrentACKTR,
     "npg": NPG,
     "trpo": NPG,
     "a2c": A2C,
     "ppo": PPO,
+    "ppo-lstm": RecurrentPPO,
 }
 #: Keys of a run that are not arguments of the algorithm, with their types.
 RUN_KEYS: dict[str, type] = {
@@ -157,8 +162,13 @@ def _presets() -> dict[str, Any]:
 
 
 def named_presets(algo: str) -> list[str]:
-    """The named presets of ``algo``: its tables ``[ALGO-NAME]`` in presets.toml."""
-    return sorted(key.split("-", 1)[1] for key in _presets() if key.startswith(f"{algo}-"))
+    """The named presets of ``algo``: its tables ``[ALGO-NAME]`` in presets.toml (other
+    than the algorithms named so, ``acktr-lstm``)."""
+    return sorted(
+        key.split("-", 1)[1]
+        for key in _presets()
+        if key.startswith(f"{algo}-") and key not in ALGORITHMS
+    )
 
 
 def _preset_tables(algo: str, spec: EnvSpec) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Short names come from gymnasium's registry (with ale-py's environments registered), so
 every Atari game ale-py ships and every MuJoCo and classic-control task gymnasium ships is
-known, at its newest registered version. Full gymnasium ids pass through unchanged.
+known, at its newest registered version, and so are the classic tasks without velocities
+(``CartPoleNoVel``, ``PendulumNoVel``: :mod:`ngrl.envs.masked`). Full gymnasium ids pass
+through unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Literal
 import ale_py
 import gymnasium as gym
 
+import ngrl.envs.masked  # noqa: F401  (registers the tasks without velocities)
+
 __all__ = ["EnvSpec", "known_names", "resolve"]
 
 Family = Literal["atari", "mujoco", "classic", "gym"]
@@ -24,6 +28,7 @@ _FAMILY_BY_ENTRY_POINT: dict[str, Family] = {
     "ale_py": "atari",
     "gymnasium.envs.mujoco": "mujoco",
     "gymnasium.envs.classic_control": "classic",
+    "ngrl.envs.masked": "classic",
 }
 
 

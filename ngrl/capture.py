@@ -106,6 +106,7 @@ class Capture:
         self.batch_size = batch_size
         self.weight_sharing = weight_sharing
         self.is_active = False
+        self.examples: int | None = None
         # Latest output of each output-hooked layer (with its version at the time), kept for
         # the statistics-only backward; released when a capture context ends.
         self._outputs: dict[str, tuple[Tensor, int]] = {}
@@ -138,13 +139,21 @@ class Capture:
             )
 
     @contextmanager
-    def active(self) -> Iterator[None]:
-        """Record statistics from the backward passes run inside this context."""
+    def active(self, examples: int | None = None) -> Iterator[None]:
+        """Record statistics from the backward passes run inside this context.
+
+        ``examples``: the number of terms a mean-reduced loss averages, when it is not the
+        batch size a layer sees (a recurrent layer called once per time step sees the
+        sequences, while the loss averages over sequences × steps); ``None``: each
+        layer's batch size.
+        """
         self.is_active = True
+        self.examples = examples
         try:
             yield
         finally:
             self.is_active = False
+            self.examples = None
             self._outputs.clear()
             self._flush_generic()
             self._generic_batch.clear()
@@ -230,7 +239,7 @@ class Capture:
         x, grad = layer.batched(x, grad)
         n = x.shape[0]
         self._hooked_batch = n
-        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        scale = float(self.examples or n) if self.loss_reduction == "mean" else 1.0
         if self.batch_size is not None and self.batch_size < n:
             x, grad = x[: self.batch_size], grad[: self.batch_size]
         with torch.no_grad():
@@ -259,7 +268,7 @@ class Capture:
         by_name = {layer.name: layer for layer in self.layers}
         for name, grads in self._generic_grads.items():
             layer = by_name[name]
-            n = self._generic_batch.get(name, self._hooked_batch or 1)
+            n = self.examples or self._generic_batch.get(name, self._hooked_batch or 1)
             # The batch gradient of a sampled-target loss: n·E[∇L∇Lᵀ] is the Fisher (mean
             # reduction); for a summed loss, E[∇L∇Lᵀ]/n is.
             scale = math.sqrt(n) if self.loss_reduction == "mean" else 1.0 / math.sqrt(n)

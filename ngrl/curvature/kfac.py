@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ngrl.curvature.base import blend, register
@@ -34,37 +35,39 @@ class KFACBlock(KroneckerProductBlock):
     #: Moments of the batch: their average over ranks is the union batch's (KAISA).
     data_parallel = "share"
 
-    _a_sum: Tensor | None
-    _g_sum: Tensor | None
+    _pending: list[tuple[Tensor, Tensor]]
     _examples: int
-    _positions: int
 
     # --- statistics -------------------------------------------------------------------
     def accumulate(self, a: Tensor | None, g: Tensor) -> None:
         if a is None:
             raise ValueError("K-FAC needs the layer inputs `a`")
-        n, t = a.shape[0], a.shape[1]
-        a2 = a.reshape(-1, a.shape[-1])
-        g2 = g.reshape(-1, g.shape[-1])
-        a_sum = a2.T @ a2
-        g_sum = g2.T @ g2
-        self._a_sum = a_sum if self._a_sum is None else self._a_sum.add_(a_sum)
-        self._g_sum = g_sum if self._g_sum is None else self._g_sum.add_(g_sum)
-        self._examples += n
-        self._positions += n * t
+        # Kept as rows until the commit: a layer called once per time step hands over many
+        # small batches, whose moments one matrix product forms faster than many.
+        self._pending.append((a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])))
+        self._examples += a.shape[0]
+
+    def _sums(self) -> tuple[Tensor, Tensor]:
+        """``(Σ ā āᵀ, Σ g gᵀ)`` over the pending rows."""
+        if len(self._pending) > 1:
+            self._pending = [
+                (torch.cat([a for a, _ in self._pending]), torch.cat([g for _, g in self._pending]))
+            ]
+        a, g = self._pending[0]
+        return a.T @ a, g.T @ g
 
     def pending_is_finite(self) -> bool:
-        if self._a_sum is None or self._g_sum is None:
-            return True
-        return all_finite(self._a_sum, self._g_sum)
+        return not self._pending or all_finite(*(t for pair in self._pending for t in pair))
 
     def commit(self, factor_decay: float) -> None:
-        if self._a_sum is None or self._g_sum is None:
+        if not self._pending:
             return
-        self.a_factor = blend(self.a_factor, self._a_sum / self._examples, factor_decay)
-        self.g_factor = blend(self.g_factor, self._g_sum / self._positions, factor_decay)
+        positions = sum(g.shape[0] for _, g in self._pending)
+        a_sum, g_sum = self._sums()
+        self.a_factor = blend(self.a_factor, a_sum / self._examples, factor_decay)
+        self.g_factor = blend(self.g_factor, g_sum / positions, factor_decay)
         self.discard()
 
     def discard(self) -> None:
-        self._a_sum = self._g_sum = None
-        self._examples = self._positions = 0
+        self._pending = []
+        self._examples = 0

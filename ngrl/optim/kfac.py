@@ -282,15 +282,17 @@ class KFAC(torch.optim.Optimizer):
 
     # --- statistics -------------------------------------------------------------------
     @contextmanager
-    def capture(self) -> Iterator[None]:
+    def capture(self, examples: int | None = None) -> Iterator[None]:
         """Take curvature statistics from the backward passes run inside this context.
 
         The statistics of all those passes form one batch, folded into the running
         factors when the context exits; if any of them is not finite, the whole batch is
-        dropped with a warning and the factors stay as they were.
+        dropped with a warning and the factors stay as they were. ``examples``: the number
+        of terms the (mean-reduced) loss averages, when a layer sees another batch size
+        (a recurrent layer run one time step at a time); by default each layer's own.
         """
         try:
-            with self._capture.active():
+            with self._capture.active(examples):
                 yield
         except BaseException:
             for block in self.blocks.values():

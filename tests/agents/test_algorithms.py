@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -240,7 +241,8 @@ def test_the_adaptive_learning_rate_follows_the_measured_kl() -> None:
         old = torch.distributions.Normal(mean + shift * std, std)
         old_actions = old.sample()
         model.lr_multiplier = 1.0
-        model._adapt_learning_rate(observations, old_actions, old.log_prob(old_actions).sum(-1))
+        batch = SimpleNamespace(observations=observations)  # the rows the update saw
+        model._adapt_learning_rate(batch, old_actions, old.log_prob(old_actions).sum(-1))
         assert model.lr_multiplier == pytest.approx(expected)
         if shift:
             measured = model.logger.name_to_value["train/approx_kl"]
