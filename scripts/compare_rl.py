@@ -1,4 +1,5 @@
-"""ACKTR against SB3's A2C and PPO and sb3-contrib's TRPO: sample efficiency and wall-clock.
+"""ACKTR against SB3's A2C and PPO and sb3-contrib's TRPO and RecurrentPPO: sample
+efficiency and wall-clock.
 
 Every algorithm runs with its preset (agents/presets.toml; TRPO with rl-zoo3's settings
 for sb3-contrib), the same timesteps, the same number of environments and the same seeds,
@@ -17,10 +18,10 @@ each run's episodes go to ``OUT.runs/`` as they finish.
     python scripts/compare_rl.py --suite breakout --seeds 1 --seed-start 2 --algos acktr \
         --out /tmp/breakout_acktr_s2
 
+    python scripts/compare_rl.py --suite masked --seeds 3 --out docs/compare_rl_masked
+
 Runs split over several processes (``--algos acktr`` in one, ``--algos a2c`` in another)
 are put into one table and plot afterwards with ``--merge A.json B.json --out OUT``.
-
-Needs the bench extra for TRPO (`pip install -e .[bench]`); without it TRPO is skipped.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ SUITES: dict[str, list[Task]] = {
         Task("Walker2d", 1_000_000, None, 3000.0, (300_000, 500_000, 1_000_000)),
         Task("Hopper", 1_000_000, None, 2500.0, (300_000, 500_000, 1_000_000)),
     ],
+    # The tasks without velocities (memory needed): recurrent ACKTR against sb3-contrib's
+    # RecurrentPPO (rl-zoo3's presets) and memory-less ACKTR, the control that must fail.
+    "masked": [
+        Task("CartPoleNoVel", 100_000, 8, 475.0, (25_000, 50_000, 100_000)),
+        Task("PendulumNoVel", 100_000, None, -300.0, (25_000, 50_000, 100_000)),
+    ],
 }
 ALGOS = {
     "classic": ["acktr", "a2c", "ppo", "trpo-sb3"],
@@ -76,6 +83,7 @@ ALGOS = {
     # ngrl's natural-gradient agents (NPG with the K-FAC preconditioner: npg:kfac) and the
     # first-order and TRPO peers.
     "mujoco": ["acktr", "npg:kfac", "trpo", "ppo", "trpo-sb3"],
+    "masked": ["acktr-lstm", "ppo-lstm", "acktr"],
 }
 #: Published curves drawn beside the runs: openai/baselines' means of 6 seeds on
 #: BreakoutNoFrameskip-v4 (its benchmark page), mean return at 1M, 1.5M and 2M steps.
@@ -469,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timesteps", type=int, help="override every task's budget")
     parser.add_argument(
+        "--envs", help="comma-separated subset of the suite's environments (default: all)"
+    )
+    parser.add_argument(
         "--algos",
         help="comma-separated algorithms (default: the suite's); ALGO:NAME "
         "runs ALGO's named preset, e.g. acktr:baselines",
@@ -515,20 +526,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     torch.set_num_threads(1)
+    suite = SUITES[args.suite]
+    chosen = [e.strip() for e in args.envs.split(",")] if args.envs else [t.env for t in suite]
+    unknown = sorted(set(chosen) - {t.env for t in suite})
+    if unknown:
+        print(
+            f"compare_rl: --envs {', '.join(unknown)} not in the {args.suite} suite "
+            f"({', '.join(t.env for t in suite)})",
+            file=sys.stderr,
+        )
+        return 2
     tasks = [
-        Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold)
-        for t in SUITES[args.suite]
+        Task(t.env, args.timesteps or t.timesteps, t.n_envs, t.threshold, t.marks)
+        for t in suite
+        if t.env in chosen
     ]
     algos = args.algos.split(",") if args.algos else ALGOS[args.suite]
-    if "trpo-sb3" in algos:
-        try:
-            import sb3_contrib  # noqa: F401
-        except ImportError:
-            print(
-                "compare_rl: sb3-contrib is not installed (pip install -e .[bench]); skipping TRPO",
-                file=sys.stderr,
-            )
-            algos.remove("trpo-sb3")
     seeds = range(args.seed_start, args.seed_start + args.seeds)
     jobs = [(a, t, s) for t in tasks for s in seeds for a in algos]
     for algo in algos:  # a misspelt algorithm or preset stops here, not after hours
