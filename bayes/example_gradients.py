@@ -31,6 +31,16 @@ class LayerExampleGradients:
         # Rows J_n, flattened, for layers with several positions per example.
         self.rows = None if a.shape[1] == 1 else example_gradients(a, g).flatten(1)
 
+    @classmethod
+    def from_rows(cls, rows: Tensor, shape: tuple[int, int]) -> LayerExampleGradients:
+        """Per-example gradients given as their flattened rows ``(M, d_out·d_in)``."""
+        gradients = cls.__new__(cls)
+        gradients.a = gradients.g = rows[:0, None, :0]  # never read: the rows are
+        gradients.rows = rows
+        gradients.examples = rows.shape[0]
+        gradients.shape = shape
+        return gradients
+
     def gram(self) -> Tensor:
         """``⟨J_n, J_m⟩``, ``(M, M)``: ``(g gᵀ)∘(ā āᵀ)`` for one position per example."""
         if self.rows is not None:
@@ -78,7 +88,7 @@ class LayerExampleGradients:
             return LayerExampleGradients(
                 torch.cat([p.a for p in parts]), torch.cat([p.g for p in parts])
             )
-        joined = LayerExampleGradients(parts[0].a[:0, :1], parts[0].g[:0, :1])
-        joined.rows = torch.cat([p.dense() for p in parts])
-        joined.examples = joined.rows.shape[0]
-        return joined
+        # Different numbers of positions (a layer applied to inputs of two sizes): rows.
+        return LayerExampleGradients.from_rows(
+            torch.cat([p.dense() for p in parts]), parts[0].shape
+        )
