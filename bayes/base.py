@@ -273,7 +273,8 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
                     "inside the block"
                 )
             self._end_sample(grad)  # may refuse the sample: count it only afterwards
-            self._grad_sum = grad.clone() if self._grad_sum is None else self._grad_sum.add_(grad)
+            # `grad` is a new tensor (the concatenated .grad): the sum may start as it.
+            self._grad_sum = grad if self._grad_sum is None else self._grad_sum.add_(grad)
             self._samples += 1
         finally:
             self._in_sample = False
@@ -317,8 +318,8 @@ class VariationalOptimizer(torch.optim.Optimizer, ABC):
                 f"{type(self).__name__}.step() needs at least one backward pass inside "
                 "`with optimizer.sampled_params(train=True):` since the last step"
             )
-        grad = self._grad_sum / self._samples
         samples = self._samples
+        grad = self._grad_sum if samples == 1 else self._grad_sum / samples
         if not all_finite(grad) or not self._statistics_finite():
             self._reset_samples()
             self._discard_step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,12 +76,32 @@ class DiagonalVariational(VariationalOptimizer):
         step = momentum / self._mean_preconditioner(hessian)
         self._add_to_params(step, alpha=-self.hyperparameter("lr"))
 
+    def _load_variational_state(self, state: dict[str, Any]) -> None:
+        super()._load_variational_state(state)
+        self._sigma_key = None  # the loaded s is another tensor
+
     def _precision(self) -> Tensor:
         hessian: Tensor = self.vi_state["hessian"]
         return hessian * self.effective_size + self.hyperparameter("prior_precision")
 
     def _noise(self) -> Tensor:
-        return torch.randn_like(self.vi_state["hessian"]) * self._precision().rsqrt()
+        noise = torch.randn_like(self.vi_state["hessian"])
+        return noise.mul_(self._standard_deviation())
+
+    def _standard_deviation(self) -> Tensor:
+        """``σ = (N·s + prior_precision)^{-½}``, recomputed only when ``s``, ``N`` or the
+        prior changed (every step draws from it, once per MC sample)."""
+        hessian: Tensor = self.vi_state["hessian"]
+        key = (
+            id(hessian),
+            hessian._version,
+            self.effective_size,
+            self.hyperparameter("prior_precision"),
+        )
+        if getattr(self, "_sigma_key", None) != key:
+            self._sigma = self._precision().rsqrt_()
+            self._sigma_key = key
+        return self._sigma
 
     def posterior(self) -> DiagonalPosterior:
         return DiagonalPosterior(mean=self.flat_mean(), diagonal=self._precision())

@@ -52,11 +52,17 @@ class VOGN(DiagonalVariational):
         self._begin_sample()
 
     def _end_sample(self, grad: Tensor) -> None:
-        views = {name: s / self._examples[name] for name, s in self._squares.items()}
-        hessian = self._from_block_views(views, torch.zeros_like(grad))
-        self._hessian_sum = (
-            hessian if self._hessian_sum is None else self._hessian_sum.add_(hessian)
-        )
+        # Added layer by layer into the flat sum's parameter views: no flat temporary.
+        if self._hessian_sum is None:
+            self._hessian_sum = torch.zeros_like(grad)
+        parts = self._param_parts(self._hessian_sum)
+        for layer in self.layers:
+            squares = self._squares.get(layer.name)
+            if squares is None:
+                continue
+            pieces = layer.scatter(squares.div_(self._examples[layer.name]))
+            for param, piece in zip(layer.params, pieces, strict=True):
+                parts[id(param)].add_(piece)
         self._begin_sample()
 
     def _reset_samples(self) -> None:
@@ -68,7 +74,7 @@ class VOGN(DiagonalVariational):
 
     def _curvature_estimate(self, samples: int) -> Tensor:
         assert self._hessian_sum is not None
-        return self._hessian_sum / samples
+        return self._hessian_sum if samples == 1 else self._hessian_sum / samples
 
     def _mean_preconditioner(self, hessian: Tensor) -> Tensor:
         return hessian + self.prior_damping
