@@ -37,6 +37,8 @@ def test_named_presets_start_from_the_algorithm_and_change_what_they_name() -> N
     default = resolve_config("acktr", breakout, [])
     baselines = resolve_config("acktr", breakout, [], "baselines")
     assert (baselines.n_envs, default.n_envs) == (32, 16)
+    starts = [c.algorithm_kwargs()["learning_rate"](1.0) for c in (baselines, default)]
+    assert starts == [0.25, 0.5]
     assert baselines.hyperparameters.get("curvature", "kfac") == "kfac"
     with pytest.raises(ValueError, match="no preset 'x'; its presets: baselines"):
         resolve_config("acktr", breakout, [], "x")
