@@ -41,9 +41,10 @@ class CurvatureFallbackWarning(UserWarning):
     diagonal one (:attr:`KFAC.fallbacks`)."""
 
 
-#: The curvature options an embedding's block takes from ``curvature_options`` (the
-#: damping of a Kronecker product); the others belong to the dense and conv layers' blocks.
+#: The curvature options the embedding and recurrent-chain blocks take from
+#: ``curvature_options``; the others belong to the dense and conv layers' blocks.
 EMBEDDING_OPTIONS = ("damping_rule", "float64_max_dim")
+CHAIN_OPTIONS = ("float64_max_dim",)
 
 
 class KFAC(torch.optim.Optimizer):
@@ -240,18 +241,19 @@ class KFAC(torch.optim.Optimizer):
         input factor for embeddings (with the curvature's damping options); the full or
         diagonal block for a normalisation layer's affine part; a diagonal block for any
         other layer."""
-        options = self._block_options
         if isinstance(layer, RecurrentLayer) and self._config.recurrent == "chain":
-            shared = {k: v for k, v in options.items() if k == "float64_max_dim"}
-            return RecurrentChainBlock(layer.shape, **shared)
+            return RecurrentChainBlock(layer.shape, **self._options_among(CHAIN_OPTIONS))
         if layer.kronecker:
-            return self._block_class(layer.shape, **options)
+            return self._block_class(layer.shape, **self._block_options)
         if isinstance(layer, EmbeddingLayer):
-            shared = {k: v for k, v in options.items() if k in EMBEDDING_OPTIONS}
-            return EmbeddingBlock(layer.shape, **shared)
+            return EmbeddingBlock(layer.shape, **self._options_among(EMBEDDING_OPTIONS))
         if isinstance(layer, ScaleShiftLayer) and self._config.scale_shift == "full":
             return DenseBlock(layer.shape)
         return DiagonalBlock(layer.shape)
+
+    def _options_among(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The given ``curvature_options`` among ``names`` (for a layer-specific block)."""
+        return {k: v for k, v in self._block_options.items() if k in names}
 
     @classmethod
     def from_config(cls, model: nn.Module, config: KFACConfig) -> KFAC:
@@ -291,6 +293,10 @@ class KFAC(torch.optim.Optimizer):
         of terms the (mean-reduced) loss averages, when a layer sees another batch size
         (a recurrent layer run one time step at a time); by default each layer's own.
         """
+        if examples is not None and (
+            isinstance(examples, bool) or not isinstance(examples, int) or examples < 1
+        ):
+            raise ValueError(f"Invalid examples value: {examples!r} (an integer >= 1, or None)")
         try:
             with self._capture.active(examples):
                 yield

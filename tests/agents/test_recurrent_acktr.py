@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from stable_baselines3.common.callbacks import CallbackList
@@ -78,6 +79,8 @@ def test_a_layer_run_once_per_step_has_the_statistics_of_one_run_over_all_rows()
         torch.testing.assert_close(
             stepped.blocks[name].to_dense(), reference.blocks[name].to_dense()
         )
+    with pytest.raises(ValueError, match="Invalid examples value: 0"), stepped.capture(examples=0):
+        pass
 
 
 def test_a_saved_agent_resumes_with_its_factors(tmp_path) -> None:  # noqa: ANN001
