@@ -31,6 +31,9 @@ from ngrl.agents.policies import (
     KFACOptimized,
     MlpPolicy,
     MultiInputPolicy,
+    actor_layer_patterns,
+    critic_layer_patterns,
+    is_critic,
 )
 from ngrl.distributed import all_reduce_mean, average_gradients, broadcast_module, is_distributed
 from ngrl.optim import KFAC, KFACConfig
@@ -65,6 +68,17 @@ KFAC_ARGUMENTS = (
 #: The K-FAC options ACKTR sets itself (its own arguments, the schedule's lr, dampening =
 #: momentum): never taken from ``kfac_kwargs``.
 OWN_OPTIONS = frozenset({*KFAC_ARGUMENTS, "lr", "dampening"})
+#: The critic's K-FAC with ``n_critic_updates``: openai/baselines' continuous-control value
+#: function (``value_functions.py``: lr 1e-3, KL clip 0.3, damping 0.1, statistics decay
+#: 0.95, momentum 0.9, inverses every second step).
+CRITIC_KFAC_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "kl_clip": 0.3,
+    "damping": 0.1,
+    "factor_decay": 0.95,
+    "momentum": 0.9,
+    "inv_update_steps": 2,
+}
 
 
 class KFACSetting:
@@ -125,6 +139,15 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     ``value_kl_clip``, so that the critic's share of a joint quadratic cannot shrink the
     policy's step (one more backward pass per update).
 
+    With ``n_critic_updates > 0`` the critic is fitted apart, as in the paper's
+    continuous-control agent (openai/baselines ``acktr_cont``): the step above is taken on
+    the policy part alone, with the actor's Fisher (the critic's modules left out of the
+    policy's K-FAC), then ``n_critic_updates`` K-FAC steps of a second optimizer
+    (:attr:`critic_optimizer`, options :data:`CRITIC_KFAC_DEFAULTS` updated by
+    ``critic_kfac_kwargs``) minimise ``mean((R − V(s))²)`` on the rollout, each with the
+    Gauss-Newton Fisher of the values. A trunk shared by actor and critic is moved by the
+    policy step only.
+
     Under ``torchrun`` (a ``torch.distributed`` process group), each rank steps its own
     environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
     statistics, and ``num_timesteps`` counts all ranks' steps (:mod:`ngrl.agents.data_parallel`).
@@ -157,6 +180,10 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         trust_region: ``"joint"`` (the paper's: one ν for the whole step) or ``"split"``
             (one for the policy part, one for the value part).
         value_kl_clip: the value part's radius under ``"split"`` (default: ``kl_clip``).
+        n_critic_updates: K-FAC steps of the critic alone per update (0: the critic is
+            trained by the joint A2C loss, as on Atari).
+        critic_kfac_kwargs: :class:`ngrl.optim.KFAC` options of the critic's optimizer
+            (over :data:`CRITIC_KFAC_DEFAULTS`); only with ``n_critic_updates > 0``.
         normalize_advantage: standardise advantages per batch (off in the paper).
         The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
     """
@@ -201,6 +228,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         target_kl: float | None = None,
         trust_region: Literal["joint", "split"] = "joint",
         value_kl_clip: float | None = None,
+        n_critic_updates: int = 0,
+        critic_kfac_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = False,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
@@ -246,6 +275,18 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         check_choice("trust_region", trust_region, ("joint", "split"))
         if value_kl_clip is not None and not value_kl_clip > 0.0:
             raise ValueError(f"Invalid value_kl_clip value: {value_kl_clip!r} (> 0, or None)")
+        check_integer("n_critic_updates", n_critic_updates, 0)
+        if n_critic_updates and trust_region == "split":
+            raise ValueError(
+                "Invalid trust_region: 'split' divides the joint loss's step; with "
+                "n_critic_updates > 0 the critic has its own optimizer (use 'joint')"
+            )
+        if critic_kfac_kwargs and not n_critic_updates:
+            raise ValueError("Invalid critic_kfac_kwargs: they need n_critic_updates > 0")
+        #: The options of the critic's K-FAC (with ``n_critic_updates``), checked once.
+        self.critic_kfac_config = KFACConfig.from_options(
+            **{**CRITIC_KFAC_DEFAULTS, **(critic_kfac_kwargs or {})}
+        )
         super().__init__(
             policy,
             env,
@@ -274,6 +315,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         self.target_kl = target_kl
         self.trust_region = trust_region
         self.value_kl_clip = value_kl_clip
+        self.n_critic_updates = n_critic_updates
         self.normalize_advantage = normalize_advantage
         self.lr_multiplier = 1.0
         if _init_setup_model:
@@ -318,9 +360,14 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         self._migrate_legacy_attributes()
         given = self.policy_kwargs
+        policy_config = self.kfac_config
+        if self.n_critic_updates:  # the policy's K-FAC covers the actor only
+            policy_config = policy_config.replace(
+                skip_layers=(*policy_config.skip_layers, *critic_layer_patterns())
+            )
         self.policy_kwargs = {
             **given,
-            "kfac_config": self.kfac_config,
+            "kfac_config": policy_config,
             "vf_fisher_coef": self.vf_fisher_coef,
         }
         try:
@@ -340,10 +387,22 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             momentum=self.momentum,
             dampening=self.momentum,
         )
+        #: The critic's K-FAC (``n_critic_updates > 0``; else ``None``): the policy's
+        #: critic modules, every other one left out.
+        self.critic_optimizer: KFAC | None = None
+        if self.n_critic_updates:
+            config = self.critic_kfac_config
+            self.critic_optimizer = KFAC.from_config(
+                self.policy,
+                config.replace(
+                    skip_layers=(*config.skip_layers, *actor_layer_patterns(self.policy))
+                ),
+            )
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         # "policy.optimizer" (K-FAC) carries the factors; the cold-start momentum too.
-        return ["policy", "policy.optimizer", "cold_optimizer"], []
+        names = ["policy", "policy.optimizer", "cold_optimizer"]
+        return (names + ["critic_optimizer"] if self.critic_optimizer is not None else names), []
 
     def train(self) -> None:
         """One ACKTR update on the collected rollout."""
@@ -362,13 +421,16 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             # 1. Curvature statistics of the true Fisher (sampled actions and values).
             if optimizer.capture_due:
                 self.policy.capture_fisher(
-                    distribution, values, self.vf_fisher_coef, obs=rollout_data.observations
+                    distribution,
+                    values,
+                    0.0 if self.n_critic_updates else self.vf_fisher_coef,
+                    obs=rollout_data.observations,
                 )
 
-            # 2. The A2C loss.
+            # 2. The A2C loss (its value term left to the critic's own steps, if any).
             terms = self.a2c_loss_terms(distribution, values, rollout_data)
             policy_part = terms.policy + self.ent_coef * terms.entropy
-            value_part = self.vf_coef * terms.value
+            value_part = 0.0 if self.n_critic_updates else self.vf_coef * terms.value
 
             # 3. The step: momentum SGD while cold, K-FAC in the trust region after.
             optimizer.zero_grad()
@@ -392,6 +454,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
 
             if self.target_kl is not None:
                 self._adapt_learning_rate(rollout_data, terms.actions, terms.log_prob.detach())
+            if self.critic_optimizer is not None:
+                self.logger.record("train/critic_loss", self._fit_critic(rollout_data))
 
         self._n_updates += 1
         explained_var = explained_variance(
@@ -409,6 +473,35 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             self.logger.record("train/lr_multiplier", self.lr_multiplier)
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+
+    def _fit_critic(self, batch: RolloutBufferSamples) -> float:
+        """``n_critic_updates`` K-FAC steps of the critic on ``mean((R − V(s))²)``; the
+        mean loss of the steps."""
+        optimizer = self.critic_optimizer
+        assert optimizer is not None
+        others = [p for name, p in self.policy.named_parameters() if not is_critic(name)]
+        losses = []
+        for _ in range(self.n_critic_updates):
+            values = self._values(batch).flatten()
+            if optimizer.capture_due:
+                # The Fisher of a unit-variance Gaussian on one output is the Gauss-Newton
+                # matrix JᵀJ: backpropagating 1 per example gives its statistics exactly,
+                # without the noise of a sampled target.
+                self.policy.capture_statistics(
+                    values.mean(), rows=values.shape[0], optimizer=optimizer
+                )
+            value_loss = F.mse_loss(batch.returns, values)
+            optimizer.zero_grad()
+            value_loss.backward()
+            for param in others:  # a shared trunk is the policy step's
+                param.grad = None
+            optimizer.step()
+            losses.append(value_loss.item())
+        return sum(losses) / len(losses)
+
+    def _values(self, batch: RolloutBufferSamples) -> torch.Tensor:
+        """The values ``V(s)`` (shape ``(N, 1)``) of a batch, the critic's pass alone."""
+        return self.policy.predict_values(batch.observations)
 
     def _training_batches(self) -> Iterable[RolloutBufferSamples]:
         """The batches of one update: the whole rollout, once."""

@@ -29,6 +29,8 @@ from ngrl.agents.policies import (
     KFACActorCriticCnnPolicy,
     KFACActorCriticPolicy,
     KFACMultiInputActorCriticPolicy,
+    critic_layer_patterns,
+    is_critic,
 )
 from ngrl.optim import KFACConfig, conjugate_gradient, fisher_vector_product, flat_grad
 from ngrl.optim.hyperparams import check_choice
@@ -36,9 +38,6 @@ from ngrl.optim.hyperparams import check_choice
 __all__ = ["NPG"]
 
 SelfNPG = TypeVar("SelfNPG", bound="NPG")
-
-#: Module-name prefixes of the critic in SB3's actor-critic policies; the rest is the actor.
-CRITIC_PREFIXES = ("value_net", "mlp_extractor.value_net", "vf_features_extractor")
 
 
 class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
@@ -189,9 +188,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
                 "Invalid policy: critic='kfac' needs a KFACActorCriticPolicy, got "
                 f"{type(self.policy).__name__}"
             )
-        self.actor_params = [
-            p for name, p in self.policy.named_parameters() if not name.startswith(CRITIC_PREFIXES)
-        ]
+        self.actor_params = [p for name, p in self.policy.named_parameters() if not is_critic(name)]
         self.actor_kfac: KFAC | None = None
         if self.preconditioner == "kfac":
             config = KFACConfig.from_options(**{"damping": self.cg_damping, **self.kfac_kwargs})
@@ -199,7 +196,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
                 kl_clip=None,  # used only to precondition
                 momentum=0.0,
                 lr=1.0,
-                skip_layers=[rf"^{prefix.replace('.', '[.]')}(\.|$)" for prefix in CRITIC_PREFIXES],
+                skip_layers=critic_layer_patterns(),
             )
             self.actor_kfac = KFAC.from_config(self.policy, config)
 

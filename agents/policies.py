@@ -13,6 +13,7 @@ Fisher loss whenever the optimizer's ``capture_due`` says so.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from typing import Any
 
@@ -29,6 +30,7 @@ from ngrl.optim import KFACConfig
 
 __all__ = [
     "ACTION_SPACES",
+    "CRITIC_PREFIXES",
     "KFACOptimized",
     "KFACActorCriticCnnPolicy",
     "KFACActorCriticPolicy",
@@ -36,6 +38,9 @@ __all__ = [
     "CnnPolicy",
     "MlpPolicy",
     "MultiInputPolicy",
+    "actor_layer_patterns",
+    "critic_layer_patterns",
+    "is_critic",
 ]
 
 #: The action spaces of SB3's distributions, which the policies and algorithms support.
@@ -45,6 +50,38 @@ ACTION_SPACES: tuple[type[spaces.Space], ...] = (
     spaces.MultiDiscrete,
     spaces.MultiBinary,
 )
+
+
+#: Module names of the critic in SB3's and sb3-contrib's actor-critic policies (their
+#: children included); every other module belongs to the actor or is shared.
+CRITIC_PREFIXES = (
+    "value_net",
+    "mlp_extractor.value_net",
+    "vf_features_extractor",
+    "lstm_critic",
+    "critic",
+)
+
+
+def is_critic(name: str) -> bool:
+    """Whether the module or parameter ``name`` of a policy belongs to its critic."""
+    return any(name == prefix or name.startswith(f"{prefix}.") for prefix in CRITIC_PREFIXES)
+
+
+def critic_layer_patterns() -> list[str]:
+    """``skip_layers`` patterns of :class:`ngrl.optim.KFAC` that leave the critic out."""
+    critic = "|".join(re.escape(prefix) for prefix in CRITIC_PREFIXES)
+    return [rf"^(?:{critic})(?:\.|$)"]
+
+
+def actor_layer_patterns(policy: torch.nn.Module) -> list[str]:
+    """``skip_layers`` patterns of :class:`ngrl.optim.KFAC` that leave out every module of
+    ``policy`` with parameters of its own outside the critic (the actor and shared ones)."""
+    return [
+        rf"^{re.escape(name)}$"
+        for name, module in policy.named_modules()
+        if not is_critic(name) and any(True for _ in module.parameters(recurse=False))
+    ]
 
 
 def first_rows(obs: PyTorchObs, size: int) -> PyTorchObs:
@@ -168,10 +205,10 @@ class KFACOptimized:
             loss = loss + (2.0 * coef) * fisher_loss(values, kind="gaussian")
         self.capture_statistics(loss, rows=values.shape[0])
 
-    def capture_statistics(self, loss: Tensor, rows: int) -> None:
+    def capture_statistics(self, loss: Tensor, rows: int, optimizer: KFAC | None = None) -> None:
         """K-FAC's statistics from the backward pass of ``loss``, a mean over ``rows``
-        examples (the graph is kept)."""
-        self.optimizer.capture_backward(loss)
+        examples (the graph is kept), for ``optimizer`` (default: the policy's)."""
+        (optimizer or self.optimizer).capture_backward(loss)
 
 
 class KFACActorCriticPolicy(KFACOptimized, ActorCriticPolicy):

@@ -14,6 +14,8 @@ from typing import Any
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from torch import nn
 
 from ngrl.agents.acktr import ACKTR
 from ngrl.agents.npg import NPG
@@ -49,6 +51,7 @@ RUN_KEYS: dict[str, type] = {
     "timesteps": int,
     "policy": str,
     "normalize": bool,
+    "normalize_reward": bool,
     "schedule_timesteps": int,
 }
 #: Arguments the CLI sets itself (from its own flags), never from presets or ``--set``.
@@ -58,7 +61,17 @@ _RUN_DEFAULTS: dict[str, Any] = {
     "timesteps": 1_000_000,
     "policy": "MlpPolicy",
     "normalize": False,
+    "normalize_reward": True,
     "schedule_timesteps": 0,
+}
+#: ``policy_kwargs.activation_fn`` by name, as the presets write it.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
 }
 
 
@@ -71,11 +84,11 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
             "n_steps",
             "batch_size",
             "n_epochs",
-            "n_critic_updates",
             "cg_max_steps",
         ),
         (lambda v: v >= 1, ">= 1"),
     ),
+    "n_critic_updates": (lambda v: v >= 0, ">= 0"),
     "gamma": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     "gae_lambda": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     **dict.fromkeys(("ent_coef", "vf_coef", "vf_fisher_coef"), (lambda v: v >= 0.0, ">= 0")),
@@ -103,6 +116,8 @@ class RunConfig:
     timesteps: int
     policy: str
     normalize: bool
+    #: With ``normalize``: also scale rewards (VecNormalize's ``norm_reward``).
+    normalize_reward: bool = True
     #: ``"lin_X"`` schedules decay to 0 over this many timesteps (0: over the run), so a
     #: shorter run follows the first part of a published schedule (baselines' Atari
     #: learning rate decays over 10M steps).
@@ -112,10 +127,19 @@ class RunConfig:
     def algorithm_kwargs(self) -> dict[str, Any]:
         """The hyperparameters as algorithm arguments (``"lin_X"`` strings become schedules)."""
         horizon = self.schedule_timesteps or self.timesteps
-        return {
+        kwargs = {
             key: _schedule(value, self.timesteps, horizon)
             for key, value in self.hyperparameters.items()
         }
+        policy_kwargs = kwargs.get("policy_kwargs")
+        if isinstance(policy_kwargs, dict) and "activation_fn" in policy_kwargs:
+            name = policy_kwargs["activation_fn"]
+            kwargs["policy_kwargs"] = {**policy_kwargs, "activation_fn": ACTIVATIONS[name]}
+        return kwargs
+
+    def normalized(self, env: VecEnv) -> VecEnv:
+        """``env`` wrapped in SB3's ``VecNormalize`` as this run asks (or as it is)."""
+        return VecNormalize(env, norm_reward=self.normalize_reward) if self.normalize else env
 
 
 @dataclass(frozen=True)
@@ -262,6 +286,12 @@ def resolve_config(
     _drop_foreign_curvature_options(settings, preset, defaults, overrides)
     for key, value in settings.items():
         _check_range(key, value)
+    activation = (settings.get("policy_kwargs") or {}).get("activation_fn")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"policy_kwargs.activation_fn {activation!r} is unknown; choose one of: "
+            f"{', '.join(ACTIVATIONS)}"
+        )
     run = {key: settings.pop(key) for key in RUN_KEYS}
     for key in run:
         _check_type(key, run[key], RUN_KEYS[key]())

@@ -19,6 +19,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 
+from ngrl import KFAC
 from ngrl.agents.acktr import ACKTR
 from ngrl.agents.policies import KFACOptimized
 
@@ -72,29 +73,53 @@ class KFACRecurrentActorCriticPolicy(KFACOptimized, RecurrentActorCriticPolicy):
     ) -> tuple[Distribution, Tensor]:
         """The action distribution and the values ``V(s)`` of a :class:`SequenceBatch`'s
         rows, in one pass."""
+        pi_features, vf_features = self._split_features(obs)
+        latent_pi = _step_by_step(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
+        values = self._values(vf_features, lstm_states, episode_starts, latent_pi)
+        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
+        return self._get_action_dist_from_latent(latent_pi), values
+
+    def values(
+        self, obs: Tensor | dict[str, Tensor], lstm_states: RNNStates, episode_starts: Tensor
+    ) -> Tensor:
+        """The values ``V(s)`` of a :class:`SequenceBatch`'s rows (the actor's LSTM runs only
+        when the critic shares it)."""
+        pi_features, vf_features = self._split_features(obs)
+        latent_pi = None
+        if self.shared_lstm:
+            latent_pi = _step_by_step(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
+        return self._values(vf_features, lstm_states, episode_starts, latent_pi)
+
+    def _split_features(self, obs: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         features = self.extract_features(obs)
         if self.share_features_extractor:
-            pi_features = vf_features = features
-        else:
-            pi_features, vf_features = features
-        latent_pi = _step_by_step(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
+            return features, features
+        return features
+
+    def _values(
+        self,
+        vf_features: Tensor,
+        lstm_states: RNNStates,
+        episode_starts: Tensor,
+        latent_pi: Tensor | None,
+    ) -> Tensor:
         if self.lstm_critic is not None:
             latent_vf = _step_by_step(vf_features, lstm_states.vf, episode_starts, self.lstm_critic)
         elif self.shared_lstm:
+            assert latent_pi is not None
             latent_vf = latent_pi.detach()
         else:
             latent_vf = self.critic(vf_features)
-        latent_pi = self.mlp_extractor.forward_actor(latent_pi)
-        latent_vf = self.mlp_extractor.forward_critic(latent_vf)
-        return self._get_action_dist_from_latent(latent_pi), self.value_net(latent_vf)
+        return self.value_net(self.mlp_extractor.forward_critic(latent_vf))
 
-    def capture_statistics(self, loss: Tensor, rows: int) -> None:
+    def capture_statistics(self, loss: Tensor, rows: int, optimizer: KFAC | None = None) -> None:
         # Each time step is a separate LSTM call: a backward pass through the whole graph
         # reaches every step's hooks, and the loss averages over all rows, not over the
         # sequences an LSTM call sees.
-        with self.optimizer.capture(examples=rows):
+        optimizer = optimizer or self.optimizer
+        with optimizer.capture(examples=rows):
             loss.backward(retain_graph=True)
-        self.optimizer.zero_grad()
+        optimizer.zero_grad()
 
     def capture_fisher(
         self,
@@ -242,3 +267,6 @@ class RecurrentACKTR(ACKTR):
         return self.policy.distribution_and_values(
             batch.observations, batch.lstm_states, batch.episode_starts
         )
+
+    def _values(self, batch: SequenceBatch) -> Tensor:  # type: ignore[override]
+        return self.policy.values(batch.observations, batch.lstm_states, batch.episode_starts)

@@ -220,8 +220,6 @@ def _check_distributed(args: argparse.Namespace, config: Any, world: int) -> Non
 
 
 def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
-    from stable_baselines3.common.vec_env import VecNormalize
-
     from ngrl.agents.checkpoints import has_normalizer, load_normalizer
     from ngrl.envs import make_vec_env
 
@@ -230,7 +228,7 @@ def _make_env(config: Any, seed: int, resume: Path | None) -> Any:
         return env
     if resume is not None and has_normalizer(resume):
         return load_normalizer(resume, env)
-    return VecNormalize(env)
+    return config.normalized(env)
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
@@ -408,6 +406,7 @@ def _train(args: argparse.Namespace) -> int:
                 "timesteps": config.timesteps,
                 "policy": config.policy,
                 "normalize": config.normalize,
+                "normalize_reward": config.normalize_reward,
                 "device": str(model.device),
                 "resumed_from": str(args.resume) if args.resume else None,
                 "preset": args.preset or "default",

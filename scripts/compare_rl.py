@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from stable_baselines3.common.vec_env import VecNormalize
 from tqdm.auto import tqdm
 
 from ngrl.agents.callbacks import EpisodeLog
@@ -138,8 +137,7 @@ def build(label: str, task: Task, seed: int) -> Any:
     config = build_config(label, task)
     config.timesteps = task.timesteps  # schedules follow the shared budget
     env = make_vec_env(spec.gym_id, task.n_envs or config.n_envs, seed=seed)
-    if config.normalize:
-        env = VecNormalize(env)
+    env = config.normalized(env)
     if algo == "trpo-sb3":
         from sb3_contrib import TRPO
 

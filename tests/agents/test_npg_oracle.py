@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngrl.agents import NPG
-from ngrl.agents.npg import CRITIC_PREFIXES
+from ngrl.agents.policies import is_critic
 from ngrl.envs import make_vec_env
 from ngrl.fisher import exact_fisher, per_example_gradients
 
@@ -58,10 +58,7 @@ def rollout(**options: Any) -> tuple[NPG, Any, Tensor]:
 
 def actor_mask(policy: nn.Module) -> Tensor:
     return torch.cat(
-        [
-            torch.full((p.numel(),), not name.startswith(CRITIC_PREFIXES))
-            for name, p in policy.named_parameters()
-        ]
+        [torch.full((p.numel(),), not is_critic(name)) for name, p in policy.named_parameters()]
     )
 
 
@@ -115,7 +112,7 @@ def test_trpo_backtracks_to_the_first_step_inside_the_trust_region_that_improves
     full = step_size(direction, ref["damped"], model.target_kl)
     policy = copy.deepcopy(model.policy).double()
     logits = ActorLogits(policy)
-    actor = [p for name, p in policy.named_parameters() if not name.startswith(CRITIC_PREFIXES)]
+    actor = [p for name, p in policy.named_parameters() if not is_critic(name)]
     obs, old_log_prob = data.observations.double(), data.old_log_prob.double()
 
     def trial(theta: Tensor) -> tuple[Tensor, float, float]:

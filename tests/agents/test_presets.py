@@ -44,3 +44,29 @@ def test_named_presets_start_from_the_algorithm_and_change_what_they_name() -> N
         resolve_config("acktr", breakout, [], "x")
     with pytest.raises(ValueError, match="a2c has no preset 'baselines'; its presets: none"):
         resolve_config("a2c", breakout, [], "baselines")
+
+
+def test_the_recurrent_pendulum_presets_share_rl_zoos_network_and_observation_scaling() -> None:
+    from stable_baselines3.common.vec_env import VecNormalize
+    from torch import nn
+
+    from ngrl.envs import make_vec_env
+
+    spec = resolve("PendulumNoVel")
+    configs = [resolve_config(algo, spec, []) for algo in ("ppo-lstm", "acktr-lstm")]
+    for config in configs:
+        policy_kwargs = config.algorithm_kwargs()["policy_kwargs"]
+        assert policy_kwargs["activation_fn"] is nn.ReLU
+        assert policy_kwargs["lstm_hidden_size"] == 64
+        env = config.normalized(make_vec_env(spec.gym_id, 1, seed=0))
+        assert isinstance(env, VecNormalize) and env.norm_obs and not env.norm_reward
+    assert (
+        configs[0].hyperparameters["policy_kwargs"] == configs[1].hyperparameters["policy_kwargs"]
+    )
+
+
+def test_an_unknown_activation_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"activation_fn 'swish' is unknown; choose one of: relu"):
+        resolve_config("acktr", resolve("Pendulum"), [("policy_kwargs.activation_fn", "swish")])
+    with pytest.raises(ValueError, match="'normalize_reward' takes true or false"):
+        resolve_config("acktr", resolve("Pendulum"), [("normalize_reward", 1)])
