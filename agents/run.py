@@ -43,6 +43,14 @@ def _hyperparameter_help(algo: str) -> str:
     lines = [f"hyperparameters of {algo} (set with --set key=value; presets may change them):"]
     for name, default in hyperparameter_defaults(algo).items():
         lines.append(f"  {name} = {default!r}")
+    lines += [
+        "run settings (also with --set; the flags above set the first two):",
+        "  n_envs, timesteps",
+        "  policy = 'MlpPolicy' (the algorithm's policy name, e.g. CnnPolicy)",
+        "  normalize = False (SB3's VecNormalize on observations and rewards)",
+        "  normalize_reward = True (with normalize: scale rewards too)",
+        "  schedule_timesteps = 0 (lin_X schedules decay over this many steps; 0: the run)",
+    ]
     return "\n".join(lines)
 
 

@@ -392,6 +392,10 @@ def test_help_lists_hyperparameters_with_defaults() -> None:
     ).stdout
     for text in ("--env", "--resume", "--set", "kl_clip = 0.001", "vf_fisher_coef = 1.0"):
         assert text in out
+    from ngrl.agents.presets import RUN_KEYS
+
+    settings = out.split("run settings", 1)[1]
+    assert all(key in settings for key in RUN_KEYS)  # every --set key is explained
 
 
 def test_model_zip_holds_the_policy_and_checkpoint_zip_the_run(
