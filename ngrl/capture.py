@@ -17,6 +17,7 @@ modules get a forward hook that recomputes their output step by step
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -110,6 +111,8 @@ class Capture:
         # Latest output of each output-hooked layer (with its version at the time), kept for
         # the statistics-only backward; released when a capture context ends.
         self._outputs: dict[str, tuple[Tensor, int]] = {}
+        #: Recurrent modules already reported as fed a PackedSequence.
+        self._warned_packed: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handles: list[RemovableHandle] = []
         self._generic_batch: dict[str, int] = {}
         # Batch size seen by the output-hooked layers in this capture: the fallback for a
@@ -219,6 +222,15 @@ class Capture:
                 return None
             inputs = args[0] if args else kwargs.get("input")
             if not isinstance(inputs, Tensor):  # a PackedSequence: no statistics
+                if module not in self._warned_packed:
+                    self._warned_packed.add(module)
+                    warnings.warn(
+                        "K-FAC takes no statistics from a PackedSequence: the maps of "
+                        f"{maps[0].name.rpartition('.')[0] or '<root>'!r} get plain gradient "
+                        "steps; pass padded (N, T, d) tensors to give them Kronecker curvature",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 return None
             earlier = _UNROLLED.get(module)
             if earlier is not None and earlier[0] is output:  # another capture's hook ran

@@ -153,4 +153,4 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
 
 
 #: The name of one dense map of a recurrent module (:func:`ngrl.layers.recurrent_layers`).
-_RECURRENT_MAP = re.compile(r"(ih|hh)_l\d+(_reverse)?")
+_RECURRENT_MAP = re.compile(r"(ih|hh|hr)_l\d+(_reverse)?")

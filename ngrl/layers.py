@@ -434,10 +434,12 @@ class EmbeddingLayer(Layer):
 
 class RecurrentLayer(LinearLayer):
     """One dense map of a recurrent module: ``W_ih`` or ``W_hh`` of layer ``k`` and
-    direction ``d``, with its bias (``Ŵ = [W | b]``, shape ``(gates·H, d_in + 1)``).
+    direction ``d``, with its bias (``Ŵ = [W | b]``, shape ``(gates·H, d_in + 1)``), or an
+    LSTM's projection ``W_hr`` (``proj_size``; no bias).
 
-    Named ``"{module}.ih_l{k}"`` / ``"{module}.hh_l{k}"`` (``_reverse`` for the backward
-    direction), after the parameters ``weight_ih_l{k}`` and ``bias_ih_l{k}``.
+    Named ``"{module}.ih_l{k}"`` / ``"{module}.hh_l{k}"`` / ``"{module}.hr_l{k}"``
+    (``_reverse`` for the backward direction), after the parameters ``weight_ih_l{k}`` and
+    ``bias_ih_l{k}``.
     """
 
     def __init__(self, name: str, module: nn.RNNBase, part: str, suffix: str) -> None:
@@ -460,12 +462,14 @@ class RecurrentLayer(LinearLayer):
 
 
 def recurrent_layers(name: str, module: nn.RNNBase) -> list[RecurrentLayer]:
-    """The two maps of every layer and direction of ``module``, in parameter order."""
+    """The maps of every layer and direction of ``module`` (input, hidden and, for an LSTM
+    with ``proj_size``, projection), in parameter order."""
     prefix = f"{name}." if name else ""
+    parts = ("ih", "hh", "hr") if getattr(module, "proj_size", 0) else ("ih", "hh")
     layers = []
     for k in range(module.num_layers):
         for suffix in (f"_l{k}", f"_l{k}_reverse")[: 2 if module.bidirectional else 1]:
-            for part in ("ih", "hh"):
+            for part in parts:
                 layers.append(RecurrentLayer(f"{prefix}{part}{suffix}", module, part, suffix))
     return layers
 
@@ -503,8 +507,7 @@ _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
 def _make_layers(name: str, module: nn.Module) -> list[Layer]:
     all_trainable = all(p.requires_grad for p in module.parameters(recurse=False))
     if type(module) in (nn.RNN, nn.GRU, nn.LSTM) and all_trainable:
-        if getattr(module, "proj_size", 0) == 0:  # an LSTM projection has no block yet
-            return list(recurrent_layers(name, module))  # type: ignore[arg-type]
+        return list(recurrent_layers(name, module))  # type: ignore[arg-type]
     factory = _LAYER_TYPES.get(type(module))
     if factory is None or not all_trainable:
         return [GenericLayer(name, module)]

@@ -3,13 +3,15 @@ inputs and output gradients of every weight matrix at every time step.
 
 A recurrent layer ``k`` (direction ``d``) has two dense maps shared by the ``T`` steps: the
 input map ``u_t = W_ih x_t + b_ih`` and the hidden map ``v_t = W_hh h_{t−1} + b_hh``, whose
-sum (GRU: with ``r ⊙`` on the hidden part of its candidate) feeds the gates. Each is a dense
+sum (GRU: with ``r ⊙`` on the hidden part of its candidate) feeds the gates; an LSTM with
+``proj_size`` has a third, the projection ``h_t = W_hr (o_t ⊙ tanh c_t)`` (no bias). Each is a dense
 layer over a sequence, :class:`ngrl.layers.RecurrentLayer`, with the positions being the
 time steps in the order the direction runs. :func:`unroll` recomputes the module's output
 through these equations (PyTorch's cell equations, without its fused kernels) and returns
 for every map its inputs ``(N, T, d_in)`` and a tensor ``(N, T, gates)`` whose gradient is
-the map's output gradient: ``u`` itself, and for ``v`` a zero tensor added to it at every
-step (the steps' ``v_t`` are separate tensors; the sum's gradient collects them).
+the map's output gradient: ``u`` itself, and for ``v`` (and the projection) a zero tensor
+added to it at every step (the steps' ``v_t`` are separate tensors; the sum's gradient
+collects them).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def unroll(
     states = module.num_layers * directions
     is_lstm = module.mode == "LSTM"
     if hx is None:
-        zeros = x.new_zeros(states, n, module.hidden_size)
-        h0, c0 = zeros, (zeros if is_lstm else None)
+        h_size = getattr(module, "proj_size", 0) or module.hidden_size
+        h0 = x.new_zeros(states, n, h_size)
+        c0 = x.new_zeros(states, n, module.hidden_size) if is_lstm else None
     else:
         h0, c0 = hx if is_lstm else (hx, None)  # type: ignore[misc]
         if not batched:
@@ -98,24 +101,31 @@ def _run_direction(
     maps: list[MapStatistics],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer in one direction over ``sequence`` ``(N, T, d_in)``: its outputs
-    ``(N, T, H)`` and final states; appends the statistics of its two maps to ``maps``."""
+    ``(N, T, H)`` and final states; appends the statistics of its maps to ``maps``."""
     weight_ih = getattr(module, f"weight_ih{suffix}")
     weight_hh = getattr(module, f"weight_hh{suffix}")
+    weight_hr = getattr(module, f"weight_hr{suffix}", None) if module.mode == "LSTM" else None
     bias_ih = getattr(module, f"bias_ih{suffix}") if module.bias else None
     bias_hh = getattr(module, f"bias_hh{suffix}") if module.bias else None
     n, steps = sequence.shape[0], sequence.shape[1]
     u = F.linear(sequence, weight_ih, bias_ih)
     # v_t of every step gets this zero tensor's slice t added: its gradient is (∂L/∂v_t)_t.
     v_offset = u.new_zeros(n, steps, weight_hh.shape[0]).requires_grad_(u.requires_grad)
-    previous = []
-    outputs = []
+    if weight_hr is not None:
+        r_offset = u.new_zeros(n, steps, weight_hr.shape[0]).requires_grad_(u.requires_grad)
+    previous, unprojected, outputs = [], [], []
     for t in range(steps):
         previous.append(h)
         v = F.linear(h, weight_hh, bias_hh) + v_offset[:, t]
         h, c = _cell(module.mode, u[:, t], v, h, c)
+        if weight_hr is not None:
+            unprojected.append(h)
+            h = F.linear(h, weight_hr) + r_offset[:, t]
         outputs.append(h)
     maps.append(MapStatistics(suffix, "ih", sequence, u))
     maps.append(MapStatistics(suffix, "hh", torch.stack(previous, dim=1), v_offset))
+    if weight_hr is not None:
+        maps.append(MapStatistics(suffix, "hr", torch.stack(unprojected, dim=1), r_offset))
     return torch.stack(outputs, dim=1), h, c
 
 

@@ -347,3 +347,139 @@ def test_a_model_with_every_layer_type_trains_without_a_fallback() -> None:
     assert len(opt.blocks) == 7 + 2 + 4  # one per layer, two per GRU map, four per LSTM
     start, end = fit(opt, model, tokens, labels, steps=40)
     assert end < 0.5 * start
+
+
+# --- an LSTM with a projection (proj_size): a third map per layer and direction ----------
+PROJ = 2
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize(
+    "shape",
+    [dict(num_layers=2, bidirectional=True), dict(num_layers=1, batch_first=True)],
+    ids=["2-layers-bidirectional", "batch-first"],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_projected_lstm_unrolls_to_the_modules_output_and_gradients(
+    shape: dict, with_state: bool
+) -> None:
+    module = nn.LSTM(INPUT, HIDDEN, proj_size=PROJ, **shape)
+    states = module.num_layers * (2 if module.bidirectional else 1)
+    x = torch.randn((6, STEPS, INPUT) if shape.get("batch_first") else (STEPS, 6, INPUT))
+    hx = (torch.randn(states, 6, PROJ), torch.randn(states, 6, HIDDEN)) if with_state else None
+    expected, (h, c) = module(x, hx)
+    (output, (h_got, c_got)), maps = unroll(module, x, hx)
+    for got, want in ((output, expected), (h_got, h), (c_got, c)):
+        torch.testing.assert_close(got, want)
+    assert [entry.part for entry in maps] == ["ih", "hh", "hr"] * states
+    weights = list(module.parameters())
+    want_grads = torch.autograd.grad(expected.square().sum(), weights)
+    got_grads = torch.autograd.grad(output.square().sum(), weights)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_projected_lstm_has_a_projection_map_without_bias() -> None:
+    layers = find_layers(nn.LSTM(INPUT, HIDDEN, proj_size=PROJ, num_layers=2))
+    assert [layer.name for layer in layers] == [
+        f"{part}_l{k}" for k in (0, 1) for part in ("ih", "hh", "hr")
+    ]
+    shapes = {layer.name: layer.shape for layer in layers}
+    assert shapes["hh_l0"] == (4 * HIDDEN, PROJ + 1)
+    assert shapes["hr_l0"] == (PROJ, HIDDEN)
+    assert shapes["ih_l1"] == (4 * HIDDEN, PROJ + 1)
+
+
+class ProjectedClassifier(nn.Module):
+    """A projected LSTM on ``(N, T, d)`` sequences, all its outputs read by a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(INPUT, HIDDEN, proj_size=PROJ, batch_first=True)
+        self.head = nn.Linear(STEPS * PROJ, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0].flatten(1))
+
+
+@pytest.mark.usefixtures("float64")
+def test_the_projection_factors_are_kfac_expand_over_time_from_per_step_quantities() -> None:
+    """The LSTM's equations written out per example, a zero added to every step's
+    projected output: its gradient is that step's output gradient of ``W_hr``."""
+    model = ProjectedClassifier()
+    x = torch.randn(6, STEPS, INPUT)
+    targets = sample_classes(model(x))
+    opt = KFAC(model)
+    capture_batch(opt, model, x, targets)
+    rnn = model.rnn
+    inputs, grads = [], []
+    for x_n, y_n in zip(x, targets, strict=True):
+        zeros = torch.zeros(STEPS, PROJ, requires_grad=True)
+        h, c = torch.zeros(PROJ), torch.zeros(HIDDEN)
+        raw, outputs = [], []
+        for t in range(STEPS):
+            gates = (
+                rnn.weight_ih_l0 @ x_n[t] + rnn.bias_ih_l0 + rnn.weight_hh_l0 @ h + rnn.bias_hh_l0
+            )
+            i, f, g, o = gates.chunk(4)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            r = torch.sigmoid(o) * torch.tanh(c)
+            raw.append(r.detach())
+            h = rnn.weight_hr_l0 @ r + zeros[t]
+            outputs.append(h)
+        loss = F.cross_entropy(model.head(torch.cat(outputs))[None], y_n[None])
+        grads.append(torch.autograd.grad(loss, zeros)[0])
+        inputs.append(torch.stack(raw))
+    a, g = torch.stack(inputs), torch.stack(grads)
+    n = a.shape[0]
+    block = opt.blocks["rnn.hr_l0"]
+    torch.testing.assert_close(block.a_factor, torch.einsum("nti,ntj->ij", a, a) / n)
+    torch.testing.assert_close(block.g_factor, torch.einsum("nti,ntj->ij", g, g) / (n * STEPS))
+
+
+@pytest.mark.usefixtures("float64")
+def test_one_step_of_a_projected_lstm_gives_the_exact_fisher_blocks() -> None:
+    lstm = nn.LSTM(INPUT, HIDDEN, proj_size=PROJ, batch_first=True)
+    model = nn.Sequential(lstm, Last(), nn.Linear(PROJ, CLASSES))
+    x = torch.randn(1, 1, INPUT).expand(7, 1, INPUT).contiguous()
+    targets = sample_classes(model(x))
+    opt = KFAC(model)
+    capture_batch(opt, model, x, targets)
+    for part in ("ih", "hh", "hr"):
+        name = f"0.{part}_l0"
+        torch.testing.assert_close(
+            opt.blocks[name].to_dense(), exact_block(model, x, targets, name), rtol=1e-9, atol=1e-12
+        )
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_a_projected_lstm_trains_with_kfac_and_no_fallback() -> None:
+    torch.manual_seed(0)
+    model = ProjectedClassifier()
+    x = torch.randn(128, STEPS, INPUT)
+    labels = (x[:, 0, 0] > 0).long() + (x[:, 0, 1] > 0).long()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureFallbackWarning)
+        opt = KFAC(model, lr=0.2)
+    assert opt.fallbacks == {}
+    start, end = fit(opt, model, x, labels, steps=40)
+    assert end < 0.5 * start
+
+
+def test_a_packed_sequence_is_reported_once_and_its_maps_take_plain_steps() -> None:
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        dict(lstm=nn.LSTM(INPUT, HIDDEN, batch_first=True), head=nn.Linear(HIDDEN, 2))
+    )
+    opt = KFAC(model)
+    packed = pack_padded_sequence(torch.randn(5, STEPS, INPUT), [5, 4, 3, 2, 1], batch_first=True)
+    with pytest.warns(RuntimeWarning, match="PackedSequence: the maps of 'lstm'"):
+        with opt.capture():
+            _, (h, _) = model["lstm"](packed)
+            F.cross_entropy(model["head"](h[-1]), torch.zeros(5, dtype=torch.long)).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model["lstm"](packed)  # reported once
+    assert not opt.blocks["lstm.ih_l0"].initialized and opt.blocks["head"].initialized
