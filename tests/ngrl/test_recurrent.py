@@ -214,10 +214,11 @@ class Last(nn.Module):
         return output[0][:, -1]
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("kind", ["gru", "lstm", "lstm-proj"])
 def test_a_recurrent_classifier_trains_with_kfac_and_no_fallback(kind: str) -> None:
     torch.manual_seed(0)
-    model = SequenceClassifier(kind)
+    model = ProjectedClassifier() if kind == "lstm-proj" else SequenceClassifier(kind)
     x = torch.randn(128, STEPS, INPUT)
     labels = (x[:, 0, 0] > 0).long() + (x[:, 0, 1] > 0).long()  # needs the first step
     with warnings.catch_warnings():
@@ -450,20 +451,6 @@ def test_one_step_of_a_projected_lstm_gives_the_exact_fisher_blocks() -> None:
         torch.testing.assert_close(
             opt.blocks[name].to_dense(), exact_block(model, x, targets, name), rtol=1e-9, atol=1e-12
         )
-
-
-@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
-def test_a_projected_lstm_trains_with_kfac_and_no_fallback() -> None:
-    torch.manual_seed(0)
-    model = ProjectedClassifier()
-    x = torch.randn(128, STEPS, INPUT)
-    labels = (x[:, 0, 0] > 0).long() + (x[:, 0, 1] > 0).long()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CurvatureFallbackWarning)
-        opt = KFAC(model, lr=0.2)
-    assert opt.fallbacks == {}
-    start, end = fit(opt, model, x, labels, steps=40)
-    assert end < 0.5 * start
 
 
 def test_a_packed_sequence_is_reported_once_and_its_maps_take_plain_steps() -> None:
