@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import torch
@@ -70,14 +71,16 @@ KFAC_ARGUMENTS = (
 OWN_OPTIONS = frozenset({*KFAC_ARGUMENTS, "lr", "dampening"})
 #: The critic's K-FAC with ``n_critic_updates``: openai/baselines' continuous-control value
 #: function (``value_functions.py``: lr 1e-3, KL clip 0.3, damping 0.1, statistics decay
-#: 0.95, momentum 0.9, inverses every second step).
+#: 0.95, momentum 0.9). Its statistics and inverses are refreshed once per update, on the
+#: first of the ``n_critic_updates`` steps (baselines: statistics every step, inverses
+#: every second): the batch is the same and the critic moves little within an update,
+#: and on an LSTM critic the statistics' backward pass was a third of the update's time.
 CRITIC_KFAC_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "kl_clip": 0.3,
     "damping": 0.1,
     "factor_decay": 0.95,
     "momentum": 0.9,
-    "inv_update_steps": 2,
 }
 
 
@@ -183,7 +186,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         n_critic_updates: K-FAC steps of the critic alone per update (0: the critic is
             trained by the joint A2C loss, as on Atari).
         critic_kfac_kwargs: :class:`ngrl.optim.KFAC` options of the critic's optimizer
-            (over :data:`CRITIC_KFAC_DEFAULTS`); only with ``n_critic_updates > 0``.
+            (over :data:`CRITIC_KFAC_DEFAULTS`, with statistics and inverses every
+            ``n_critic_updates`` steps); only with ``n_critic_updates > 0``.
         normalize_advantage: standardise advantages per batch (off in the paper).
         The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
     """
@@ -284,8 +288,14 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         if critic_kfac_kwargs and not n_critic_updates:
             raise ValueError("Invalid critic_kfac_kwargs: they need n_critic_updates > 0")
         #: The options of the critic's K-FAC (with ``n_critic_updates``), checked once.
+        once_per_update = max(n_critic_updates, 1)
         self.critic_kfac_config = KFACConfig.from_options(
-            **{**CRITIC_KFAC_DEFAULTS, **(critic_kfac_kwargs or {})}
+            **{
+                **CRITIC_KFAC_DEFAULTS,
+                "factor_update_steps": once_per_update,
+                "inv_update_steps": once_per_update,
+                **(critic_kfac_kwargs or {}),
+            }
         )
         super().__init__(
             policy,
@@ -414,8 +424,11 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 group["lr"] *= self.lr_multiplier
         cold = self._n_updates < self.cold_start_steps
 
+        # With a separate critic, this pass's values feed no gradient and no statistics.
+        critic = self.critic_optimizer
         for rollout_data in self._training_batches():
-            distribution, values = self._forward(rollout_data)
+            with critic.no_statistics() if critic is not None else nullcontext():
+                distribution, values = self._forward(rollout_data)
             values = values.flatten()
 
             # 1. Curvature statistics of the true Fisher (sampled actions and values).
@@ -482,7 +495,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         others = [p for name, p in self.policy.named_parameters() if not is_critic(name)]
         losses = []
         for _ in range(self.n_critic_updates):
-            values = self._values(batch).flatten()
+            with nullcontext() if optimizer.capture_due else optimizer.no_statistics():
+                values = self._values(batch).flatten()
             if optimizer.capture_due:
                 # The Fisher of a unit-variance Gaussian on one output is the Gauss-Newton
                 # matrix JᵀJ: backpropagating 1 per example gives its statistics exactly,

@@ -107,6 +107,9 @@ class Capture:
         self.batch_size = batch_size
         self.weight_sharing = weight_sharing
         self.is_active = False
+        #: Forward passes leave the layers alone (``KFAC.no_statistics``): no outputs kept,
+        #: recurrent modules on their fused kernels.
+        self.paused = False
         self.examples: int | None = None
         # Latest output of each output-hooked layer (with its version at the time), kept for
         # the statistics-only backward; released when a capture context ends.
@@ -192,7 +195,7 @@ class Capture:
     # --- output-hooked layers ------------------------------------------------------------
     def _output_forward(self, layer: Layer) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not torch.is_grad_enabled() or not output.requires_grad:
+            if self.paused or not torch.is_grad_enabled() or not output.requires_grad:
                 return
             self._watch(layer, inputs[0].detach(), output)
 
@@ -218,7 +221,9 @@ class Capture:
         def hook(
             module_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
         ) -> object:
-            if not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters()):
+            if self.paused or not torch.is_grad_enabled():
+                return None
+            if not any(p.requires_grad for p in module.parameters()):
                 return None
             inputs = args[0] if args else kwargs.get("input")
             if not isinstance(inputs, Tensor):  # a PackedSequence: no statistics

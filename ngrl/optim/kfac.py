@@ -324,6 +324,19 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=4,  # the caller's `with opt.capture():` line
             )
 
+    @contextmanager
+    def no_statistics(self) -> Iterator[None]:
+        """Forward passes inside this context prepare nothing for statistics, for passes
+        whose backward will not be captured: layers keep no outputs, and recurrent modules
+        run their fused kernels instead of the step-by-step recomputation (the same values
+        and gradients, at a fraction of the time)."""
+        previous = self._capture.paused
+        self._capture.paused = True
+        try:
+            yield
+        finally:
+            self._capture.paused = previous
+
     def capture_backward(self, loss: Tensor, retain_graph: bool = True) -> None:
         """Capture statistics from ``loss`` with a backward pass that computes only them.
 

@@ -76,11 +76,13 @@ def test_the_critic_steps_are_kfac_steps_on_the_value_loss_alone() -> None:
     batch = next(model.rollout_buffer.get(batch_size=None))
 
     critic = nn.Sequential(start.mlp_extractor.value_net, start.value_net)
-    optimizer = KFAC(critic, **{**CRITIC_KFAC_DEFAULTS, "lr": 0.05})
+    once = {"factor_update_steps": 3, "inv_update_steps": 3}  # once per update
+    optimizer = KFAC(critic, **{**CRITIC_KFAC_DEFAULTS, **once, "lr": 0.05})
     losses = []
     for _ in range(3):
         values = critic(batch.observations).flatten()
-        optimizer.capture_backward(values.mean())  # the exact Gauss-Newton statistics
+        if optimizer.capture_due:  # the exact Gauss-Newton statistics
+            optimizer.capture_backward(values.mean())
         loss = F.mse_loss(batch.returns, values)
         optimizer.zero_grad()
         loss.backward()

@@ -470,3 +470,24 @@ def test_a_packed_sequence_is_reported_once_and_its_maps_take_plain_steps() -> N
         warnings.simplefilter("error", RuntimeWarning)
         model["lstm"](packed)  # reported once
     assert not opt.blocks["lstm.ih_l0"].initialized and opt.blocks["head"].initialized
+
+
+def test_passes_without_statistics_keep_the_fused_kernel_and_the_gradients() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier("lstm")
+    x = torch.randn(6, STEPS, INPUT)
+    targets = sample_classes(model(x))
+    opt = KFAC(model)
+    with opt.no_statistics():
+        paused = F.cross_entropy(model(x), targets)
+        with opt.capture():
+            paused.backward()
+    assert not any(block.initialized for block in opt.blocks.values())
+    fused = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grad()
+    capture_batch(opt, model, x, targets)  # the same pass with statistics
+    assert all(block.initialized for block in opt.blocks.values())
+    with opt.capture():
+        F.cross_entropy(model(x), targets).backward()
+    for got, want in zip((p.grad for p in model.parameters()), fused, strict=True):
+        torch.testing.assert_close(got, want)
