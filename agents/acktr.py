@@ -147,9 +147,10 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     the policy part alone, with the actor's Fisher (the critic's modules left out of the
     policy's K-FAC), then ``n_critic_updates`` K-FAC steps of a second optimizer
     (:attr:`critic_optimizer`, options :data:`CRITIC_KFAC_DEFAULTS` updated by
-    ``critic_kfac_kwargs``) minimise ``mean((R − V(s))²)`` on the rollout, each with the
-    Gauss-Newton Fisher of the values. A trunk shared by actor and critic is moved by the
-    policy step only.
+    ``critic_kfac_kwargs``) minimise ``mean((R − V(s))²)`` on the rollout, preconditioned
+    by the Gauss-Newton Fisher of the values (its statistics and inverses refreshed on the
+    first of the steps). A trunk shared by actor and critic is moved by the policy step
+    only.
 
     Under ``torchrun`` (a ``torch.distributed`` process group), each rank steps its own
     environments; the ranks start from rank 0's parameters, K-FAC averages gradients and
