@@ -496,9 +496,10 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         others = [p for name, p in self.policy.named_parameters() if not is_critic(name)]
         losses = []
         for _ in range(self.n_critic_updates):
-            with nullcontext() if optimizer.capture_due else optimizer.no_statistics():
+            due = optimizer.capture_due
+            with nullcontext() if due else optimizer.no_statistics():
                 values = self._values(batch).flatten()
-            if optimizer.capture_due:
+            if due:
                 # The Fisher of a unit-variance Gaussian on one output is the Gauss-Newton
                 # matrix JᵀJ: backpropagating 1 per example gives its statistics exactly,
                 # without the noise of a sampled target.

@@ -75,7 +75,7 @@ class KFACRecurrentActorCriticPolicy(KFACOptimized, RecurrentActorCriticPolicy):
         rows, in one pass."""
         pi_features, vf_features = self._split_features(obs)
         latent_pi = _step_by_step(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
-        values = self._values(vf_features, lstm_states, episode_starts, latent_pi)
+        values = self._critic_values(vf_features, lstm_states, episode_starts, latent_pi)
         latent_pi = self.mlp_extractor.forward_actor(latent_pi)
         return self._get_action_dist_from_latent(latent_pi), values
 
@@ -88,7 +88,7 @@ class KFACRecurrentActorCriticPolicy(KFACOptimized, RecurrentActorCriticPolicy):
         latent_pi = None
         if self.shared_lstm:
             latent_pi = _step_by_step(pi_features, lstm_states.pi, episode_starts, self.lstm_actor)
-        return self._values(vf_features, lstm_states, episode_starts, latent_pi)
+        return self._critic_values(vf_features, lstm_states, episode_starts, latent_pi)
 
     def _split_features(self, obs: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         features = self.extract_features(obs)
@@ -96,7 +96,7 @@ class KFACRecurrentActorCriticPolicy(KFACOptimized, RecurrentActorCriticPolicy):
             return features, features
         return features
 
-    def _values(
+    def _critic_values(
         self,
         vf_features: Tensor,
         lstm_states: RNNStates,

@@ -221,9 +221,11 @@ class Capture:
         def hook(
             module_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
         ) -> object:
-            if self.paused or not torch.is_grad_enabled():
-                return None
-            if not any(p.requires_grad for p in module.parameters()):
+            if (
+                self.paused
+                or not torch.is_grad_enabled()
+                or not any(p.requires_grad for p in module.parameters())
+            ):
                 return None
             inputs = args[0] if args else kwargs.get("input")
             if not isinstance(inputs, Tensor):  # a PackedSequence: no statistics
