@@ -295,6 +295,11 @@ def resolve_config(
     run = {key: settings.pop(key) for key in RUN_KEYS}
     for key in run:
         _check_type(key, run[key], RUN_KEYS[key]())
+    reward_given = "normalize_reward" in preset or any(
+        k == "normalize_reward" for k, _ in overrides
+    )
+    if reward_given and not run["normalize"]:
+        raise ValueError("normalize_reward has no effect without normalize=true; set both")
     if run["schedule_timesteps"] < 0:
         raise ValueError(f"schedule_timesteps must be >= 0, got {run['schedule_timesteps']}")
     return RunConfig(algo=algo, env=spec, hyperparameters=settings, **run)

@@ -71,3 +71,5 @@ def test_an_unknown_activation_lists_the_valid_ones() -> None:
         resolve_config("acktr", resolve("Pendulum"), [("policy_kwargs.activation_fn", "swish")])
     with pytest.raises(ValueError, match="'normalize_reward' takes true or false"):
         resolve_config("acktr", resolve("Pendulum"), [("normalize_reward", 1)])
+    with pytest.raises(ValueError, match="normalize_reward has no effect without normalize"):
+        resolve_config("acktr", resolve("CartPole"), [("normalize_reward", False)])
