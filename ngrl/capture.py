@@ -11,7 +11,9 @@ breaks when an in-place activation follows the layer (a known K-FAC pitfall).
 
 Which layers there are and what statistics each hands over: :mod:`ngrl.layers`. Recurrent
 modules get a forward hook that recomputes their output step by step
-(:func:`ngrl.recurrent.unroll`) so that every time step's statistics can be taken.
+(:func:`ngrl.recurrent.unroll`) so that every time step's statistics can be taken; an
+attention module one that recomputes it with its projections in the open
+(:func:`ngrl.attention.unroll`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ngrl.layers import Layer, RecurrentLayer, WeightSharing
+from ngrl import attention
+from ngrl.attention import AttentionStatistics
+from ngrl.layers import AttentionLayer, Layer, RecurrentLayer, WeightSharing
 from ngrl.recurrent import MapStatistics, unroll
 
 __all__ = [
@@ -39,10 +43,11 @@ __all__ = [
 
 Reduction = Literal["mean", "sum"]
 
-#: The latest step-by-step output of each recurrent module and its maps' statistics, so
-#: that a second capture on the same module (two optimizers) hooks the same tensors
-#: instead of replacing the output again.
-_UNROLLED: weakref.WeakKeyDictionary[nn.Module, tuple[object, list[MapStatistics]]] = (
+Unrolled = list[MapStatistics] | list[AttentionStatistics]
+#: The latest recomputed output of each recurrent or attention module and its maps'
+#: statistics, so that a second capture on the same module (two optimizers) hooks the same
+#: tensors instead of replacing the output again.
+_UNROLLED: weakref.WeakKeyDictionary[nn.Module, tuple[object, Unrolled]] = (
     weakref.WeakKeyDictionary()
 )
 Sink = Callable[["Layer", "Tensor | None", Tensor], None]
@@ -108,7 +113,7 @@ class Capture:
         self.weight_sharing = weight_sharing
         self.is_active = False
         #: Forward passes leave the layers alone (``KFAC.no_statistics``): no outputs kept,
-        #: recurrent modules on their fused kernels.
+        #: recurrent and attention modules as they are, not recomputed.
         self.paused = False
         self.examples: int | None = None
         # Latest output of each output-hooked layer (with its version at the time), kept for
@@ -124,9 +129,12 @@ class Capture:
         self._hooked_batch: int | None = None
         self._generic_grads: dict[str, list[Tensor | None]] = {}
         recurrent: dict[int, list[RecurrentLayer]] = {}
+        attentions: dict[int, list[AttentionLayer]] = {}
         for layer in self.layers:
             if isinstance(layer, RecurrentLayer):
                 recurrent.setdefault(id(layer.module), []).append(layer)
+            elif isinstance(layer, AttentionLayer):
+                attentions.setdefault(id(layer.attention), []).append(layer)
             elif layer.output_hooked:
                 self._handles.append(
                     layer.module.register_forward_hook(self._output_forward(layer))
@@ -141,6 +149,12 @@ class Capture:
             self._handles.append(
                 maps[0].module.register_forward_hook(
                     self._recurrent_forward(maps), with_kwargs=True
+                )
+            )
+        for parts in attentions.values():
+            self._handles.append(
+                parts[0].attention.register_forward_hook(
+                    self._attention_forward(parts), with_kwargs=True
                 )
             )
 
@@ -221,11 +235,7 @@ class Capture:
         def hook(
             module_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
         ) -> object:
-            if (
-                self.paused
-                or not torch.is_grad_enabled()
-                or not any(p.requires_grad for p in module.parameters())
-            ):
+            if not self._recomputes(module):
                 return None
             inputs = args[0] if args else kwargs.get("input")
             if not isinstance(inputs, Tensor):  # a PackedSequence: no statistics
@@ -239,20 +249,67 @@ class Capture:
                         stacklevel=2,
                     )
                 return None
-            earlier = _UNROLLED.get(module)
-            if earlier is not None and earlier[0] is output:  # another capture's hook ran
-                new_output, statistics = None, earlier[1]
-            else:
-                hx = args[1] if len(args) > 1 else kwargs.get("hx")
-                new_output, statistics = unroll(module, inputs, hx)  # type: ignore[arg-type]
-                _UNROLLED[module] = (new_output, statistics)
-            for entry in statistics:
-                layer = by_key.get((entry.suffix, entry.part))
-                if layer is not None and entry.output.requires_grad:
-                    self._watch(layer, entry.inputs.detach(), entry.output)
-            return new_output
+            hx = args[1] if len(args) > 1 else kwargs.get("hx")
+            return self._replace_output(
+                module,
+                output,
+                lambda: unroll(module, inputs, hx),  # type: ignore[arg-type]
+                lambda entry: by_key.get((entry.suffix, entry.part)),
+            )
 
         return hook
+
+    def _attention_forward(self, parts: list[AttentionLayer]) -> Callable[..., object]:
+        """An attention module's forward hook: in a pass that builds a graph, the output is
+        recomputed with the two projections outside the attention
+        (:func:`ngrl.attention.unroll`, the same values) and replaces the module's."""
+        by_part = {layer.part: layer for layer in parts}
+        module = parts[0].attention
+
+        def hook(
+            module_: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+        ) -> object:
+            if not self._recomputes(module):
+                return None
+            return self._replace_output(
+                module,
+                output,
+                lambda: attention.unroll(module, args, kwargs),
+                lambda entry: by_part.get(entry.part),
+            )
+
+        return hook
+
+    def _recomputes(self, module: nn.Module) -> bool:
+        """Whether a recurrent or attention module's forward is to be recomputed for
+        statistics: a pass that builds a graph through its parameters, not paused."""
+        return (
+            not self.paused
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in module.parameters())
+        )
+
+    def _replace_output(
+        self,
+        module: nn.Module,
+        output: object,
+        recompute: Callable[[], tuple[object, Unrolled]],
+        layer_of: Callable[[Any], Layer | None],
+    ) -> object:
+        """The recomputed output that replaces ``output``, with each of its maps that is a
+        layer here watched; when another capture's hook already replaced it (two
+        optimizers on one module), its maps are watched and the output kept."""
+        earlier = _UNROLLED.get(module)
+        if earlier is not None and earlier[0] is output:
+            new_output, statistics = None, earlier[1]
+        else:
+            new_output, statistics = recompute()
+            _UNROLLED[module] = (new_output, statistics)
+        for entry in statistics:
+            layer = layer_of(entry)
+            if layer is not None and entry.output.requires_grad:
+                self._watch(layer, entry.inputs.detach(), entry.output)
+        return new_output
 
     def _record(self, layer: Layer, x: Tensor, grad: Tensor) -> None:
         x, grad = layer.batched(x, grad)

@@ -112,8 +112,10 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
     ``Ŵ = [W | b]`` is ``W[i].flatten()`` followed by ``b[i]``; any other layer keeps the
     concatenation of its own parameters. A transposed convolution's ``W`` is that of its
     equivalent convolution (channels swapped, kernel flipped); a recurrent module's map
-    ``"lstm.ih_l0"`` is ``[W | b]`` of ``weight_ih_l0`` and ``bias_ih_l0``; an embedding's block is ``Wᵀ`` (row ``i`` is
-    dimension ``i`` of every row of the table).
+    ``"lstm.ih_l0"`` is ``[W | b]`` of ``weight_ih_l0`` and ``bias_ih_l0``; an attention
+    module's in-projection ``"attn.in_proj"`` is ``[W | b]`` of ``in_proj_weight`` and
+    ``in_proj_bias``; an embedding's block is ``Wᵀ`` (row ``i`` is dimension ``i`` of every
+    row of the table).
     """
     offsets: dict[str, Tensor] = {}
     start = 0
@@ -122,14 +124,19 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
             offsets[name] = torch.arange(start, start + p.numel()).reshape(p.shape)
             start += p.numel()
     parent, _, last = layer_name.rpartition(".")
-    if _RECURRENT_MAP.fullmatch(last) and isinstance(model.get_submodule(parent), nn.RNNBase):
+    prefix = f"{parent}." if parent else ""
+    owner = model.get_submodule(parent) if _MAP.fullmatch(last) else None
+    if _RECURRENT_MAP.fullmatch(last) and isinstance(owner, nn.RNNBase):
         # one dense map of a recurrent module: [W | b] of weight_ih_l0 and bias_ih_l0
         part, suffix = last.split("_", 1)
-        prefix = f"{parent}." if parent else ""
-        weight = offsets[f"{prefix}weight_{part}_{suffix}"]
-        bias = offsets.get(f"{prefix}bias_{part}_{suffix}")
-        columns = [weight] + ([bias[:, None]] if bias is not None else [])
-        return torch.cat(columns, dim=1).flatten()
+        return _dense_order(
+            offsets[f"{prefix}weight_{part}_{suffix}"],
+            offsets.get(f"{prefix}bias_{part}_{suffix}"),
+        )
+    if last == "in_proj" and isinstance(owner, nn.MultiheadAttention):
+        return _dense_order(
+            offsets[f"{prefix}in_proj_weight"], offsets.get(f"{prefix}in_proj_bias")
+        )
     prefix = f"{layer_name}." if layer_name else ""
     own = {n[len(prefix) :]: idx for n, idx in offsets.items() if n.startswith(prefix)}
     own = {n: idx for n, idx in own.items() if "." not in n}
@@ -144,13 +151,19 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
         spatial = tuple(range(2, own["weight"].dim()))
         own["weight"] = own["weight"].transpose(0, 1).flip(spatial)
     if kronecker and "weight" in own:
-        weight = own["weight"].reshape(own["weight"].shape[0], -1)
-        columns = [weight] + ([own["bias"][:, None]] if "bias" in own else [])
-        return torch.cat(columns, dim=1).flatten()
+        return _dense_order(own["weight"].reshape(own["weight"].shape[0], -1), own.get("bias"))
     if isinstance(module, nn.Embedding) and "weight" in own:
         return own["weight"].T.flatten()
     return torch.cat([idx.flatten() for idx in own.values()])
 
 
+def _dense_order(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The positions of ``Ŵ = [W | b]``, row by row."""
+    columns = [weight] + ([bias[:, None]] if bias is not None else [])
+    return torch.cat(columns, dim=1).flatten()
+
+
 #: The name of one dense map of a recurrent module (:func:`ngrl.layers.recurrent_layers`).
 _RECURRENT_MAP = re.compile(r"(ih|hh|hr)_l\d+(_reverse)?")
+#: The name of a dense map inside a module: a recurrent map or an attention's in-projection.
+_MAP = re.compile(rf"{_RECURRENT_MAP.pattern}|in_proj")

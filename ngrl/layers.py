@@ -8,7 +8,8 @@ that feed them live in :mod:`ngrl.capture`.
 Kronecker-factored (KFC conventions, bias as the homogeneous coordinate): ``nn.Linear``,
 ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` with ``groups=1``, and the two dense
 maps of every layer and direction of ``nn.RNN``, ``nn.GRU`` and ``nn.LSTM``
-(:mod:`ngrl.recurrent`). Exact per-example gradients: the affine part of ``nn.LayerNorm``,
+(:mod:`ngrl.recurrent`), and the in- and out-projections of ``nn.MultiheadAttention``
+(:mod:`ngrl.attention`). Exact per-example gradients: the affine part of ``nn.LayerNorm``,
 ``nn.GroupNorm`` and ``nn.BatchNorm1d/2d/3d``. Indices and output gradients, for a
 Kronecker block with a diagonal input factor: ``nn.Embedding``. Every other module that
 owns parameters becomes a :class:`GenericLayer`, whose statistics are gradient samples for
@@ -27,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ngrl import attention
+
 __all__ = [
+    "AttentionLayer",
     "Conv2dLayer",
     "ConvLayer",
     "ConvTransposeLayer",
@@ -474,6 +478,28 @@ def recurrent_layers(name: str, module: nn.RNNBase) -> list[RecurrentLayer]:
     return layers
 
 
+class AttentionLayer(LinearLayer):
+    """One dense map of an ``nn.MultiheadAttention``: the packed in-projection
+    ``[W_q; W_k; W_v]`` with ``in_proj_bias`` (shape ``(3E, E + 1)``), named
+    ``"{module}.in_proj"``, or the out-projection ``out_proj`` (``(E, E + 1)``), named
+    after that submodule. Neither runs as a module of its own: the attention module's hook
+    feeds both (:func:`ngrl.attention.unroll`), the positions of the in-projection being
+    those of the query, key and value (one set in self-attention).
+    """
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, part: str) -> None:
+        self.name = name
+        self.attention = module
+        self.part = part
+        owner: nn.Module = module if part == "in_proj" else module.out_proj
+        self.module = owner
+        weight = module.in_proj_weight if part == "in_proj" else module.out_proj.weight
+        bias = module.in_proj_bias if part == "in_proj" else module.out_proj.bias
+        self.params = [weight] + ([bias] if bias is not None else [])
+        self.has_bias = bias is not None
+        self.shape = (weight.shape[0], weight.shape[1] + int(self.has_bias))
+
+
 class GenericLayer(Layer):
     """Any other module with parameters: statistics are gradient samples for a diagonal block."""
 
@@ -504,10 +530,16 @@ _LAYER_TYPES: dict[type[nn.Module], Callable[[str, nn.Module], Layer]] = {
 }
 
 
-def _make_layers(name: str, module: nn.Module) -> list[Layer]:
+def _make_layers(
+    name: str, module: nn.Module, attention_of: dict[int, nn.MultiheadAttention]
+) -> list[Layer]:
     all_trainable = all(p.requires_grad for p in module.parameters(recurse=False))
     if type(module) in (nn.RNN, nn.GRU, nn.LSTM) and all_trainable:
         return list(recurrent_layers(name, module))  # type: ignore[arg-type]
+    if id(module) in attention_of and all_trainable:  # a supported attention's out_proj
+        return [AttentionLayer(name, attention_of[id(module)], "out_proj")]
+    if type(module) is nn.MultiheadAttention and all_trainable and attention.supports(module):
+        return [AttentionLayer(f"{name}.in_proj" if name else "in_proj", module, "in_proj")]
     factory = _LAYER_TYPES.get(type(module))
     if factory is None or not all_trainable:
         return [GenericLayer(name, module)]
@@ -518,7 +550,8 @@ def _make_layers(name: str, module: nn.Module) -> list[Layer]:
 
 def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer]:
     """Every module owning trainable parameters, in ``named_modules`` order (a recurrent
-    module gives one layer per dense map, :func:`recurrent_layers`).
+    module gives one layer per dense map, :func:`recurrent_layers`; a multi-head attention
+    its in-projection, and its out-projection under that submodule's name).
 
     A parameter owned by two of them (tied weights) is refused with a ``ValueError``.
 
@@ -532,7 +565,11 @@ def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer
         raise ValueError(f"Invalid skip_layers pattern: {error.pattern!r} ({error})") from None
     layers = []
     owners: dict[int, str] = {}
+    # The out-projection of an attention module K-FAC supports, which its parent runs.
+    attention_of: dict[int, nn.MultiheadAttention] = {}
     for name, module in model.named_modules():
+        if type(module) is nn.MultiheadAttention and attention.supports(module):
+            attention_of[id(module.out_proj)] = module
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
@@ -545,7 +582,7 @@ def find_layers(model: nn.Module, skip_layers: Sequence[str] = ()) -> list[Layer
                     "(tied weights); a per-layer curvature block cannot precondition it. "
                     "Untie it, or leave one of the layers out with skip_layers"
                 )
-        layers.extend(_make_layers(name, module))
+        layers.extend(_make_layers(name, module, attention_of))
     return layers
 
 

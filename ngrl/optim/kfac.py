@@ -327,9 +327,9 @@ class KFAC(torch.optim.Optimizer):
     @contextmanager
     def no_statistics(self) -> Iterator[None]:
         """Forward passes inside this context prepare nothing for statistics, for passes
-        whose backward will not be captured: layers keep no outputs, and recurrent modules
+        whose backward will not be captured: layers keep no outputs, recurrent modules
         run their fused kernels instead of the step-by-step recomputation (the same values
-        and gradients, at a fraction of the time)."""
+        and gradients, at a fraction of the time), and attention modules their own forward."""
         previous = self._capture.paused
         self._capture.paused = True
         try:

@@ -46,6 +46,18 @@ def fit(opt: KFAC, model: nn.Module, x: Tensor, labels: Tensor, steps: int) -> t
         return start, float(F.cross_entropy(model(x), labels))
 
 
+def shared_layer_factors(a: Tensor, g: Tensor, weight_sharing: str) -> tuple[Tensor, Tensor]:
+    """The K-FAC-expand or K-FAC-reduce factors (Eschenhagen et al. 2023) of a dense layer
+    shared by positions, from its inputs with the homogeneous coordinate ``(N, T, d_in + 1)``
+    and its per-example output gradients ``(N, T, d_out)``."""
+    n, positions = a.shape[0], a.shape[1]
+    if weight_sharing == "expand":
+        a_factor = torch.einsum("nti,ntj->ij", a, a) / n
+        return a_factor, torch.einsum("nti,ntj->ij", g, g) / (n * positions)
+    a_mean, g_sum = a.mean(1), g.sum(1)
+    return a_mean.T @ a_mean / n, g_sum.T @ g_sum / n
+
+
 def oracle_block(model: nn.Module, x: Tensor, targets: Tensor, layer: str) -> Tensor:
     """The exact Fisher block (same sampled targets) of one layer, in ngrl's order."""
     idx = layer_indices(model, layer)

@@ -313,8 +313,9 @@ def test_the_chain_trains_and_its_checkpoint_round_trips() -> None:
 
 
 class EveryLayer(nn.Module):
-    """One of every layer type with a K-FAC block: an embedding, a 1-D convolution and
-    its transpose, group, layer and batch norms, a GRU and an LSTM, dense layers."""
+    """One of every layer type with a K-FAC block: an embedding, 1-, 2- and 3-D
+    convolutions, 1- and 2-D transposed convolutions, group, layer and batch norms, an
+    RNN, a GRU, multi-head attention and a bidirectional LSTM, dense layers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -322,16 +323,25 @@ class EveryLayer(nn.Module):
         self.conv = nn.Conv1d(4, 6, 3, padding=1)
         self.group_norm = nn.GroupNorm(2, 6)
         self.deconv = nn.ConvTranspose1d(6, 4, 3, padding=1)
+        self.conv2d = nn.Conv2d(4, 4, (3, 1), padding=(1, 0))
+        self.deconv2d = nn.ConvTranspose2d(4, 4, (3, 1), padding=(1, 0))
+        self.conv3d = nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0))
         self.batch_norm = nn.BatchNorm1d(4)
-        self.gru = nn.GRU(4, 5, batch_first=True)
+        self.rnn = nn.RNN(4, 5, batch_first=True)
+        self.gru = nn.GRU(5, 5, batch_first=True)
+        self.attention = nn.MultiheadAttention(5, 1, batch_first=True)
         self.lstm = nn.LSTM(5, 5, batch_first=True, bidirectional=True)
         self.layer_norm = nn.LayerNorm(10)
         self.head = nn.Linear(10, 3)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embedding(tokens).transpose(1, 2)  # (N, 4, T)
-        x = self.batch_norm(self.deconv(torch.tanh(self.group_norm(self.conv(x)))))
-        x, _ = self.gru(x.transpose(1, 2))
+        x = self.deconv(torch.tanh(self.group_norm(self.conv(x))))
+        x = self.deconv2d(torch.tanh(self.conv2d(x[..., None])))  # (N, 4, T, 1)
+        x = self.batch_norm(self.conv3d(x[..., None])[..., 0, 0])
+        x, _ = self.rnn(x.transpose(1, 2))
+        x, _ = self.gru(x)
+        x = x + self.attention(x, x, x, need_weights=False)[0]
         x, _ = self.lstm(x)
         return self.head(self.layer_norm(x[:, -1]))
 
@@ -345,7 +355,8 @@ def test_a_model_with_every_layer_type_trains_without_a_fallback() -> None:
         warnings.simplefilter("error", CurvatureFallbackWarning)
         opt = KFAC(model, lr=0.1)
     assert opt.fallbacks == {}
-    assert len(opt.blocks) == 7 + 2 + 4  # one per layer, two per GRU map, four per LSTM
+    # one per layer; two per RNN, GRU and attention, four per bidirectional LSTM
+    assert len(opt.blocks) == 10 + 2 + 2 + 2 + 4
     start, end = fit(opt, model, tokens, labels, steps=40)
     assert end < 0.5 * start
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ngrl.layers import EmbeddingLayer, LinearLayer, ScaleShiftLayer, find_layers
 from ngrl.optim import KFAC, CurvatureFallbackWarning
-from tests.helpers.oracle import capture_batch, fit, sample_classes
+from tests.helpers.oracle import capture_batch, fit, sample_classes, shared_layer_factors
 
 VOCAB, WIDTH, LENGTH, CLASSES = 11, 8, 6, 4
 
@@ -92,12 +92,7 @@ def test_shared_dense_layers_follow_the_expand_and_reduce_formulas(weight_sharin
     for name in names:
         a = torch.cat([inputs[name], torch.ones(n, LENGTH, 1)], 2)  # (N, T, d_in + 1)
         g = outputs[name].grad  # per-example loss gradients, (N, T, d_out)
-        if weight_sharing == "expand":
-            a_factor = torch.einsum("nti,ntj->ij", a, a) / n
-            g_factor = torch.einsum("nti,ntj->ij", g, g) / (n * LENGTH)
-        else:
-            a_mean, g_sum = a.mean(1), g.sum(1)
-            a_factor, g_factor = a_mean.T @ a_mean / n, g_sum.T @ g_sum / n
+        a_factor, g_factor = shared_layer_factors(a, g, weight_sharing)
         block = opt.blocks[name]
         torch.testing.assert_close(block.a_factor, a_factor, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(block.g_factor, g_factor, rtol=1e-10, atol=1e-12)
