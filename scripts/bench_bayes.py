@@ -2,17 +2,20 @@
 
     python scripts/bench_bayes.py                       # MLP and CNN, all optimizers
     python scripts/bench_bayes.py --models mlp --steps 30 --repeats 3 --out bench.json
+    python scripts/bench_bayes.py --optimizers adam,vogn,floor-vogn,ivon   # some of them
 
 A step is what a user's loop runs per batch: sample the weights, forward, backward (with
 the optimizer's statistics), update. Adam's step is ``zero_grad``, forward, backward,
 ``step``. Each optimizer is warmed up, then timed over ``--steps`` steps, ``--repeats``
 times; the table gives the median milliseconds per step and the ratio to Adam's median.
 IVON (``pip install ivon-opt``) is measured when installed. Synthetic inputs; one thread.
+The "floor" rows are Adam's step plus the products a method cannot avoid.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import statistics
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient
 from ngrl.bayes.base import VariationalOptimizer
+from ngrl.capture import squared_gradient_sum
 from ngrl.layers import find_layers
 
 DATASET_SIZE = 50_000
@@ -140,34 +144,74 @@ def slang_floor(rank: int) -> Callable[..., Step]:
     return build
 
 
-def floor_macs(model: nn.Module, batch: int, rank: int) -> dict[str, int]:
+def positions(model: nn.Module, x: Tensor) -> list[int]:
+    """The number of positions ``T`` of each dense or conv layer on ``x`` (a convolution's
+    output pixels; 1 for a dense layer on vectors)."""
+    found: list[int] = []
+    layers = [layer for layer in find_layers(model) if layer.kronecker]
+    hooks = [
+        layer.module.register_forward_hook(
+            lambda module, inputs, output: found.append(output[0, 0].numel())
+        )
+        for layer in layers
+    ]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+def vogn_floor(model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """Adam's step plus what VOGN adds to it: per layer, the sum of squared per-example
+    gradients from statistics of the layer's shapes (``(g²)ᵀ(ā²)`` for a dense layer, the
+    per-example gradients themselves for a convolution), the same function VOGN calls."""
+    adam = adam_step(model, x, y)
+    b = x.shape[0]
+    statistics_ = [
+        (torch.randn(b, t, i), torch.randn(b, t, o))
+        for (o, i), t in zip(layer_shapes(model), positions(model, x), strict=True)
+    ]
+
+    def step() -> None:
+        adam()
+        for a, g in statistics_:
+            squared_gradient_sum(a, g)
+
+    return step
+
+
+def floor_macs(model: nn.Module, x: Tensor, rank: int) -> dict[str, int]:
     """Multiply-adds of the floors, and of Adam's forward and backward passes (dense
-    layers: ``3·B·d_out·d_in``; convolutions more)."""
+    layers: ``3·B·d_out·d_in``; convolutions ``T`` times that)."""
     shapes = layer_shapes(model)
+    batch = x.shape[0]
+    per_position = [(t, o, i) for (o, i), t in zip(shapes, positions(model, x), strict=True)]
     return {
         "noisy K-FAC products": sum(2 * (o * o * i + o * i * i) for o, i in shapes),
         "SLANG products": sum(2 * rank * batch * o * i for o, i in shapes),
-        "dense forward and backward": sum(3 * batch * o * i for o, i in shapes),
+        "VOGN per-example squares": sum(batch * t * o * i for t, o, i in per_position),
+        "forward and backward": sum(3 * batch * t * o * i for t, o, i in per_position),
     }
 
 
-def optimizers(rank: int) -> dict[str, Callable[..., Step]]:
-    found: dict[str, Callable[..., Step]] = {
-        "Adam": adam_step,
-        "VOGN": vi_step(lambda m: VOGN(m, DATASET_SIZE)),
-        "NoisyKFAC": vi_step(lambda m: NoisyKFAC(m, DATASET_SIZE)),
-        "noisy EK-FAC": vi_step(lambda m: NoisyNaturalGradient(m, DATASET_SIZE, curvature="ekfac")),
-        f"SLANG (L={rank})": vi_step(lambda m: SLANG(m, DATASET_SIZE, rank=rank)),
-        "NoisyAdam": vi_step(lambda m: NoisyAdam(m, DATASET_SIZE)),
-        "floor: Adam + noisy K-FAC's products": kronecker_floor,
-        f"floor: Adam + SLANG's products (L={rank})": slang_floor(rank),
+def optimizers(rank: int) -> dict[str, tuple[str, Callable[..., Step]]]:
+    """Every optimizer and floor by its ``--optimizers`` key: its label and its step."""
+    found: dict[str, tuple[str, Callable[..., Step]]] = {
+        "adam": ("Adam", adam_step),
+        "vogn": ("VOGN", vi_step(lambda m: VOGN(m, DATASET_SIZE))),
+        "noisy-kfac": ("NoisyKFAC", vi_step(lambda m: NoisyKFAC(m, DATASET_SIZE))),
+        "noisy-ekfac": (
+            "noisy EK-FAC",
+            vi_step(lambda m: NoisyNaturalGradient(m, DATASET_SIZE, curvature="ekfac")),
+        ),
+        "slang": (f"SLANG (L={rank})", vi_step(lambda m: SLANG(m, DATASET_SIZE, rank=rank))),
+        "noisy-adam": ("NoisyAdam", vi_step(lambda m: NoisyAdam(m, DATASET_SIZE))),
+        "floor-kfac": ("floor: Adam + noisy K-FAC's products", kronecker_floor),
+        "floor-slang": (f"floor: Adam + SLANG's products (L={rank})", slang_floor(rank)),
+        "floor-vogn": ("floor: Adam + VOGN's per-example squares", vogn_floor),
+        "ivon": ("IVON (ivon-opt)", ivon_step),
     }
-    try:
-        import ivon  # noqa: F401
-
-        found["IVON (ivon-opt)"] = ivon_step
-    except ImportError:
-        print("ivon-opt not installed: IVON not measured (pip install ivon-opt)", file=sys.stderr)
     return found
 
 
@@ -195,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per optimizer")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument(
+        "--optimizers",
+        default="all",
+        help="comma-separated, from: " + ", ".join(optimizers(8)) + " (default: all; Adam "
+        "is always measured first, the ratios' denominator)",
+    )
     parser.add_argument("--rank", type=int, default=8, help="SLANG's rank L")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -209,6 +259,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--batch-sizes must be integers, got {args.batch_sizes!r}")
     if any(b < 1 for b in batch_sizes):
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes!r}")
+    chosen = optimizers(args.rank)
+    if args.optimizers != "all":
+        keys = ["adam", *(k for k in args.optimizers.split(",") if k != "adam")]
+        unknown = [k for k in keys if k not in chosen]
+        if unknown:
+            parser.error(f"unknown optimizer(s) {', '.join(unknown)}; valid: {', '.join(chosen)}")
+        chosen = {k: chosen[k] for k in keys}
+    if "ivon" in chosen and importlib.util.find_spec("ivon") is None:
+        print("ivon-opt not installed: IVON not measured (pip install ivon-opt)", file=sys.stderr)
+        del chosen["ivon"]
     torch.set_num_threads(args.threads)
     results = []
     for name, batch in itertools.product(models, batch_sizes):
@@ -218,11 +278,11 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randint(0, 10, (batch,), generator=generator)
         params = sum(p.numel() for p in make_model().parameters())
         print(f"\n### {name}: {params:,} parameters, batch {batch}\n")
-        macs = floor_macs(make_model(), batch, args.rank)
+        macs = floor_macs(make_model(), x, args.rank)
         print(", ".join(f"{k}: {v / 1e6:.0f}M multiply-adds" for k, v in macs.items()) + "\n")
         print("| optimizer | ms per step (median) | ÷ Adam |\n|---|---:|---:|")
         adam = None
-        for label, build in optimizers(args.rank).items():
+        for label, build in chosen.values():
             torch.manual_seed(0)
             runs = time_steps(build(make_model(), x, y), args.steps, args.repeats, args.warmup)
             median = statistics.median(runs)
