@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ngrl.bayes import SLANG, VOGN, NoisyAdam, NoisyKFAC, NoisyNaturalGradient
 from ngrl.bayes.base import VariationalOptimizer
 from ngrl.capture import squared_gradient_sum
-from ngrl.layers import find_layers
+from ngrl.layers import LinearLayer, find_layers
 
 DATASET_SIZE = 50_000
 Step = Callable[[], None]
@@ -144,16 +144,18 @@ def slang_floor(rank: int) -> Callable[..., Step]:
     return build
 
 
-def positions(model: nn.Module, x: Tensor) -> list[int]:
-    """The number of positions ``T`` of each dense or conv layer on ``x`` (a convolution's
-    output pixels; 1 for a dense layer on vectors)."""
-    found: list[int] = []
-    layers = [layer for layer in find_layers(model) if layer.kronecker]
+def layer_inputs(model: nn.Module, x: Tensor) -> list[tuple[LinearLayer, Tensor, int]]:
+    """Each dense or conv layer, its input on ``x`` and its number of positions ``T`` (a
+    convolution's output pixels; 1 for a dense layer on vectors)."""
+    found: list[tuple[LinearLayer, Tensor, int]] = []
     hooks = [
         layer.module.register_forward_hook(
-            lambda module, inputs, output: found.append(output[0, 0].numel())
+            lambda module, inputs, output, layer=layer: found.append(
+                (layer, inputs[0], output[0, 0].numel())
+            )
         )
-        for layer in layers
+        for layer in find_layers(model)
+        if isinstance(layer, LinearLayer)
     ]
     with torch.no_grad():
         model(x)
@@ -163,20 +165,19 @@ def positions(model: nn.Module, x: Tensor) -> list[int]:
 
 
 def vogn_floor(model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    """Adam's step plus what VOGN adds to it: per layer, the sum of squared per-example
-    gradients from statistics of the layer's shapes (``(g²)ᵀ(ā²)`` for a dense layer, the
-    per-example gradients themselves for a convolution), the same function VOGN calls."""
+    """Adam's step plus what VOGN cannot avoid: per layer, the sum of squared per-example
+    gradients (``(g²)ᵀ(a²)`` for a dense layer; for a convolution its patches unfolded and
+    the per-example gradients formed), the same function VOGN calls, without the bias."""
     adam = adam_step(model, x, y)
-    b = x.shape[0]
-    statistics_ = [
-        (torch.randn(b, t, i), torch.randn(b, t, o))
-        for (o, i), t in zip(layer_shapes(model), positions(model, x), strict=True)
+    found = [
+        (layer, inputs, torch.randn(x.shape[0], t, layer.shape[0]))
+        for layer, inputs, t in layer_inputs(model, x)
     ]
 
     def step() -> None:
         adam()
-        for a, g in statistics_:
-            squared_gradient_sum(a, g)
+        for layer, inputs, g in found:
+            squared_gradient_sum(layer.patches(inputs), g)
 
     return step
 
@@ -186,7 +187,8 @@ def floor_macs(model: nn.Module, x: Tensor, rank: int) -> dict[str, int]:
     layers: ``3·B·d_out·d_in``; convolutions ``T`` times that)."""
     shapes = layer_shapes(model)
     batch = x.shape[0]
-    per_position = [(t, o, i) for (o, i), t in zip(shapes, positions(model, x), strict=True)]
+    counts = [t for _, _, t in layer_inputs(model, x)]
+    per_position = [(t, o, i) for (o, i), t in zip(shapes, counts, strict=True)]
     return {
         "noisy K-FAC products": sum(2 * (o * o * i + o * i * i) for o, i in shapes),
         "SLANG products": sum(2 * rank * batch * o * i for o, i in shapes),
