@@ -8,6 +8,8 @@ windows of updates, and writes every update to ``--out`` (CSV) if given.
 
     python scripts/trace_acktr_steps.py --env Breakout --updates 60
     python scripts/trace_acktr_steps.py --env Breakout --updates 60 --set curvature=ekfac
+    python scripts/trace_acktr_steps.py --env Breakout --updates 20 \
+        --resume runs/acktr_Breakout/checkpoint.zip --set trust_region=split
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ import numpy as np
 import torch
 
 from ngrl.agents import ACKTR
+from ngrl.agents.checkpoints import (
+    CheckpointError,
+    has_normalizer,
+    load_normalizer,
+    read_run_metadata,
+)
 from ngrl.agents.presets import resolve_config
 from ngrl.envs import make_vec_env, resolve
 from ngrl.helpers import add_override_option, parse_override
@@ -82,8 +90,28 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
 
     optimizer._quadratic = recording_quadratic  # type: ignore[method-assign]
     model.train = recording_train  # type: ignore[method-assign]
-    model.learn(updates * model.n_steps * model.n_envs)
+    model.learn(updates * model.n_steps * model.n_envs, reset_num_timesteps=False)
     return [row for row in rows if "policy_kl" in row]
+
+
+def resumed(checkpoint: Path, gym_id: str, seed: int, overrides: dict[str, Any]) -> ACKTR:
+    """The ACKTR of an ``ngrl.train`` checkpoint, on fresh envs, with top-level
+    hyperparameters changed (also in the restored optimizer's settings)."""
+    metadata = read_run_metadata(checkpoint)
+    if (metadata.get("algo"), metadata.get("env")) != ("acktr", gym_id):
+        raise ValueError(
+            f"--resume {checkpoint}: a {metadata.get('algo')} run on {metadata.get('env')}, "
+            f"not acktr on {gym_id}"
+        )
+    dotted = [key for key in overrides if "." in key]
+    if dotted:
+        raise ValueError(f"--set with --resume changes top-level settings only, not {dotted}")
+    model = ACKTR.load(checkpoint, device="cpu", **overrides)
+    env = make_vec_env(gym_id, model.n_envs, seed=seed)
+    model.set_env(load_normalizer(checkpoint, env) if has_normalizer(checkpoint) else env)
+    for group in model.policy.optimizer.param_groups:  # restored with the checkpoint's values
+        group.update({k: v for k, v in overrides.items() if k in group})
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--preset", help="a named ACKTR preset (e.g. baselines)")
     add_override_option(parser, "override a hyperparameter, as in ngrl.train")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="trace the updates that follow this checkpoint.zip of an acktr run on --env "
+        "(its hyperparameters, with --set changing top-level ones such as kl_clip or "
+        "trust_region)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
     args = parser.parse_args(argv)
@@ -113,8 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"trace_acktr_steps: {error}", file=sys.stderr)
         return 2
-    env = make_vec_env(spec.gym_id, config.n_envs, seed=args.seed)
-    model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
+    if args.resume is not None:
+        try:
+            model = resumed(
+                args.resume, spec.gym_id, args.seed, dict(map(parse_override, args.overrides))
+            )
+        except (CheckpointError, ValueError) as error:
+            print(f"trace_acktr_steps: {error}", file=sys.stderr)
+            return 2
+    else:
+        env = make_vec_env(spec.gym_id, config.n_envs, seed=args.seed)
+        model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
     rows = trace(model, args.updates)
     layers = list(rows[0]["quadratics"]) if rows else []
     split = bool(rows) and "nu_value" in rows[0]  # trust_region="split": ν_π / ν_V

@@ -82,3 +82,26 @@ def test_bad_input_is_one_line_and_exit_2(
     assert script.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_checkpoint_is_traced_from_its_step_with_a_changed_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ngrl.train import main as train
+
+    folder = tmp_path / "run"
+    args = ["acktr", "--env", "CartPole", "--timesteps", "256", "--n-envs", "2"]
+    args += ["--no-progress", "--eval-episodes", "0", "--set", "n_steps=8"]
+    assert train([*args, "--set", "cold_start_steps=1", "--log-dir", str(folder)]) == 0
+    capsys.readouterr()
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    checkpoint = str(folder / "checkpoint.zip")
+    argv = ["--env", "CartPole", "--updates", "3", "--resume", checkpoint, "--out", str(out)]
+    assert script.main([*argv, "--set", "kl_clip=1e-5"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["update"]) for r in rows] == [17, 18, 19]  # 256 / (2 x 8) = 16 done
+    # The changed trust region reached the restored optimizer.
+    assert all(float(r["predicted_kl"]) <= 1e-5 * (1 + 1e-9) for r in rows)
+    assert script.main(["--env", "Pendulum", "--resume", checkpoint]) == 2
+    assert "not acktr on Pendulum" in capsys.readouterr().err
