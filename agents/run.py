@@ -405,6 +405,7 @@ def _train(args: argparse.Namespace) -> int:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"algo": args.algo, "env": config.env.gym_id}
+    normalizer = model.get_vec_normalize_env()
     (run_dir / "config.json").write_text(
         json.dumps(
             {
@@ -414,7 +415,8 @@ def _train(args: argparse.Namespace) -> int:
                 "timesteps": config.timesteps,
                 "policy": config.policy,
                 "normalize": config.normalize,
-                "normalize_reward": config.normalize_reward,
+                # What the run's normaliser does (a resumed run's comes from its checkpoint).
+                "normalize_reward": bool(normalizer is not None and normalizer.norm_reward),
                 "device": str(model.device),
                 "resumed_from": str(args.resume) if args.resume else None,
                 "preset": args.preset or "default",
