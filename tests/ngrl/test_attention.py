@@ -227,3 +227,20 @@ def test_an_attention_outside_the_two_maps_falls_back_by_name(options: dict) -> 
 def test_a_skipped_attention_leaves_both_of_its_maps_out() -> None:
     names = [layer.name for layer in find_layers(Attender(cross=False), skip_layers=["attn"])]
     assert names == ["head"]
+
+
+@pytest.mark.usefixtures("float64")
+def test_two_optimizers_on_one_attention_share_its_recomputed_forward() -> None:
+    model = Attender(cross=True)
+    x = torch.randn(BATCH, QUERIES + KEYS, E)
+    targets = sample_classes(model(x))
+    alone = KFAC(model)
+    capture_batch(alone, model, x, targets)
+    expected = {name: alone.blocks[name].to_dense() for name in ("attn.in_proj", "attn.out_proj")}
+    alone.remove_hooks()
+    first, second = KFAC(model), KFAC(model)
+    with first.capture(), second.capture():
+        F.cross_entropy(model(x), targets).backward()
+    for opt in (first, second):
+        for name, block in expected.items():
+            torch.testing.assert_close(opt.blocks[name].to_dense(), block, rtol=1e-10, atol=1e-12)
