@@ -362,6 +362,13 @@ def _learn(
             reset_num_timesteps=fresh,
             log_interval=log_interval,
         )
+        if distributed.is_distributed():
+            import torch.distributed as dist
+
+            # Every rank leaves training together: a rank that tore its process group down
+            # while another was still finishing the last collective aborted at times
+            # (std::terminate in 1 of 10 two-rank runs).
+            dist.barrier()
     finally:
         stop.restore()
 
