@@ -124,18 +124,18 @@ def layer_indices(model: nn.Module, layer_name: str) -> Tensor:
             offsets[name] = torch.arange(start, start + p.numel()).reshape(p.shape)
             start += p.numel()
     parent, _, last = layer_name.rpartition(".")
-    prefix = f"{parent}." if parent else ""
+    within = f"{parent}." if parent else ""  # the owner module's parameter-name prefix
     owner = model.get_submodule(parent) if _MAP.fullmatch(last) else None
     if _RECURRENT_MAP.fullmatch(last) and isinstance(owner, nn.RNNBase):
         # one dense map of a recurrent module: [W | b] of weight_ih_l0 and bias_ih_l0
         part, suffix = last.split("_", 1)
         return _dense_order(
-            offsets[f"{prefix}weight_{part}_{suffix}"],
-            offsets.get(f"{prefix}bias_{part}_{suffix}"),
+            offsets[f"{within}weight_{part}_{suffix}"],
+            offsets.get(f"{within}bias_{part}_{suffix}"),
         )
     if last == "in_proj" and isinstance(owner, nn.MultiheadAttention):
         return _dense_order(
-            offsets[f"{prefix}in_proj_weight"], offsets.get(f"{prefix}in_proj_bias")
+            offsets[f"{within}in_proj_weight"], offsets.get(f"{within}in_proj_bias")
         )
     prefix = f"{layer_name}." if layer_name else ""
     own = {n[len(prefix) :]: idx for n, idx in offsets.items() if n.startswith(prefix)}

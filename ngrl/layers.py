@@ -122,6 +122,13 @@ class LinearLayer(Layer):
         self.has_bias = module.bias is not None
         self.shape = (module.out_features, module.in_features + int(self.has_bias))
 
+    def _dense_map(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        """Take ``Ŵ = [W | b]`` of a dense map that is not a module of its own (a recurrent
+        or attention module's weight matrix and its bias, if any) as this layer's."""
+        self.params = [weight] + ([bias] if bias is not None else [])
+        self.has_bias = bias is not None
+        self.shape = (weight.shape[0], weight.shape[1] + int(self.has_bias))
+
     def gather(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """As :meth:`Layer.gather`, also for tensors with trailing dimensions beyond the
         parameters' (one block view per trailing index: ``(d_out, d_in, *trailing)``)."""
@@ -453,9 +460,7 @@ class RecurrentLayer(LinearLayer):
         self.suffix = suffix
         weight = getattr(module, f"weight_{part}{suffix}")
         bias = getattr(module, f"bias_{part}{suffix}", None) if module.bias else None
-        self.params = [weight] + ([bias] if bias is not None else [])
-        self.has_bias = bias is not None
-        self.shape = (weight.shape[0], weight.shape[1] + int(self.has_bias))
+        self._dense_map(weight, bias)
 
     def output_statistics(
         self, inputs: Tensor, grad_output: Tensor, weight_sharing: WeightSharing
@@ -491,13 +496,12 @@ class AttentionLayer(LinearLayer):
         self.name = name
         self.attention = module
         self.part = part
-        owner: nn.Module = module if part == "in_proj" else module.out_proj
-        self.module = owner
-        weight = module.in_proj_weight if part == "in_proj" else module.out_proj.weight
-        bias = module.in_proj_bias if part == "in_proj" else module.out_proj.bias
-        self.params = [weight] + ([bias] if bias is not None else [])
-        self.has_bias = bias is not None
-        self.shape = (weight.shape[0], weight.shape[1] + int(self.has_bias))
+        if part == "in_proj":
+            self.module: nn.Module = module
+            self._dense_map(module.in_proj_weight, module.in_proj_bias)
+        else:
+            self.module = module.out_proj
+            self._dense_map(module.out_proj.weight, module.out_proj.bias)
 
 
 class GenericLayer(Layer):
