@@ -187,8 +187,7 @@ def floor_macs(model: nn.Module, x: Tensor, rank: int) -> dict[str, int]:
     layers: ``3·B·d_out·d_in``; convolutions ``T`` times that)."""
     shapes = layer_shapes(model)
     batch = x.shape[0]
-    counts = [t for _, _, t in layer_inputs(model, x)]
-    per_position = [(t, o, i) for (o, i), t in zip(shapes, counts, strict=True)]
+    per_position = [(t, *layer.shape) for layer, _, t in layer_inputs(model, x)]
     return {
         "noisy K-FAC products": sum(2 * (o * o * i + o * i * i) for o, i in shapes),
         "SLANG products": sum(2 * rank * batch * o * i for o, i in shapes),

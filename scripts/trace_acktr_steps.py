@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,9 +104,14 @@ def resumed(checkpoint: Path, gym_id: str, seed: int, overrides: dict[str, Any])
             f"--resume {checkpoint}: a {metadata.get('algo')} run on {metadata.get('env')}, "
             f"not acktr on {gym_id}"
         )
-    dotted = [key for key in overrides if "." in key]
-    if dotted:
-        raise ValueError(f"--set with --resume changes top-level settings only, not {dotted}")
+    # ACKTR.load sets whatever it is given: only the algorithm's own arguments may change.
+    arguments = inspect.signature(ACKTR.__init__).parameters
+    others = [key for key in overrides if key not in arguments or key in ("policy", "env")]
+    if others:
+        raise ValueError(
+            f"--set with --resume changes ACKTR's own top-level arguments only, not {others} "
+            "(run settings and nested options come from the checkpoint)"
+        )
     model = ACKTR.load(checkpoint, device="cpu", **overrides)
     env = make_vec_env(gym_id, model.n_envs, seed=seed)
     model.set_env(load_normalizer(checkpoint, env) if has_normalizer(checkpoint) else env)
@@ -140,9 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.updates < 1 or args.window < 1:
             raise ValueError("--updates and --window must be >= 1")
         spec = resolve(args.env)
-        config = resolve_config(
-            "acktr", spec, [parse_override(t) for t in args.overrides], args.preset
-        )
+        overrides = [parse_override(t) for t in args.overrides]
+        config = resolve_config("acktr", spec, overrides, args.preset)
         if args.out is not None and not args.out.parent.is_dir():
             raise ValueError(f"--out {args.out}: no folder {args.out.parent}")
     except ValueError as error:
@@ -150,9 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.resume is not None:
         try:
-            model = resumed(
-                args.resume, spec.gym_id, args.seed, dict(map(parse_override, args.overrides))
-            )
+            model = resumed(args.resume, spec.gym_id, args.seed, dict(overrides))
         except (CheckpointError, ValueError) as error:
             print(f"trace_acktr_steps: {error}", file=sys.stderr)
             return 2

@@ -105,3 +105,6 @@ def test_a_checkpoint_is_traced_from_its_step_with_a_changed_setting(
     assert all(float(r["predicted_kl"]) <= 1e-5 * (1 + 1e-9) for r in rows)
     assert script.main(["--env", "Pendulum", "--resume", checkpoint]) == 2
     assert "not acktr on Pendulum" in capsys.readouterr().err
+    for setting in ("n_envs=4", "kfac_kwargs.damping=0.1"):  # a run setting, a nested option
+        assert script.main(["--env", "CartPole", "--resume", checkpoint, "--set", setting]) == 2
+        assert "ACKTR's own top-level arguments only" in capsys.readouterr().err
