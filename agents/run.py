@@ -321,16 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # (torchrun stops them as soon as rank 0 exits).
             time.sleep(_REPORT_GRACE_S)
         return EXIT_USAGE
+    code: int | None = None
     try:
-        return _train(args)
+        code = _train(args)
     except distributed.DistributedError as error:
         print(f"ngrl.train: error: {error}", file=sys.stderr)
-        return 1
+        code = 1
     finally:
-        if distributed.is_distributed():
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        distributed.finish(code)  # under torchrun, ranks other than 0 end here
+    return code
 
 
 def _learn(

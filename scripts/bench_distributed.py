@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
     from ngrl.agents import ACKTR
     from ngrl.agents.presets import resolve_config
+    from ngrl.distributed import finish
     from ngrl.envs import make_vec_env, resolve
 
     torch.set_num_threads(args.threads)
@@ -87,7 +88,7 @@ def _worker(rank: int, world: int, store: str, args: argparse.Namespace, out: st
                 }
             )
         )
-    dist.destroy_process_group()
+    finish(0)
 
 
 def run(world: int, args: argparse.Namespace) -> dict:

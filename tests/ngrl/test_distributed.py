@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,15 @@ import torch
 from torch import nn
 
 from ngrl import KFAC
-from ngrl.distributed import DistributedError, WorkPlan, is_distributed, rank, world_size
+from ngrl.distributed import (
+    DistributedError,
+    WorkPlan,
+    all_agree,
+    finish,
+    is_distributed,
+    rank,
+    world_size,
+)
 from tests.helpers.distributed import run_ranks
 
 STEPS = 5
@@ -138,6 +147,23 @@ def test_a_dead_rank_stops_the_other_with_an_error_not_a_hang(tmp_path: Path) ->
     assert results[0] is not None and "error" in results[0], results[0]
     assert results[0]["error"].startswith(DistributedError.__name__)
     assert "rank 0 of 2" in results[0]["error"]
+
+
+def _finishing_worker(rank_: int, world: int, folder: str) -> str:
+    all_agree(True)  # a collective just before the end, as a training run has
+    sys.stdout = open(Path(folder, f"rank{rank_}.txt"), "w")  # noqa: SIM115 (finish closes)
+    print(f"rank {rank_} reports", end="")  # still buffered when finish() ends the process
+    finish(3)
+    return "went on"
+
+
+def test_finish_ends_the_other_ranks_at_once_and_rank_0_goes_on(tmp_path: Path) -> None:
+    results = run_ranks(_finishing_worker, 2, tmp_path, str(tmp_path))
+    assert results[0] == {"value": "went on"}
+    assert results[1] is None  # rank 1 ended inside finish(), before returning a result
+    assert (tmp_path / "rank1.txt").read_text() == "rank 1 reports"  # flushed, not lost
+    assert not is_distributed()
+    finish(3)  # without a process group: nothing to do, and this process goes on
 
 
 def test_work_plan_balances_inverses_and_groups_ranks() -> None:
