@@ -87,7 +87,11 @@ def build_parser(algo_hint: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--n-envs", type=int, metavar="N", help="parallel environments (default: the preset's)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        help="random seed (default: 0; with --resume, the seed of the checkpoint's run)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -272,11 +276,15 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
                 f"{metadata.get('env')}, not {args.algo} on {spec.gym_id}"
             )
         done = metadata["num_timesteps"]
+        if args.seed is None:  # the same run goes on (checkpoints before seeds were saved: 0)
+            args.seed = metadata.get("seed", 0)
         if args.timesteps is not None and args.timesteps < done:
             raise UsageError(
                 f"--timesteps {args.timesteps:,} is below the {done:,} steps the checkpoint has "
                 "trained (--timesteps counts them too); give more to continue"
             )
+    if args.seed is None:
+        args.seed = 0
     config = resolve_config(args.algo, spec, overrides, args.preset)
     if args.timesteps is not None:
         config.timesteps = args.timesteps
@@ -410,13 +418,12 @@ def _train(args: argparse.Namespace) -> int:
     from ngrl.agents.records import continue_episodes, continue_progress
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"algo": args.algo, "env": config.env.gym_id}
+    metadata = {"algo": args.algo, "env": config.env.gym_id, "seed": args.seed}
     normalizer = model.get_vec_normalize_env()
     (run_dir / "config.json").write_text(
         json.dumps(
             {
                 **metadata,
-                "seed": args.seed,
                 "n_envs": config.n_envs,
                 "timesteps": config.timesteps,
                 "policy": config.policy,

@@ -173,6 +173,8 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
             "n_steps=8",
             "--set",
             "cold_start_steps=1",
+            "--seed",
+            "3",
         )[0]
         == 0
     )
@@ -189,6 +191,7 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
     assert code == 0
     second = ACKTR.load(second_dir / "checkpoint.zip")
     assert (first.num_timesteps, second.num_timesteps) == (160, 320)
+    assert json.loads((second_dir / "config.json").read_text())["seed"] == 3  # the run's own
     assert second._n_updates == 2 * first._n_updates
     # Cold start is not repeated: every resumed update was a K-FAC step.
     assert second.policy.optimizer.steps == first.policy.optimizer.steps + first._n_updates
@@ -204,8 +207,11 @@ def test_resume_continues_the_step_counter_and_the_factors(tmp_path: Path) -> No
         "160",
         "--resume",
         str(tmp_path / "first" / "checkpoint.zip"),
+        "--seed",
+        "5",
     )
     assert code == 0
+    assert json.loads((same_dir / "config.json").read_text())["seed"] == 5  # unless told
     same = ACKTR.load(same_dir / "checkpoint.zip").policy.optimizer.state_dict()["state"]
     for index, entry in first.policy.optimizer.state_dict()["state"].items():
         restored = state_tensors(same[index])
