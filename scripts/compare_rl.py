@@ -332,15 +332,31 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
     figure.savefig(png, dpi=110)
 
 
+def origin_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of the run that a resumed run continues, through every resume
+    whose folder is still there (``config`` itself when it was not resumed): its preset,
+    ``--set`` overrides and seed are the resumed run's too."""
+    seen: set[Path] = set()
+    while config.get("resumed_from"):
+        parent = Path(config["resumed_from"]).parent / "config.json"
+        if parent in seen or not parent.is_file():
+            break
+        seen.add(parent)
+        config = json.loads(parent.read_text())
+    return config
+
+
 def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     """One run of ``python -m ngrl.train`` (its folder) as a comparison run: its training
     episodes, its wall-clock, and ``eval_episodes`` evaluation episodes of its
     ``model.zip``, scored as :func:`run` scores (0: no final return). A run stopped early
-    counts up to its last ``checkpoint.zip``."""
+    counts up to its last ``checkpoint.zip``; a resumed run is named and seeded as the run
+    it continues (:func:`origin_config`)."""
     config = json.loads((folder / "config.json").read_text())
-    preset = config.get("preset", "default")
+    origin = origin_config(config)
+    preset = origin.get("preset", "default")
     label = config["algo"] if preset == "default" else f"{config['algo']}:{preset}"
-    command = config.get("command") or []
+    command = origin.get("command") or []
     overrides = [command[i + 1] for i, word in enumerate(command[:-1]) if word == "--set"]
     if overrides:  # not the preset as it stands: say how it differs
         label += f"[{','.join(overrides)}]"
@@ -359,7 +375,7 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     steps, returns, seconds = steps[keep], returns[keep], seconds[keep]
     if not len(steps):
         raise ValueError("no episode finished before its last save")
-    seed = int(config["seed"])
+    seed = int(origin["seed"])
     task = task_of(env)
     run = {
         "algo": label,

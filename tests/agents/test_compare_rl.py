@@ -234,6 +234,11 @@ def test_a_training_run_folder_merges_as_a_run(
         )
         == 0
     )
+    # Resumed (here with other envs' seed) into a new folder: still that run, overrides and all.
+    more = tmp_path / "more"
+    resume = ["--resume", str(folder / "checkpoint.zip"), "--seed", "0", "--log-dir", str(more)]
+    common = ["--n-envs", "2", "--no-progress", "--eval-episodes", "0"]
+    assert train(["acktr", "--env", "CartPole", "--timesteps", "3000", *common, *resume]) == 0
     script = load_script("compare_rl")
     (tmp_path / "a2c.json").write_text(
         json.dumps({"command": [], "results": [_one_run(algo="a2c")]})
@@ -243,6 +248,16 @@ def test_a_training_run_folder_merges_as_a_run(
             ["--merge", str(folder), str(tmp_path / "a2c.json"), "--out", str(tmp_path / "m")]
         )
         == 0
+    )
+    assert (
+        script.main(["--merge", str(more), "--eval-episodes", "0", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    resumed = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert (resumed["algo"], resumed["seed"], resumed["timesteps"]) == (
+        "acktr[damping=0.02]",
+        3,
+        3000,
     )
     capsys.readouterr()
     data = json.loads((tmp_path / "m.json").read_text())
