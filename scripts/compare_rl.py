@@ -403,9 +403,10 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
 def merged_results(
     paths: list[Path],
     eval_episodes: int = 20,
+    labels: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Task], list[str], list[dict[str, Any]]]:
     """The runs of several earlier ``OUT.json`` files, with their tasks, algorithms and
-    the commands that made them."""
+    the commands that made them; ``labels`` renames algorithms (old name to new)."""
     results: list[dict[str, Any]] = []
     sources: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, int], Path] = {}
@@ -421,6 +422,7 @@ def merged_results(
                 missing = [k for k in RUN_KEYS if k not in r]
                 if missing:
                     raise KeyError(", ".join(missing))
+                r["algo"] = (labels or {}).get(r["algo"], r["algo"])
             keys = [(r["algo"], r["env"], int(r["seed"])) for r in runs]
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(
@@ -509,6 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         "of `python -m ngrl.train` run folders (evaluated here)",
     )
     parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="with --merge: show algorithm OLD as NEW (NEW without '='), e.g. when a "
+        "preset has changed since its runs (acktr=acktr-2026-11); repeatable",
+    )
+    parser.add_argument(
         "--eval-episodes",
         type=int,
         default=20,
@@ -534,9 +544,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"compare_rl: --out {args.out}: {error.strerror}", file=sys.stderr)
         return 2
+    # OLD may hold "=" itself (acktr[kl_clip=0.002]); NEW is the part after the last one.
+    labels = dict(item.rsplit("=", 1) for item in args.label if "=" in item)
+    if len(labels) != len(args.label) or not all(k and v for k, v in labels.items()):
+        print(f"compare_rl: --label takes OLD=NEW, got {args.label}", file=sys.stderr)
+        return 2
+    if labels and not args.merge:
+        print("compare_rl: --label renames the runs of a --merge; give --merge", file=sys.stderr)
+        return 2
     if args.merge:
         try:
-            write_outputs(args.out, command, *merged_results(args.merge, args.eval_episodes))
+            write_outputs(
+                args.out, command, *merged_results(args.merge, args.eval_episodes, labels)
+            )
         except ValueError as error:
             print(f"compare_rl: {error}", file=sys.stderr)
             return 2

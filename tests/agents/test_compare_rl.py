@@ -129,6 +129,30 @@ def test_merging_inconsistent_files_is_one_line_and_writes_nothing(
     assert not list(tmp_path.glob("m.*"))
 
 
+def test_a_merge_renames_the_runs_of_a_changed_preset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same algorithm and seed twice, run before and after its preset changed.
+    (tmp_path / "old.json").write_text(json.dumps({"command": [], "results": [_one_run()]}))
+    (tmp_path / "new.json").write_text(
+        json.dumps({"command": [], "results": [_one_run(algo="acktr[kl_clip=0.002]")]})
+    )
+    merge = ["--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json")]
+    labels = ["--label", "acktr=acktr (old default)", "--label", "acktr[kl_clip=0.002]=acktr"]
+    script = load_script("compare_rl")
+    assert script.main([*merge, *labels, "--out", str(tmp_path / "m")]) == 0
+    algos = [r["algo"] for r in json.loads((tmp_path / "m.json").read_text())["results"]]
+    assert algos == ["acktr (old default)", "acktr"]
+    assert "| acktr (old default) |" in (tmp_path / "m.md").read_text()
+    capsys.readouterr()
+    for bad in (["--label", "acktr"], ["--label", "=acktr"]):
+        assert script.main([*merge, *bad, "--out", str(tmp_path / "b")]) == 2
+        assert "--label takes OLD=NEW" in capsys.readouterr().err
+    assert script.main([*labels, "--out", str(tmp_path / "b")]) == 2
+    assert "give --merge" in capsys.readouterr().err
+    assert not list(tmp_path.glob("b.*"))
+
+
 def test_an_out_that_cannot_be_made_stops_before_any_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
