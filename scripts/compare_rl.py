@@ -400,6 +400,17 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     return {"command": config.get("command"), "results": [run]}
 
 
+def split_label(item: str) -> tuple[str, str] | None:
+    """``OLD=NEW`` split at the first ``=`` outside brackets, since the names of runs with
+    ``--set`` overrides hold some (``acktr[kl_clip=0.002]=acktr``); ``None`` without one."""
+    depth = 0
+    for i, char in enumerate(item):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "=" and depth == 0:
+            return item[:i], item[i + 1 :]
+    return None
+
+
 def merged_results(
     paths: list[Path],
     eval_episodes: int = 20,
@@ -515,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="OLD=NEW",
-        help="with --merge: show algorithm OLD as NEW (NEW without '='), e.g. when a "
-        "preset has changed since its runs (acktr=acktr-2026-11); repeatable",
+        help="with --merge: show algorithm OLD as NEW, e.g. when a preset has changed "
+        "since its runs (acktr=acktr[kl_clip=0.001]); repeatable",
     )
     parser.add_argument(
         "--eval-episodes",
@@ -544,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"compare_rl: --out {args.out}: {error.strerror}", file=sys.stderr)
         return 2
-    # OLD may hold "=" itself (acktr[kl_clip=0.002]); NEW is the part after the last one.
-    labels = dict(item.rsplit("=", 1) for item in args.label if "=" in item)
+    labels = dict(pair for pair in map(split_label, args.label) if pair is not None)
     if len(labels) != len(args.label) or not all(k and v for k, v in labels.items()):
         print(f"compare_rl: --label takes OLD=NEW, got {args.label}", file=sys.stderr)
         return 2

@@ -138,14 +138,14 @@ def test_a_merge_renames_the_runs_of_a_changed_preset(
         json.dumps({"command": [], "results": [_one_run(algo="acktr[kl_clip=0.002]")]})
     )
     merge = ["--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json")]
-    labels = ["--label", "acktr=acktr (old default)", "--label", "acktr[kl_clip=0.002]=acktr"]
+    labels = ["--label", "acktr=acktr[kl_clip=0.001]", "--label", "acktr[kl_clip=0.002]=acktr"]
     script = load_script("compare_rl")
     assert script.main([*merge, *labels, "--out", str(tmp_path / "m")]) == 0
     algos = [r["algo"] for r in json.loads((tmp_path / "m.json").read_text())["results"]]
-    assert algos == ["acktr (old default)", "acktr"]
-    assert "| acktr (old default) |" in (tmp_path / "m.md").read_text()
+    assert algos == ["acktr[kl_clip=0.001]", "acktr"]
+    assert "| acktr[kl_clip=0.001] |" in (tmp_path / "m.md").read_text()
     capsys.readouterr()
-    for bad in (["--label", "acktr"], ["--label", "=acktr"]):
+    for bad in (["--label", "acktr"], ["--label", "=acktr"], ["--label", "acktr[a=1]"]):
         assert script.main([*merge, *bad, "--out", str(tmp_path / "b")]) == 2
         assert "--label takes OLD=NEW" in capsys.readouterr().err
     assert script.main([*labels, "--out", str(tmp_path / "b")]) == 2
