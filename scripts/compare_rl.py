@@ -460,9 +460,10 @@ def merged_results(
     for r in results:
         previous = tasks.get(r["env"])
         timesteps = max(r["timesteps"], previous.timesteps if previous else 0)
+        n_envs = r["n_envs"] if previous is None or previous.n_envs == r["n_envs"] else None
         known = task_of(r["env"])
         tasks[r["env"]] = Task(
-            r["env"], timesteps, r["n_envs"], known.threshold if known is not None else np.inf
+            r["env"], timesteps, n_envs, known.threshold if known is not None else np.inf
         )
     algos = list(dict.fromkeys(r["algo"] for r in results))
     return results, list(tasks.values()), algos, sources

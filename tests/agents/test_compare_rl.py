@@ -143,6 +143,8 @@ def test_a_merge_renames_the_runs_of_a_changed_preset(
     assert script.main([*merge, *labels, "--out", str(tmp_path / "m")]) == 0
     algos = [r["algo"] for r in json.loads((tmp_path / "m.json").read_text())["results"]]
     assert algos == ["acktr[kl_clip=0.001]", "acktr"]
+    _, tasks, _, _ = script.merged_results([tmp_path / "old.json", tmp_path / "new.json"])
+    assert tasks[0].n_envs == 2  # the plot's title names it: every run had 2 envs
     assert "| acktr[kl_clip=0.001] |" in (tmp_path / "m.md").read_text()
     capsys.readouterr()
     for bad in (["--label", "acktr"], ["--label", "=acktr"], ["--label", "acktr[a=1]"]):
@@ -384,3 +386,13 @@ def test_the_mujoco_suite_builds_every_algorithm_with_its_presets_envs() -> None
         model.env.close()
     for task in compare.SUITES["mujoco"]:  # every task has its env and its published marks
         assert compare.resolve(task.env).family == "mujoco" and task.marks[-1] == task.timesteps
+
+
+def test_merged_runs_with_different_env_counts_name_none(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"command": [], "results": [_one_run()]}))
+    (tmp_path / "b.json").write_text(
+        json.dumps({"command": [], "results": [_one_run(algo="a2c", n_envs=16)]})
+    )
+    script = load_script("compare_rl")
+    _, tasks, _, _ = script.merged_results([tmp_path / "a.json", tmp_path / "b.json"])
+    assert tasks[0].n_envs is None  # 2 and 16: the plot's title names no count
