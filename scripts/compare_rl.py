@@ -556,9 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"compare_rl: --out {args.out}: {error.strerror}", file=sys.stderr)
         return 2
-    labels = dict(pair for pair in map(split_label, args.label) if pair is not None)
-    if len(labels) != len(args.label) or not all(k and v for k, v in labels.items()):
+    pairs = [split_label(item) for item in args.label]
+    if not all(pair is not None and all(pair) for pair in pairs):
         print(f"compare_rl: --label takes OLD=NEW, got {args.label}", file=sys.stderr)
+        return 2
+    labels = dict(pair for pair in pairs if pair is not None)
+    if len(labels) != len(pairs):
+        print(f"compare_rl: --label names one OLD twice: {args.label}", file=sys.stderr)
         return 2
     if labels and not args.merge:
         print("compare_rl: --label renames the runs of a --merge; give --merge", file=sys.stderr)

@@ -150,6 +150,9 @@ def test_a_merge_renames_the_runs_of_a_changed_preset(
     for bad in (["--label", "acktr"], ["--label", "=acktr"], ["--label", "acktr[a=1]"]):
         assert script.main([*merge, *bad, "--out", str(tmp_path / "b")]) == 2
         assert "--label takes OLD=NEW" in capsys.readouterr().err
+    twice = ["--label", "acktr=a", "--label", "acktr=b"]
+    assert script.main([*merge, *twice, "--out", str(tmp_path / "b")]) == 2
+    assert "names one OLD twice" in capsys.readouterr().err
     assert script.main([*labels, "--out", str(tmp_path / "b")]) == 2
     assert "give --merge" in capsys.readouterr().err
     assert not list(tmp_path.glob("b.*"))
