@@ -375,20 +375,32 @@ def test_bad_counts_stop_before_training(
     assert not (tmp_path / "x.json").exists()
 
 
-def test_the_mujoco_suite_builds_every_algorithm_with_its_presets_envs() -> None:
+@pytest.mark.parametrize(
+    ("suite", "env", "algos"),
+    [
+        ("mujoco", "Walker2d", {"acktr", "npg:kfac", "trpo", "ppo"}),
+        ("atari", "Pong", {"acktr", "a2c", "ppo"}),
+    ],
+)
+def test_a_suite_builds_every_algorithm_with_its_presets_envs(
+    suite: str, env: str, algos: set[str]
+) -> None:
     compare = load_script("compare_rl")
     bench_extra = importlib.util.find_spec("sb3_contrib") is not None  # for trpo-sb3
-    labels = [label for label in compare.ALGOS["mujoco"] if label != "trpo-sb3" or bench_extra]
-    assert {"acktr", "npg:kfac", "trpo", "ppo"} <= set(labels)
-    walker = next(task for task in compare.SUITES["mujoco"] if task.env == "Walker2d")
+    labels = [label for label in compare.ALGOS[suite] if label != "trpo-sb3" or bench_extra]
+    assert algos <= set(labels)
+    task = next(task for task in compare.SUITES[suite] if task.env == env)
+    env_counts = set()
     for label in labels:
-        model = compare.build(label, walker, seed=0)
-        assert model.n_envs == compare.build_config(label, walker).n_envs, label
+        model = compare.build(label, task, seed=0)
+        assert model.n_envs == compare.build_config(label, task).n_envs, label
+        env_counts.add(model.n_envs)
         if label == "npg:kfac":
             assert model.actor_kfac is not None  # K-FAC preconditions, not conjugate gradient
         model.env.close()
-    for task in compare.SUITES["mujoco"]:  # every task has its env and its published marks
-        assert compare.resolve(task.env).family == "mujoco" and task.marks[-1] == task.timesteps
+    assert len(env_counts) > 1  # the presets' own counts, not one forced on all
+    for task in compare.SUITES[suite]:  # every task has its env and its published marks
+        assert compare.resolve(task.env).family == suite and task.marks[-1] == task.timesteps
 
 
 def test_merged_runs_with_different_env_counts_name_none(tmp_path: Path) -> None:
