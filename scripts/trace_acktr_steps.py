@@ -6,10 +6,16 @@ for every K-FAC update: the trust-region scale ``ν``, each layer's share of the
 update's own batch, and the RMS change of the value prediction there. Prints medians over
 windows of updates, and writes every update to ``--out`` (CSV) if given.
 
+``--algo a2c`` traces SB3's A2C with its preset the same way (the measured KL, value change
+and entropy; it has no trust region): how far a first-order agent moves its policy per
+update, beside ACKTR's budget.
+
     python scripts/trace_acktr_steps.py --env Breakout --updates 60
     python scripts/trace_acktr_steps.py --env Breakout --updates 60 --set curvature=ekfac
     python scripts/trace_acktr_steps.py --env Breakout --updates 20 \
         --resume runs/acktr_Breakout/checkpoint.zip --set trust_region=split
+    python scripts/trace_acktr_steps.py --algo a2c --env Breakout --updates 200 \
+        --resume runs/a2c_Breakout/checkpoint.zip
 """
 
 from __future__ import annotations
@@ -32,16 +38,29 @@ from ngrl.agents.checkpoints import (
     load_normalizer,
     read_run_metadata,
 )
-from ngrl.agents.presets import resolve_config
+from ngrl.agents.presets import algorithm_class, resolve_config
 from ngrl.envs import make_vec_env, resolve
 from ngrl.helpers import add_override_option, parse_override
 
+#: The algorithms a trace takes: ACKTR, and SB3's A2C for its measured steps beside it.
+ALGOS = ("acktr", "a2c")
 
-def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
-    """Train ``updates`` updates, recording each K-FAC update's trust region and effect."""
+
+def distribution_and_values(policy: Any, observations: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """The torch action distribution and the values of any SB3 actor-critic policy."""
+    if hasattr(policy, "distribution_and_values"):  # ngrl's policies: one pass
+        distribution, values = policy.distribution_and_values(observations)
+        return distribution.distribution, values
+    return policy.get_distribution(observations).distribution, policy.predict_values(observations)
+
+
+def trace(model: Any, updates: int) -> list[dict[str, Any]]:
+    """Train ``updates`` updates, recording each update's effect on the policy and values,
+    and for ACKTR each K-FAC update's trust region."""
     policy, optimizer = model.policy, model.policy.optimizer
+    kfac = isinstance(model, ACKTR)
     rows: list[dict[str, Any]] = []
-    quadratic, train = optimizer._quadratic, model.train
+    quadratic, train = getattr(optimizer, "_quadratic", None), model.train
 
     def recording_quadratic(directions: dict[str, torch.Tensor], grads: dict[str, Any]) -> Any:
         total = quadratic(directions, grads)
@@ -58,15 +77,23 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
         )
         with torch.no_grad():
             # SB3 reuses one Distribution wrapper per policy: keep its torch distribution.
-            before = policy.distribution_and_values(observations)
-            before, values_before = before[0].distribution, before[1]
+            before, values_before = distribution_and_values(policy, observations)
         count = len(rows)
         train()
-        if len(rows) == count:  # a cold-start update: no K-FAC step
+        if kfac and len(rows) == count:  # a cold-start update: no K-FAC step
             return
         with torch.no_grad():
-            after, values_after = policy.distribution_and_values(observations)
-            kl = torch.distributions.kl_divergence(before, after.distribution)
+            after, values_after = distribution_and_values(policy, observations)
+            kl = torch.distributions.kl_divergence(before, after)
+        effect = dict(
+            update=model._n_updates,
+            policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
+            value_rms_change=float((values_after - values_before).square().mean().sqrt()),
+            entropy=float(after.entropy().reshape(kl.shape[0], -1).sum(1).mean()),
+        )
+        if not kfac:
+            rows.append(effect)
+            return
         # One preconditioned gradient per trust region (two parts with trust_region="split").
         parts = [part["quadratics"] for part in rows[count:]]
         del rows[count:]
@@ -76,43 +103,42 @@ def trace(model: ACKTR, updates: int) -> list[dict[str, Any]]:
         rows.append(
             dict(
                 quadratics={layer: sum(part.get(layer, 0.0) for part in parts) for layer in layers},
-                update=model._n_updates,
                 nu=scales[0],
                 **({"nu_value": scales[1]} if len(scales) > 1 else {}),
                 predicted_kl=sum(
                     lr * lr * nu * nu * sum(part.values())
                     for nu, part in zip(scales, parts, strict=True)
                 ),
-                policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
-                value_rms_change=float((values_after - values_before).square().mean().sqrt()),
-                entropy=float(after.entropy().mean()),
+                **effect,
             )
         )
 
-    optimizer._quadratic = recording_quadratic  # type: ignore[method-assign]
+    if kfac:
+        optimizer._quadratic = recording_quadratic  # type: ignore[method-assign]
     model.train = recording_train  # type: ignore[method-assign]
     model.learn(updates * model.n_steps * model.n_envs, reset_num_timesteps=False)
     return [row for row in rows if "policy_kl" in row]
 
 
-def resumed(checkpoint: Path, gym_id: str, seed: int, overrides: dict[str, Any]) -> ACKTR:
-    """The ACKTR of an ``ngrl.train`` checkpoint, on fresh envs, with top-level
+def resumed(algo: str, checkpoint: Path, gym_id: str, seed: int, overrides: dict[str, Any]) -> Any:
+    """The ``algo`` model of an ``ngrl.train`` checkpoint, on fresh envs, with top-level
     hyperparameters changed (also in the restored optimizer's settings)."""
     metadata = read_run_metadata(checkpoint)
-    if (metadata.get("algo"), metadata.get("env")) != ("acktr", gym_id):
+    if (metadata.get("algo"), metadata.get("env")) != (algo, gym_id):
         raise ValueError(
             f"--resume {checkpoint}: a {metadata.get('algo')} run on {metadata.get('env')}, "
-            f"not acktr on {gym_id}"
+            f"not {algo} on {gym_id}"
         )
-    # ACKTR.load sets whatever it is given: only the algorithm's own arguments may change.
-    arguments = inspect.signature(ACKTR.__init__).parameters
+    cls = algorithm_class(algo)
+    # load() sets whatever it is given: only the algorithm's own arguments may change.
+    arguments = inspect.signature(cls.__init__).parameters
     others = [key for key in overrides if key not in arguments or key in ("policy", "env")]
     if others:
         raise ValueError(
-            f"--set with --resume changes ACKTR's own top-level arguments only, not {others} "
+            f"--set with --resume changes {algo}'s own top-level arguments only, not {others} "
             "(run settings and nested options come from the checkpoint)"
         )
-    model = ACKTR.load(checkpoint, device="cpu", **overrides)
+    model = cls.load(checkpoint, device="cpu", **overrides)
     env = make_vec_env(gym_id, model.n_envs, seed=seed)
     model.set_env(load_normalizer(checkpoint, env) if has_normalizer(checkpoint) else env)
     for group in model.policy.optimizer.param_groups:  # restored with the checkpoint's values
@@ -120,21 +146,79 @@ def resumed(checkpoint: Path, gym_id: str, seed: int, overrides: dict[str, Any])
     return model
 
 
+def print_table(rows: list[dict[str, Any]], window: int) -> None:
+    """Medians over windows of ``window`` updates (and the mean KL: a first-order agent's
+    steps are heavy-tailed), as a Markdown table."""
+    kfac = bool(rows) and "nu" in rows[0]
+    split = kfac and "nu_value" in rows[0]  # trust_region="split": ν_π / ν_V
+    layers = list(rows[0]["quadratics"]) if kfac else []
+    heads = ["updates"]
+    if kfac:
+        heads += ["ν_π / ν_V" if split else "ν", "predicted KL"]
+    heads += ["measured policy KL", "mean policy KL", "value RMS change", "entropy"]
+    heads += [f"{name} share" for name in layers]
+    print("| " + " | ".join(heads) + " |")
+    print("|---" * len(heads) + "|")
+    for start in range(0, len(rows), window):
+        part = rows[start : start + window]
+
+        def median(key: str, part: list[dict[str, Any]] = part) -> float:
+            return float(np.median([r[key] for r in part]))
+
+        cells = [f"{part[0]['update']}–{part[-1]['update']}"]
+        if kfac:
+            nu = f"{median('nu'):.3g}" + (f" / {median('nu_value'):.3g}" if split else "")
+            cells += [nu, f"{median('predicted_kl'):.2e}"]
+        cells += [
+            f"{median('policy_kl'):.2e}",
+            f"{np.mean([r['policy_kl'] for r in part]):.2e}",
+            f"{median('value_rms_change'):.3g}",
+            f"{median('entropy'):.3f}",
+        ]
+        cells += [
+            f"{np.median([r['quadratics'][n] / sum(r['quadratics'].values()) for r in part]):.1%}"
+            for n in layers
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_csv(rows: list[dict[str, Any]], out: Path) -> None:
+    """Every traced update, one row each; a layer's quadratic as ``quadratic:NAME``."""
+    flat = [
+        {
+            **{k: v for k, v in r.items() if k != "quadratics"},
+            **{f"quadratic:{n}": q for n, q in r.get("quadratics", {}).items()},
+        }
+        for r in rows
+    ]
+    fields = list(dict.fromkeys(key for r in flat for key in r))
+    with out.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--algo",
+        choices=ALGOS,
+        default="acktr",
+        help="acktr (default), or a2c: SB3's A2C, its measured steps only",
     )
     parser.add_argument("--env", required=True, help="environment short name or gymnasium id")
     parser.add_argument("--updates", type=int, default=60, help="updates to trace (default: 60)")
     parser.add_argument(
         "--window", type=int, default=20, help="updates per printed row (medians; default: 20)"
     )
-    parser.add_argument("--preset", help="a named ACKTR preset (e.g. baselines)")
+    parser.add_argument("--preset", help="a named preset of --algo (e.g. acktr's baselines)")
     add_override_option(parser, "override a hyperparameter, as in ngrl.train")
     parser.add_argument(
         "--resume",
         type=Path,
-        help="trace the updates that follow this checkpoint.zip of an acktr run on --env "
+        help="trace the updates that follow this checkpoint.zip of an --algo run on --env "
         "(its hyperparameters, with --set changing top-level ones such as kl_clip or "
         "trust_region)",
     )
@@ -147,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--updates and --window must be >= 1")
         spec = resolve(args.env)
         overrides = [parse_override(t) for t in args.overrides]
-        config = resolve_config("acktr", spec, overrides, args.preset)
+        config = resolve_config(args.algo, spec, overrides, args.preset)
         if args.out is not None and not args.out.parent.is_dir():
             raise ValueError(f"--out {args.out}: no folder {args.out.parent}")
     except ValueError as error:
@@ -155,69 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.resume is not None:
         try:
-            model = resumed(args.resume, spec.gym_id, args.seed, dict(overrides))
+            model = resumed(args.algo, args.resume, spec.gym_id, args.seed, dict(overrides))
         except (CheckpointError, ValueError) as error:
             print(f"trace_acktr_steps: {error}", file=sys.stderr)
             return 2
     else:
         env = make_vec_env(spec.gym_id, config.n_envs, seed=args.seed)
-        model = ACKTR(config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs())
-    rows = trace(model, args.updates)
-    layers = list(rows[0]["quadratics"]) if rows else []
-    split = bool(rows) and "nu_value" in rows[0]  # trust_region="split": ν_π / ν_V
-    print(
-        f"| updates | {'ν_π / ν_V' if split else 'ν'} | predicted KL | measured policy KL | value RMS change | entropy | "
-        + " | ".join(f"{name} share" for name in layers)
-        + " |"
-    )
-    print("|---" * (6 + len(layers)) + "|")
-    for start in range(0, len(rows), args.window):
-        window = rows[start : start + args.window]
-
-        def median(key: str, window: list[dict[str, Any]] = window) -> float:
-            return float(np.median([r[key] for r in window]))
-
-        shares = [
-            float(np.median([r["quadratics"][n] / sum(r["quadratics"].values()) for r in window]))
-            for n in layers
-        ]
-        print(
-            f"| {window[0]['update']}–{window[-1]['update']} | {median('nu'):.3g}"
-            + (f" / {median('nu_value'):.3g}" if split else "")
-            + " | "
-            f"{median('predicted_kl'):.2e} | {median('policy_kl'):.2e} | "
-            f"{median('value_rms_change'):.3g} | {median('entropy'):.3f} | "
-            + " | ".join(f"{s:.1%}" for s in shares)
-            + " |"
+        model = algorithm_class(args.algo)(
+            config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs()
         )
+    rows = trace(model, args.updates)
+    print_table(rows, args.window)
     if args.out is not None:
-        with args.out.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(
-                [
-                    "update",
-                    "nu",
-                    "nu_value",
-                    "predicted_kl",
-                    "policy_kl",
-                    "value_rms_change",
-                    "entropy",
-                    *(f"quadratic:{n}" for n in layers),
-                ]
-            )
-            for r in rows:
-                writer.writerow(
-                    [
-                        r["update"],
-                        r["nu"],
-                        r.get("nu_value", ""),
-                        r["predicted_kl"],
-                        r["policy_kl"],
-                        r["value_rms_change"],
-                        r["entropy"],
-                        *(r["quadratics"][n] for n in layers),
-                    ]
-                )
+        write_csv(rows, args.out)
     return 0
 
 

@@ -107,4 +107,24 @@ def test_a_checkpoint_is_traced_from_its_step_with_a_changed_setting(
     assert "not acktr on Pendulum" in capsys.readouterr().err
     for setting in ("n_envs=4", "kfac_kwargs.damping=0.1"):  # a run setting, a nested option
         assert script.main(["--env", "CartPole", "--resume", checkpoint, "--set", setting]) == 2
-        assert "ACKTR's own top-level arguments only" in capsys.readouterr().err
+        assert "acktr's own top-level arguments only" in capsys.readouterr().err
+
+
+def test_a2c_is_traced_by_its_measured_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    argv = ["--algo", "a2c", "--env", "CartPole", "--updates", "6", "--window", "3"]
+    assert script.main([*argv, "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| updates | measured policy KL | mean policy KL |")
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["update"]) for r in rows] == list(range(1, 7))  # no cold start, no ν
+    assert "nu" not in rows[0] and all(0.0 < float(r["entropy"]) <= math.log(2) for r in rows)
+    assert all(float(r["policy_kl"]) > 0.0 for r in rows)
+    # The KL is measured across the update: a vanishing step, a vanishing change.
+    assert script.main([*argv, "--set", "learning_rate=1e-12", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert all(float(r["policy_kl"]) < 1e-15 for r in rows)
+    assert all(float(r["value_rms_change"]) < 1e-9 for r in rows)
