@@ -67,11 +67,14 @@ class ScoreProgressBar(BaseCallback):
 
 
 class EpisodeLog(BaseCallback):
-    """Appends every finished episode to a CSV file: timesteps, return, length, seconds."""
+    """Appends every finished episode to a CSV file: timesteps, return, length, seconds.
+    ``start_seconds`` is the clock at the start: a resumed run's goes on from the earlier
+    run's records, so the last row holds the run's whole training time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, start_seconds: float = 0.0) -> None:
         super().__init__()
         self.path = path
+        self.start_seconds = start_seconds
         self.start = time.monotonic()
 
     def _on_training_start(self) -> None:
@@ -86,7 +89,7 @@ class EpisodeLog(BaseCallback):
                 self.num_timesteps,
                 info["episode"]["r"],
                 info["episode"]["l"],
-                round(time.monotonic() - self.start, 3),
+                round(self.start_seconds + time.monotonic() - self.start, 3),
             )
             for info in self.locals.get("infos", ())
             if "episode" in info

@@ -21,10 +21,12 @@ __all__ = ["continue_episodes", "continue_progress"]
 STEP_COLUMN = "time/total_timesteps"
 
 
-def continue_episodes(previous: Path, target: Path, up_to_step: int) -> None:
-    """Copy the episodes of ``previous`` (an episodes.csv) that ended by ``up_to_step``."""
+def continue_episodes(previous: Path, target: Path, up_to_step: int) -> float:
+    """Copy the episodes of ``previous`` (an episodes.csv) that ended by ``up_to_step``;
+    return the wall-clock seconds of the last one (0 without any), from which the resumed
+    run's clock goes on. The time between that episode and the checkpoint is not counted."""
     if not previous.is_file():
-        return
+        return 0.0
     with open(previous, newline="") as handle:
         rows = list(csv.reader(handle))
     kept = rows[:1] + [row for row in rows[1:] if row and int(float(row[0])) <= up_to_step]
@@ -34,6 +36,7 @@ def continue_episodes(previous: Path, target: Path, up_to_step: int) -> None:
             csv.writer(handle).writerows(kept)
 
     write_atomically(target, write)
+    return float(kept[-1][3]) if len(kept) > 1 else 0.0
 
 
 def continue_progress(previous: Path, logger: Logger, up_to_step: int) -> None:

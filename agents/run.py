@@ -443,13 +443,16 @@ def _train(args: argparse.Namespace) -> int:
     )
     episodes = run_dir / "episodes.csv"
     logger = configure(str(run_dir), ["csv", "tensorboard"])
+    seconds = 0.0
     if args.resume is not None:  # one continuous curve, up to the checkpoint's step
-        continue_episodes(args.resume.parent / "episodes.csv", episodes, model.num_timesteps)
+        seconds = continue_episodes(
+            args.resume.parent / "episodes.csv", episodes, model.num_timesteps
+        )
         continue_progress(args.resume.parent / "progress.csv", logger, model.num_timesteps)
     model.set_logger(logger)
     checkpoint = run_dir / "checkpoint.zip"
     callbacks = [
-        EpisodeLog(episodes),
+        EpisodeLog(episodes, seconds),
         FinalLog(),
         PeriodicCheckpoint(
             args.checkpoint_every, lambda: save_checkpoint(model, checkpoint, metadata)

@@ -352,6 +352,17 @@ def origin_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def run_clock(seconds: np.ndarray) -> np.ndarray:
+    """Seconds since a run's start from an episodes.csv column. Records written before a
+    resumed run's clock went on from the earlier run's restart at zero after each resume;
+    each restart adds the time before it."""
+    restarts = np.flatnonzero(np.diff(seconds) < 0)
+    offsets = np.zeros_like(seconds)
+    for i in restarts:
+        offsets[i + 1 :] += seconds[i]
+    return seconds + offsets
+
+
 def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
     """One run of ``python -m ngrl.train`` (its folder) as a comparison run: its training
     episodes, its wall-clock, and ``eval_episodes`` evaluation episodes of its
@@ -368,7 +379,9 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
         label += f"[{','.join(overrides)}]"
     env = resolve(config["env"]).name.split("/")[-1].split("-v")[0]
     steps, returns = read_episodes(folder / "episodes.csv")
-    seconds = np.loadtxt(folder / "episodes.csv", delimiter=",", skiprows=1, usecols=3, ndmin=1)
+    seconds = run_clock(
+        np.loadtxt(folder / "episodes.csv", delimiter=",", skiprows=1, usecols=3, ndmin=1)
+    )
     saved = folder / "model.zip"
     if not saved.is_file():
         saved = folder / "checkpoint.zip"

@@ -288,6 +288,23 @@ def test_a_training_run_folder_merges_as_a_run(
         3,
         3000,
     )
+    # The clock goes on over the resume; older records restarted it at zero, and their
+    # run's time is the sum of its stretches.
+    rows = [line.split(",") for line in (more / "episodes.csv").read_text().splitlines()[1:]]
+    seconds = [float(row[3]) for row in rows]
+    assert seconds == sorted(seconds) and resumed["seconds"] == seconds[-1]
+    kept = len([row for row in rows if int(row[0]) <= 2000])
+    old = [*(100.0 + i for i in range(kept)), *(1.0 + i for i in range(len(rows) - kept))]
+    (more / "episodes.csv").write_text(
+        "timesteps,return,length,seconds\n"
+        + "".join(f"{','.join(row[:3])},{s}\n" for row, s in zip(rows, old, strict=True))
+    )
+    assert (
+        script.main(["--merge", str(more), "--eval-episodes", "0", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    resumed = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert resumed["seconds"] == 100.0 + kept - 1 + len(rows) - kept
     capsys.readouterr()
     data = json.loads((tmp_path / "m.json").read_text())
     run = next(r for r in data["results"] if r["algo"] == "acktr[damping=0.02]")

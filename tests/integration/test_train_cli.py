@@ -495,13 +495,18 @@ def read_steps(path: Path, column: int | str = 0) -> list[int]:
 
 def test_a_resumed_run_drops_the_records_its_checkpoint_did_not_keep(tmp_path: Path) -> None:
     """A run killed after its checkpoint logged a stretch the resumed run trains again:
-    the new records continue from the checkpoint's step, never twice."""
+    the new records continue from the checkpoint's step, never twice, and its clock from
+    the earlier run's."""
     args = ["acktr", "--env", "CartPole", *SMALL, "--set", "n_steps=8", "--log-interval", "1"]
     assert train(tmp_path, "first", *args, "--timesteps", "160")[0] == 0
     first = tmp_path / "first"
-    # What a crash after the checkpoint (at 160) leaves: records past it.
+    # A first run that took an hour, and what a crash after its checkpoint (at 160) leaves:
+    # records past it.
+    rows = (first / "episodes.csv").read_text().splitlines()
+    hour = [",".join([*row.split(",")[:3], str(3600.0 + i)]) for i, row in enumerate(rows[1:])]
+    (first / "episodes.csv").write_text("\n".join([rows[0], *hour]) + "\n")
     with open(first / "episodes.csv", "a") as handle:
-        handle.write("176,999.0,10,1.0\n192,999.0,10,1.0\n")
+        handle.write("176,999.0,10,9999.0\n192,999.0,10,9999.0\n")
     progress = (first / "progress.csv").read_text().splitlines()
     header = progress[0].split(",")
     late = [""] * len(header)
@@ -533,6 +538,11 @@ def test_a_resumed_run_drops_the_records_its_checkpoint_did_not_keep(tmp_path: P
             s for s in steps if s <= 160
         ]
     assert "999.0" not in (second / "episodes.csv").read_text()
+    seconds = [
+        float(row.split(",")[3]) for row in (second / "episodes.csv").read_text().split()[1:]
+    ]
+    kept = len([s for s in read_steps(second / "episodes.csv") if s <= 160])
+    assert seconds == sorted(seconds) and 3600.0 <= seconds[kept - 1] < seconds[-1] < 9999.0
 
 
 def test_vecnormalize_statistics_travel_inside_the_checkpoint(tmp_path: Path) -> None:
