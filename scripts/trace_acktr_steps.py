@@ -6,6 +6,14 @@ for every K-FAC update: the trust-region scale ``ν``, each layer's share of the
 update's own batch, and the RMS change of the value prediction there. Prints medians over
 windows of updates, and writes every update to ``--out`` (CSV) if given.
 
+How well a step spends its KL: its surrogate gain ``mean(A·Δlog π(a|s))`` on the batch per
+``√(2·KL)``, beside the same figure for the plain policy gradient of the batch scaled to
+the same measured KL; for ACKTR also for the K-FAC-preconditioned policy gradient (the
+step's direction without the value and entropy terms) and the K-FAC-preconditioned gradient
+of the whole loss (the step's direction without momentum). The exact natural gradient of
+the policy's objective maximises the figure, so a natural-gradient step should be ahead of
+the gradient there.
+
 ``--algo a2c`` traces SB3's A2C with its preset the same way (the measured KL, value change
 and entropy; it has no trust region): how far a first-order agent moves its policy per
 update, beside ACKTR's budget.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,11 +56,108 @@ ALGOS = ("acktr", "a2c")
 
 
 def distribution_and_values(policy: Any, observations: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """The torch action distribution and the values of any SB3 actor-critic policy."""
+    """The torch action distribution (in float64: the KL of a small step cancels to a few
+    float32 ulps otherwise) and the values of any SB3 actor-critic policy."""
     if hasattr(policy, "distribution_and_values"):  # ngrl's policies: one pass
         distribution, values = policy.distribution_and_values(observations)
-        return distribution.distribution, values
-    return policy.get_distribution(observations).distribution, policy.predict_values(observations)
+        return in_float64(distribution.distribution), values
+    distribution = policy.get_distribution(observations).distribution
+    return in_float64(distribution), policy.predict_values(observations)
+
+
+def in_float64(distribution: Any) -> Any:
+    """A categorical or normal distribution with float64 parameters (others as they are)."""
+    if isinstance(distribution, torch.distributions.Categorical):
+        return torch.distributions.Categorical(logits=distribution.logits.double())
+    if isinstance(distribution, torch.distributions.Normal):
+        return torch.distributions.Normal(distribution.loc.double(), distribution.scale.double())
+    return distribution
+
+
+def log_likelihood(distribution: Any, actions: torch.Tensor) -> torch.Tensor:
+    """``log π(a|s)`` of each example, summed over the action's dimensions."""
+    if isinstance(distribution, torch.distributions.Categorical):
+        return distribution.log_prob(actions.long().reshape(-1))
+    log_p = distribution.log_prob(actions)
+    return log_p.reshape(log_p.shape[0], -1).sum(1)
+
+
+def per_example_kl(before: Any, after: Any) -> torch.Tensor:
+    """``KL(π_before ‖ π_after)`` of each example, summed over the action's dimensions."""
+    kl = torch.distributions.kl_divergence(before, after)
+    return kl.reshape(kl.shape[0], -1).sum(1)
+
+
+def surrogate_gain(
+    before: Any, after: Any, actions: torch.Tensor, advantages: torch.Tensor
+) -> float:
+    """The change of the policy-gradient objective, ``mean(A·(log π_after − log π_before))``."""
+    change = log_likelihood(after, actions) - log_likelihood(before, actions)
+    return float((advantages * change).mean())
+
+
+def efficiency(gain: float, kl: float) -> float:
+    """Surrogate gain per unit of the step's length in the Fisher metric, ``gain / √(2·KL)``:
+    for a small step d, ``gᵀd / √(dᵀFd)``, at most ``√(gᵀF⁻¹g)``, which the exact natural
+    gradient attains. It depends on the step's direction, not on its size."""
+    return gain / math.sqrt(2.0 * kl) if kl > 0.0 else math.nan
+
+
+def policy_gradient(
+    policy: Any, observations: torch.Tensor, actions: torch.Tensor, advantages: torch.Tensor
+) -> dict[torch.Tensor, torch.Tensor]:
+    """``∇ mean(A·log π(a|s))`` of the batch at the policy's parameters, per parameter."""
+    parameters = [p for p in policy.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        distribution, _ = distribution_and_values(policy, observations)
+        objective = (advantages * log_likelihood(distribution, actions)).mean()
+        found = torch.autograd.grad(objective, parameters, allow_unused=True)
+    return {
+        p: torch.zeros_like(p) if g is None else g for p, g in zip(parameters, found, strict=True)
+    }
+
+
+def probe(
+    policy: Any,
+    direction: dict[torch.Tensor, torch.Tensor],
+    observations: torch.Tensor,
+    actions: torch.Tensor,
+    advantages: torch.Tensor,
+    before: Any,
+    kl: float,
+) -> tuple[float, float]:
+    """A step along ``direction`` from the parameters the policy holds (those of
+    ``before``), scaled until it moves the policy by ``kl``: the surrogate gain and the
+    measured KL of that step. The parameters are left as they were."""
+    if not kl > 0.0:
+        return math.nan, math.nan
+    start = {p: p.detach().clone() for p in direction}
+    norm = math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
+    scale, gain, step_kl = 1e-3 / max(norm, 1e-12), 0.0, 0.0
+    with torch.no_grad():
+        for _ in range(6):  # the KL grows as the scale squared while the step is small
+            for p, d in direction.items():
+                p.copy_(start[p] + scale * d)
+            after, _ = distribution_and_values(policy, observations)
+            step_kl = float(per_example_kl(before, after).mean())
+            gain = surrogate_gain(before, after, actions, advantages)
+            if step_kl > 0.0 and abs(step_kl / kl - 1.0) < 0.05:
+                break
+            scale *= math.sqrt(kl / step_kl) if step_kl > 0.0 else 10.0
+        for p, p0 in start.items():
+            p.copy_(p0)
+    return gain, step_kl
+
+
+def kfac_direction(
+    optimizer: Any, gradient: dict[torch.Tensor, torch.Tensor]
+) -> dict[torch.Tensor, torch.Tensor] | None:
+    """The optimizer's ``(F̂ + λI)⁻¹`` applied to ``gradient`` (none where it fails)."""
+    params = optimizer.param_groups[0]["params"]
+    found = optimizer.natural_gradient([gradient.get(p) for p in params])
+    if found is None:
+        return None
+    return {p: d for p, d in zip(params, found, strict=True) if d is not None}
 
 
 def trace(model: Any, updates: int) -> list[dict[str, Any]]:
@@ -75,21 +181,51 @@ def trace(model: Any, updates: int) -> list[dict[str, Any]]:
             .reshape(-1, *model.observation_space.shape)
             .to(policy.device)
         )
+        buffer = model.rollout_buffer
+        actions = torch.as_tensor(buffer.actions).reshape(len(observations), -1)
+        advantages = torch.as_tensor(buffer.advantages).reshape(-1)
         with torch.no_grad():
             # SB3 reuses one Distribution wrapper per policy: keep its torch distribution.
             before, values_before = distribution_and_values(policy, observations)
+        start = [p.detach().clone() for p in policy.parameters()]
         count = len(rows)
         train()
         if kfac and len(rows) == count:  # a cold-start update: no K-FAC step
             return
+        # The gradient of the update's whole loss (policy, value and entropy terms), uphill.
+        loss_gradient = {p: -p.grad for p in policy.parameters() if p.grad is not None}
         with torch.no_grad():
             after, values_after = distribution_and_values(policy, observations)
-            kl = torch.distributions.kl_divergence(before, after)
+            kl = float(per_example_kl(before, after).mean())
+            gain = surrogate_gain(before, after, actions, advantages)
+            end = [p.detach().clone() for p in policy.parameters()]
+            for p, p0 in zip(policy.parameters(), start, strict=True):
+                p.copy_(p0)
+        gradient = policy_gradient(policy, observations, actions, advantages)
+        probes = {"gradient": gradient}
+        if kfac:
+            probes["kfac_gradient"] = kfac_direction(optimizer, gradient)
+            probes["kfac_loss_gradient"] = kfac_direction(optimizer, loss_gradient)
+        measured = {}
+        for name, direction in probes.items():
+            gain_kl = (
+                probe(policy, direction, observations, actions, advantages, before, kl)
+                if direction is not None
+                else (math.nan, math.nan)
+            )
+            measured[f"{name}_gain"], measured[f"{name}_kl"] = gain_kl
+            measured[f"{name}_efficiency"] = efficiency(*gain_kl)
+        with torch.no_grad():
+            for p, p1 in zip(policy.parameters(), end, strict=True):
+                p.copy_(p1)
         effect = dict(
             update=model._n_updates,
-            policy_kl=float(kl.reshape(kl.shape[0], -1).sum(1).mean()),
+            policy_kl=kl,
             value_rms_change=float((values_after - values_before).square().mean().sqrt()),
-            entropy=float(after.entropy().reshape(kl.shape[0], -1).sum(1).mean()),
+            entropy=float(after.entropy().reshape(len(observations), -1).sum(1).mean()),
+            gain=gain,
+            efficiency=efficiency(gain, kl),
+            **measured,
         )
         if not kfac:
             rows.append(effect)
@@ -156,6 +292,8 @@ def print_table(rows: list[dict[str, Any]], window: int) -> None:
     if kfac:
         heads += ["ν_π / ν_V" if split else "ν", "predicted KL"]
     heads += ["measured policy KL", "mean policy KL", "value RMS change", "entropy"]
+    heads += ["gain / √(2 KL)", "the gradient's"]
+    heads += ["the K-FAC gradient's", "the K-FAC loss gradient's"] if kfac else []
     heads += [f"{name} share" for name in layers]
     print("| " + " | ".join(heads) + " |")
     print("|---" * len(heads) + "|")
@@ -163,7 +301,8 @@ def print_table(rows: list[dict[str, Any]], window: int) -> None:
         part = rows[start : start + window]
 
         def median(key: str, part: list[dict[str, Any]] = part) -> float:
-            return float(np.median([r[key] for r in part]))
+            values = [r[key] for r in part]
+            return float(np.nanmedian(values)) if not np.isnan(values).all() else math.nan
 
         cells = [f"{part[0]['update']}–{part[-1]['update']}"]
         if kfac:
@@ -174,7 +313,14 @@ def print_table(rows: list[dict[str, Any]], window: int) -> None:
             f"{np.mean([r['policy_kl'] for r in part]):.2e}",
             f"{median('value_rms_change'):.3g}",
             f"{median('entropy'):.3f}",
+            f"{median('efficiency'):.3g}",
+            f"{median('gradient_efficiency'):.3g}",
         ]
+        if kfac:
+            cells += [
+                f"{median('kfac_gradient_efficiency'):.3g}",
+                f"{median('kfac_loss_gradient_efficiency'):.3g}",
+            ]
         cells += [
             f"{np.median([r['quadratics'][n] / sum(r['quadratics'].values()) for r in part]):.1%}"
             for n in layers

@@ -459,21 +459,50 @@ class KFAC(torch.optim.Optimizer):
         grads = self._layer_gradients()  # averaged over the ranks
         if grads is None:
             return None
+        directions = self._preconditioned(grads, refresh)
+        quadratic = self._quadratic(directions, grads)
+        if quadratic is None:
+            return None
+        return self._scaled(directions, self._trust_region_scale(quadratic, lr, kl_clip))
+
+    def _preconditioned(self, grads: Mapping[str, Tensor], refresh: bool) -> dict[str, Tensor]:
+        """``X = (F̂ + λI)⁻¹ ∇Ŵ`` per layer, refreshing the decompositions first when due."""
         plan, damping = self._work_plan(), float(self.hyperparameter("damping"))
         with self._exact_dtype():
             if refresh and self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
                 plan.refresh({name: self.blocks[name] for name in grads}, damping)
-            directions = plan.gather_directions(
-                {  # X = (F̂ + λI)⁻¹ ∇Ŵ
+            return plan.gather_directions(
+                {
                     name: self.blocks[name].precondition(grad, damping)
                     for name, grad in plan.preconditioned_here(grads).items()
                 },
                 grads,
             )
-        quadratic = self._quadratic(directions, grads)
-        if quadratic is None:
-            return None
-        return self._scaled(directions, self._trust_region_scale(quadratic, lr, kl_clip))
+
+    @torch.no_grad()
+    def natural_gradient(self, grads: Sequence[Tensor | None]) -> list[Tensor | None] | None:
+        """``(F̂ + λI)⁻¹ g`` of the gradients ``grads`` of ``param_groups[0]["params"]`` (in
+        that order), with the decompositions as they stand: no refresh, trust region,
+        momentum or step count, and the parameters' ``.grad`` left as they were. A layer
+        without statistics yet passes its gradient through; ``None`` (with a warning) if
+        anything is not finite. For measuring a direction, e.g. that of another loss."""
+        params = self.param_groups[0]["params"]
+        saved = [p.grad for p in params]
+        try:
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = None if grad is None else grad.detach().clone()
+            gathered = self._layer_gradients()
+            if gathered is None:
+                return None
+            directions = self._preconditioned(gathered, refresh=False)
+            if not all_finite(*directions.values()):
+                self._skip("preconditioned gradients")
+                return None
+            found = self._scaled(directions, 1.0)
+            return [found.get(p, p.grad) for p in params]
+        finally:
+            for param, grad in zip(params, saved, strict=True):
+                param.grad = grad
 
     def _work_plan(self) -> distributed.LocalPlan:
         """Who refreshes and preconditions which layer (:mod:`ngrl.distributed`; built at

@@ -45,6 +45,33 @@ def test_the_trace_records_every_kfac_update(
         assert float(row["policy_kl"]) >= 0.0 and math.isfinite(float(row["value_rms_change"]))
 
 
+def test_each_step_is_measured_against_the_gradients_at_its_kl(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probes move the policy by the step's own measured KL; without momentum the step
+    is the K-FAC-preconditioned gradient of its loss, so the two spend their KL alike."""
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    argv = ["--env", "CartPole", "--updates", "16", "--window", "3", "--out", str(out)]
+    settings = ["n_steps=8", "momentum=0.0", "learning_rate=0.5"]
+    assert script.main([*argv, *(a for s in settings for a in ("--set", s))]) == 0
+    assert "| the K-FAC gradient's | the K-FAC loss gradient's |" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6
+    for row in rows:
+        kl = float(row["policy_kl"])
+        assert kl > 0.0
+        for probe in ("gradient", "kfac_gradient", "kfac_loss_gradient"):
+            assert float(row[f"{probe}_kl"]) == pytest.approx(kl, rel=0.05)
+            assert float(row[f"{probe}_efficiency"]) == pytest.approx(
+                float(row[f"{probe}_gain"]) / math.sqrt(2 * float(row[f"{probe}_kl"]))
+            )
+        assert float(row["gradient_gain"]) > 0.0  # uphill, at a small step
+        assert float(row["efficiency"]) == pytest.approx(
+            float(row["kfac_loss_gradient_efficiency"]), rel=0.05
+        )
+
+
 def test_a_split_trust_region_is_traced_part_by_part(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -293,6 +293,35 @@ def test_precondition_in_place_hands_the_natural_gradient_to_another_optimizer()
     torch.testing.assert_close(flat_parameters(twin), flat_parameters(model))
 
 
+def test_natural_gradient_is_a_steps_direction_and_changes_nothing() -> None:
+    model, opt = make(lr=1.0, momentum=0.0, kl_clip=None)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    capture_batch(opt, model, x, sample_classes(model(x)))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # the first step computes the decompositions; the next refresh is at 10
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    other = [torch.randn_like(p) for p in model.parameters()]
+    found = opt.natural_gradient(other)
+    assert found is not None and opt.steps == 1
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    doubled = opt.natural_gradient([2 * g for g in other])
+    assert doubled is not None
+    for a, b in zip(found, doubled, strict=True):
+        torch.testing.assert_close(2 * a, b)
+    # Without trust region, momentum or refresh, a step of lr 1 moves by exactly that.
+    direction = opt.natural_gradient(grads)
+    assert direction is not None
+    before = flat_parameters(model)
+    opt.step()
+    torch.testing.assert_close(
+        before - flat_parameters(model), torch.cat([d.flatten() for d in direction])
+    )
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        assert opt.natural_gradient([torch.full_like(g, float("nan")) for g in grads]) is None
+
+
 def test_same_seed_gives_the_same_parameters() -> None:
     results = []
     for _ in range(2):
