@@ -11,20 +11,31 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 from stable_baselines3.common.logger import Logger
 
 from ngrl.helpers import write_atomically
 
-__all__ = ["continue_episodes", "continue_progress"]
+__all__ = ["continue_episodes", "continue_progress", "run_clock"]
 
 #: The column of SB3's progress.csv that holds the step of each row.
 STEP_COLUMN = "time/total_timesteps"
 
 
+def run_clock(seconds: np.ndarray) -> np.ndarray:
+    """Seconds since a run's start from the ``seconds`` column of an episodes.csv. Records
+    written before a resumed run's clock went on from the earlier run's restart at zero
+    after each resume; each restart adds the time before it."""
+    restarted = np.diff(seconds, prepend=seconds[:1]) < 0
+    before = np.concatenate([[0.0], seconds[:-1]])
+    return seconds + np.cumsum(np.where(restarted, before, 0.0))
+
+
 def continue_episodes(previous: Path, target: Path, up_to_step: int) -> float:
     """Copy the episodes of ``previous`` (an episodes.csv) that ended by ``up_to_step``;
-    return the wall-clock seconds of the last one (0 without any), from which the resumed
-    run's clock goes on. The time between that episode and the checkpoint is not counted."""
+    return the run's wall-clock seconds at the last one (:func:`run_clock`; 0 without any),
+    from which the resumed run's clock goes on. The time between that episode and the
+    checkpoint is not counted."""
     if not previous.is_file():
         return 0.0
     with open(previous, newline="") as handle:
@@ -36,7 +47,9 @@ def continue_episodes(previous: Path, target: Path, up_to_step: int) -> float:
             csv.writer(handle).writerows(kept)
 
     write_atomically(target, write)
-    return float(kept[-1][3]) if len(kept) > 1 else 0.0
+    if len(kept) == 1:
+        return 0.0
+    return float(run_clock(np.array([float(row[3]) for row in kept[1:]]))[-1])
 
 
 def continue_progress(previous: Path, logger: Logger, up_to_step: int) -> None:

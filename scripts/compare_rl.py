@@ -46,6 +46,7 @@ from ngrl.agents.checkpoints import has_normalizer, load_normalizer
 from ngrl.agents.evaluation import evaluate
 from ngrl.agents.plots import read_episodes, rolling_mean
 from ngrl.agents.presets import algorithm_class, resolve_config
+from ngrl.agents.records import run_clock
 from ngrl.envs import make_vec_env, resolve
 
 
@@ -350,17 +351,6 @@ def origin_config(config: dict[str, Any]) -> dict[str, Any]:
         seen.add(parent)
         config = json.loads(parent.read_text())
     return config
-
-
-def run_clock(seconds: np.ndarray) -> np.ndarray:
-    """Seconds since a run's start from an episodes.csv column. Records written before a
-    resumed run's clock went on from the earlier run's restart at zero after each resume;
-    each restart adds the time before it."""
-    restarts = np.flatnonzero(np.diff(seconds) < 0)
-    offsets = np.zeros_like(seconds)
-    for i in restarts:
-        offsets[i + 1 :] += seconds[i]
-    return seconds + offsets
 
 
 def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
