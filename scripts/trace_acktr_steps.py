@@ -131,22 +131,27 @@ def probe(
     measured KL of that step. The parameters are left as they were."""
     if not kl > 0.0:
         return math.nan, math.nan
-    start = {p: p.detach().clone() for p in direction}
+    start = [p.detach().clone() for p in direction]
     norm = math.sqrt(sum(float(d.square().sum()) for d in direction.values()))
     scale, gain, step_kl = 1e-3 / max(norm, 1e-12), 0.0, 0.0
-    with torch.no_grad():
-        for _ in range(6):  # the KL grows as the scale squared while the step is small
-            for p, d in direction.items():
-                p.copy_(start[p] + scale * d)
+    for _ in range(6):  # the KL grows as the scale squared while the step is small
+        assign(direction, [p0 + scale * d for p0, d in zip(start, direction.values(), strict=True)])
+        with torch.no_grad():
             after, _ = distribution_and_values(policy, observations)
-            step_kl = float(per_example_kl(before, after).mean())
-            gain = surrogate_gain(before, after, actions, advantages)
-            if step_kl > 0.0 and abs(step_kl / kl - 1.0) < 0.05:
-                break
-            scale *= math.sqrt(kl / step_kl) if step_kl > 0.0 else 10.0
-        for p, p0 in start.items():
-            p.copy_(p0)
+        step_kl = float(per_example_kl(before, after).mean())
+        gain = surrogate_gain(before, after, actions, advantages)
+        if step_kl > 0.0 and abs(step_kl / kl - 1.0) < 0.05:
+            break
+        scale *= math.sqrt(kl / step_kl) if step_kl > 0.0 else 10.0
+    assign(direction, start)
     return gain, step_kl
+
+
+@torch.no_grad()
+def assign(parameters: Any, values: list[torch.Tensor]) -> None:
+    """Set each parameter (an iterable of them) to its value, in order."""
+    for p, value in zip(parameters, values, strict=True):
+        p.copy_(value)
 
 
 def kfac_direction(
@@ -192,18 +197,17 @@ def trace(model: Any, updates: int) -> list[dict[str, Any]]:
         train()
         if kfac and len(rows) == count:  # a cold-start update: no K-FAC step
             return
-        # The gradient of the update's whole loss (policy, value and entropy terms), uphill.
-        loss_gradient = {p: -p.grad for p in policy.parameters() if p.grad is not None}
         with torch.no_grad():
             after, values_after = distribution_and_values(policy, observations)
             kl = float(per_example_kl(before, after).mean())
             gain = surrogate_gain(before, after, actions, advantages)
-            end = [p.detach().clone() for p in policy.parameters()]
-            for p, p0 in zip(policy.parameters(), start, strict=True):
-                p.copy_(p0)
+        end = [p.detach().clone() for p in policy.parameters()]
+        assign(policy.parameters(), start)  # the probes start where the step started
         gradient = policy_gradient(policy, observations, actions, advantages)
         probes = {"gradient": gradient}
         if kfac:
+            # The gradient of the update's whole loss (policy, value, entropy), uphill.
+            loss_gradient = {p: -p.grad for p in policy.parameters() if p.grad is not None}
             probes["kfac_gradient"] = kfac_direction(optimizer, gradient)
             probes["kfac_loss_gradient"] = kfac_direction(optimizer, loss_gradient)
         measured = {}
@@ -215,9 +219,7 @@ def trace(model: Any, updates: int) -> list[dict[str, Any]]:
             )
             measured[f"{name}_gain"], measured[f"{name}_kl"] = gain_kl
             measured[f"{name}_efficiency"] = efficiency(*gain_kl)
-        with torch.no_grad():
-            for p, p1 in zip(policy.parameters(), end, strict=True):
-                p.copy_(p1)
+        assign(policy.parameters(), end)
         effect = dict(
             update=model._n_updates,
             policy_kl=kl,

@@ -487,6 +487,11 @@ class KFAC(torch.optim.Optimizer):
         without statistics yet passes its gradient through; ``None`` (with a warning) if
         anything is not finite. For measuring a direction, e.g. that of another loss."""
         params = self.param_groups[0]["params"]
+        if len(grads) != len(params):
+            raise ValueError(
+                f"natural_gradient: grads has {len(grads)} entries, the optimizer "
+                f"{len(params)} parameters (param_groups[0]['params'], in order)"
+            )
         saved = [p.grad for p in params]
         try:
             for param, grad in zip(params, grads, strict=True):

@@ -320,6 +320,9 @@ def test_natural_gradient_is_a_steps_direction_and_changes_nothing() -> None:
     )
     with pytest.warns(RuntimeWarning, match="non-finite gradients"):
         assert opt.natural_gradient([torch.full_like(g, float("nan")) for g in grads]) is None
+    with pytest.raises(ValueError, match="grads has 3 entries, the optimizer 4"):
+        opt.natural_gradient(grads[:3])
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
 
 
 def test_same_seed_gives_the_same_parameters() -> None:
