@@ -272,7 +272,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         metadata = read_run_metadata(args.resume)
         if (metadata.get("algo"), metadata.get("env")) != (args.algo, spec.gym_id):
             raise UsageError(
-                f"checkpoint {str(args.resume)!r} is a {metadata.get('algo')} run on "
+                f"checkpoint {str(args.resume)!r} was trained by {metadata.get('algo')} on "
                 f"{metadata.get('env')}, not {args.algo} on {spec.gym_id}"
             )
         done = metadata["num_timesteps"]

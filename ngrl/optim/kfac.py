@@ -485,7 +485,10 @@ class KFAC(torch.optim.Optimizer):
         that order), with the decompositions as they stand: no refresh, trust region,
         momentum or step count, and the parameters' ``.grad`` left as they were. A layer
         without statistics yet passes its gradient through; ``None`` (with a warning) if
-        anything is not finite. For measuring a direction, e.g. that of another loss."""
+        anything is not finite. For measuring a direction, e.g. that of another loss.
+
+        Like :meth:`step`, it averages ``grads`` over the ranks of a process group: under
+        torchrun it is a collective call, which every rank must make."""
         params = self.param_groups[0]["params"]
         if len(grads) != len(params):
             raise ValueError(

@@ -292,7 +292,7 @@ def test_corrupt_or_foreign_checkpoints_are_refused(
     assert train(tmp_path, "a2c", "a2c", "--env", "CartPole", "--timesteps", "40", *SMALL)[0] == 0
     capsys.readouterr()
     a2c_model = str(tmp_path / "a2c" / "checkpoint.zip")
-    assert "is a a2c run on CartPole-v1, not acktr" in run_bad(
+    assert "was trained by a2c on CartPole-v1, not acktr" in run_bad(
         tmp_path, capsys, "acktr", "--env", "CartPole", "--resume", a2c_model
     )
     assert "not a2c on Acrobot" in run_bad(
