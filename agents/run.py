@@ -1,7 +1,8 @@
 """The training run behind ``python -m ngrl.train ALGO --env NAME``: an agent with its
 published settings, in a run folder.
 
-A run writes, into its own folder: ``config.json``, ``progress.csv`` and TensorBoard
+A run writes, into its own folder: ``config.json`` (with the command and the code's
+commit), ``progress.csv`` and TensorBoard
 events (SB3's logger, every ``--log-interval`` updates and at the end), ``episodes.csv``
 (every episode), ``checkpoint.zip`` (everything a run continues from, every
 ``--checkpoint-every`` updates and at the end, written atomically), ``model.zip`` (the
@@ -25,7 +26,7 @@ import torch
 from stable_baselines3.common.utils import set_random_seed
 
 from ngrl import distributed
-from ngrl.helpers import add_override_option
+from ngrl.helpers import add_override_option, source_commit
 
 __all__ = ["main"]
 
@@ -436,6 +437,7 @@ def _train(args: argparse.Namespace) -> int:
                 # A resumed run keeps the hyperparameters saved in its checkpoint.
                 "hyperparameters": "from the checkpoint" if args.resume else config.hyperparameters,
                 "command": args.command,
+                "commit": source_commit(),
             },
             indent=2,
             default=repr,

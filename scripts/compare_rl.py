@@ -48,6 +48,7 @@ from ngrl.agents.plots import read_episodes, rolling_mean
 from ngrl.agents.presets import algorithm_class, resolve_config
 from ngrl.agents.records import run_clock
 from ngrl.envs import make_vec_env, resolve
+from ngrl.helpers import source_commit
 
 
 @dataclass(frozen=True)
@@ -280,13 +281,13 @@ def results_json(
     results: list[dict[str, Any]],
     merged_from: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Every run with its curve, one run per line (the curves are long); a merge also
-    keeps the commands of the files it merged."""
+    """Every run with its curve, one run per line (the curves are long), and the commit
+    of the code; a merge also keeps the commands and commits of the files it merged."""
     runs = ",\n  ".join(json.dumps(r) for r in results)
     sources = f'"merged_from": {json.dumps(merged_from)}, ' if merged_from else ""
     return (
-        f'{{"command": {json.dumps(command)}, {sources}"torch_threads": 1, '
-        f'"results": [\n  {runs}\n]}}\n'
+        f'{{"command": {json.dumps(command)}, "commit": {json.dumps(source_commit())}, '
+        f'{sources}"torch_threads": 1, "results": [\n  {runs}\n]}}\n'
     )
 
 
@@ -406,7 +407,7 @@ def run_folder_results(folder: Path, eval_episodes: int = 20) -> dict[str, Any]:
         "curve_steps": steps.tolist(),
         "curve_returns": returns.tolist(),
     }
-    return {"command": config.get("command"), "results": [run]}
+    return {"command": config.get("command"), "commit": config.get("commit"), "results": [run]}
 
 
 def split_label(item: str) -> tuple[str, str] | None:
@@ -464,7 +465,9 @@ def merged_results(
                     r["timesteps"],
                 )
         results.extend(runs)
-        sources.append({"file": path.name, "command": data.get("command")})
+        sources.append(
+            {"file": path.name, "command": data.get("command"), "commit": data.get("commit")}
+        )
     tasks: dict[str, Task] = {}
     for r in results:
         previous = tasks.get(r["env"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ngrl.helpers import source_commit
 from tests.helpers.scripts import load_script
 
 
@@ -53,6 +54,8 @@ def test_runs_of_two_processes_merge_into_one_table(
         str(tmp_path / "acktr"),
         str(tmp_path / "a2c"),
     ]
+    assert data["commit"] == source_commit()
+    assert [source["commit"] for source in data["merged_from"]] == [source_commit()] * 2
     runs = data["results"]
     assert sorted((r["algo"], r["env"]) for r in runs) == sorted(
         (a, e) for a in ("acktr", "a2c") for e in ("CartPole", "InvertedPendulum")
@@ -314,6 +317,7 @@ def test_a_training_run_folder_merges_as_a_run(
     ]
     assert run["curve_steps"] == steps and run["final_return"] > 0
     assert data["merged_from"][0]["command"][:4] == ["python", "-m", "ngrl.train", "acktr"]
+    assert data["merged_from"][0]["commit"] == source_commit()
 
 
 def test_a_run_stopped_before_its_end_counts_to_its_checkpoint(

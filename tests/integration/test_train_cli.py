@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ngrl.agents import ACKTR
+from ngrl.helpers import source_commit
 from ngrl.train import main
 from tests.helpers.oracle import state_tensors
 
@@ -58,6 +59,7 @@ def test_every_algorithm_trains_and_writes_its_run_folder(algo: str, tmp_path: P
     assert json.loads((run_dir / "eval.json").read_text())["episodes"] == 2
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algo"] == algo
+    assert config["commit"] == source_commit()  # the code that ran, where known
     assert (config["normalize"], config["normalize_reward"]) == (False, False)
 
 
