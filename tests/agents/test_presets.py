@@ -40,6 +40,7 @@ def test_named_presets_start_from_the_algorithm_and_change_what_they_name() -> N
     starts = [c.algorithm_kwargs()["learning_rate"](1.0) for c in (baselines, default)]
     assert starts == [0.25, 0.5]
     assert [c.algorithm_kwargs()["kl_clip"] for c in (baselines, default)] == [1e-3, 2e-3]
+    assert [c.algorithm_kwargs()["momentum"] for c in (baselines, default)] == [0.9, 0.0]
     assert baselines.hyperparameters.get("curvature", "kfac") == "kfac"
     with pytest.raises(ValueError, match="no preset 'x'; its presets: baselines"):
         resolve_config("acktr", breakout, [], "x")
