@@ -172,11 +172,15 @@ def trace(model: Any, updates: int) -> list[dict[str, Any]]:
     kfac = isinstance(model, ACKTR)
     rows: list[dict[str, Any]] = []
     quadratic, train = getattr(optimizer, "_quadratic", None), model.train
+    # The policy's own parameters (a Gaussian policy's log_std) form the layer named "".
+    own = ",".join(name for name, _ in policy.named_parameters(recurse=False)) or "<policy>"
 
     def recording_quadratic(directions: dict[str, torch.Tensor], grads: dict[str, Any]) -> Any:
         total = quadratic(directions, grads)
         if total is not None:
-            quadratics = {name: float((directions[name] * g).sum()) for name, g in grads.items()}
+            quadratics = {
+                name or own: float((directions[name] * g).sum()) for name, g in grads.items()
+            }
             rows.append({"quadratics": quadratics})
         return total
 

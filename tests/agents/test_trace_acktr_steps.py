@@ -155,3 +155,15 @@ def test_a2c_is_traced_by_its_measured_steps(
     rows = list(csv.DictReader(out.open()))
     assert all(float(r["policy_kl"]) < 1e-15 for r in rows)
     assert all(float(r["value_rms_change"]) < 1e-9 for r in rows)
+
+
+def test_a_gaussian_policys_log_std_is_named_in_the_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("trace_acktr_steps")
+    out = tmp_path / "trace.csv"
+    args = ["--env", "Pendulum", "--updates", "3", "--window", "3", "--set", "n_steps=8"]
+    assert script.main([*args, "--set", "n_critic_updates=2", "--out", str(out)]) == 0
+    assert "| log_std share |" in capsys.readouterr().out.splitlines()[0]
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(float(r["quadratic:log_std"]) >= 0.0 for r in rows)
