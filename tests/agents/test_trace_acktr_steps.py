@@ -137,22 +137,26 @@ def test_a_checkpoint_is_traced_from_its_step_with_a_changed_setting(
         assert "acktr's own top-level arguments only" in capsys.readouterr().err
 
 
+def traced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[list[str], list[dict[str, str]]]:
+    """The printed table's lines and the CSV rows of one successful trace."""
+    out = tmp_path / "trace.csv"
+    assert load_script("trace_acktr_steps").main([*argv, "--out", str(out)]) == 0
+    return capsys.readouterr().out.splitlines(), list(csv.DictReader(out.open()))
+
+
 def test_a2c_is_traced_by_its_measured_steps(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script = load_script("trace_acktr_steps")
-    out = tmp_path / "trace.csv"
     argv = ["--algo", "a2c", "--env", "CartPole", "--updates", "6", "--window", "3"]
-    assert script.main([*argv, "--out", str(out)]) == 0
-    table = capsys.readouterr().out.splitlines()
+    table, rows = traced(tmp_path, capsys, *argv)
     assert table[0].startswith("| updates | measured policy KL | mean policy KL |")
-    rows = list(csv.DictReader(out.open()))
     assert [int(r["update"]) for r in rows] == list(range(1, 7))  # no cold start, no ν
     assert "nu" not in rows[0] and all(0.0 < float(r["entropy"]) <= math.log(2) for r in rows)
     assert all(float(r["policy_kl"]) > 0.0 for r in rows)
     # The KL is measured across the update: a vanishing step, a vanishing change.
-    assert script.main([*argv, "--set", "learning_rate=1e-12", "--out", str(out)]) == 0
-    rows = list(csv.DictReader(out.open()))
+    _, rows = traced(tmp_path, capsys, *argv, "--set", "learning_rate=1e-12")
     assert all(float(r["policy_kl"]) < 1e-15 for r in rows)
     assert all(float(r["value_rms_change"]) < 1e-9 for r in rows)
 
@@ -160,10 +164,7 @@ def test_a2c_is_traced_by_its_measured_steps(
 def test_a_gaussian_policys_log_std_is_named_in_the_trace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script = load_script("trace_acktr_steps")
-    out = tmp_path / "trace.csv"
-    args = ["--env", "Pendulum", "--updates", "3", "--window", "3", "--set", "n_steps=8"]
-    assert script.main([*args, "--set", "n_critic_updates=2", "--out", str(out)]) == 0
-    assert "| log_std share |" in capsys.readouterr().out.splitlines()[0]
-    rows = list(csv.DictReader(out.open()))
+    argv = ["--env", "Pendulum", "--updates", "3", "--window", "3", "--set", "n_steps=8"]
+    table, rows = traced(tmp_path, capsys, *argv, "--set", "n_critic_updates=2")
+    assert "| log_std share |" in table[0]
     assert rows and all(float(r["quadratic:log_std"]) >= 0.0 for r in rows)
