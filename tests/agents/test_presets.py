@@ -75,3 +75,23 @@ def test_an_unknown_activation_lists_the_valid_ones() -> None:
         resolve_config("acktr", resolve("Pendulum"), [("normalize_reward", 1)])
     with pytest.raises(ValueError, match="normalize_reward has no effect without normalize"):
         resolve_config("acktr", resolve("CartPole"), [("normalize_reward", False)])
+
+
+def test_the_continuous_default_starts_its_action_noise_at_std_one_over_e() -> None:
+    """The continuous default's departure from baselines (log-std 0), which --preset
+    baselines keeps."""
+    import math
+
+    from ngrl.agents import ACKTR
+    from ngrl.envs import make_vec_env
+
+    spec = resolve("HalfCheetah")
+    stds = []
+    for preset in (None, "baselines"):
+        config = resolve_config("acktr", spec, [], preset)
+        model = ACKTR(
+            config.policy, make_vec_env(spec.gym_id, 1, seed=0), **config.algorithm_kwargs()
+        )
+        stds.append(model.policy.log_std.exp().tolist())
+    assert stds[0] == pytest.approx([math.exp(-1.0)] * 6)
+    assert stds[1] == pytest.approx([1.0] * 6)
