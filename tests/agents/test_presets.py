@@ -77,21 +77,23 @@ def test_an_unknown_activation_lists_the_valid_ones() -> None:
         resolve_config("acktr", resolve("CartPole"), [("normalize_reward", False)])
 
 
-def test_the_continuous_default_starts_its_action_noise_at_std_one_over_e() -> None:
-    """The continuous default's departure from baselines (log-std 0), which --preset
-    baselines keeps."""
+def test_the_continuous_default_departs_from_baselines_in_noise_and_kl_target() -> None:
+    """The continuous default starts its action noise at std 1/e and adapts its step to a
+    KL of 0.01 in a 0.05 region; --preset baselines keeps log-std 0 and 0.002 in 0.01."""
     import math
 
     from ngrl.agents import ACKTR
     from ngrl.envs import make_vec_env
 
     spec = resolve("HalfCheetah")
-    stds = []
+    stds, budgets = [], []
     for preset in (None, "baselines"):
         config = resolve_config("acktr", spec, [], preset)
         model = ACKTR(
             config.policy, make_vec_env(spec.gym_id, 1, seed=0), **config.algorithm_kwargs()
         )
         stds.append(model.policy.log_std.exp().tolist())
+        budgets.append((model.target_kl, model.policy.optimizer.hyperparameter("kl_clip")))
     assert stds[0] == pytest.approx([math.exp(-1.0)] * 6)
     assert stds[1] == pytest.approx([1.0] * 6)
+    assert budgets == [(0.01, 0.05), (0.002, 0.01)]
