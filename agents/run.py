@@ -301,9 +301,20 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Path]:
         if args.resume is not None:
             model = cls.load(args.resume, env=env, device=args.device)
         else:
-            model = cls(
-                config.policy, env, seed=args.seed, device=args.device, **config.algorithm_kwargs()
-            )
+            try:
+                model = cls(
+                    config.policy,
+                    env,
+                    seed=args.seed,
+                    device=args.device,
+                    **config.algorithm_kwargs(),
+                )
+            except (TypeError, ValueError) as error:
+                given = ", ".join(name for name, _ in overrides) or "none"
+                raise UsageError(
+                    f"{args.algo} cannot be built with this run's settings "
+                    f"(--set: {given}): {error}"
+                ) from error
     except BaseException:
         env.close()
         raise

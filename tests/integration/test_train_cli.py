@@ -244,6 +244,10 @@ def run_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> s
         (["acktr", "--env", "CartPole", "--set", "normalize_advantage=1"], "true or false"),
         (["acktr", "--env", "CartPole", "--set", "kl_clip=-1"], "Invalid kl_clip"),
         (
+            ["acktr", "--env", "Pendulum", "--set", 'policy_kwargs={log_std_init="x"}'],
+            "acktr cannot be built with this run's settings (--set: policy_kwargs)",
+        ),
+        (
             ["acktr", "--env", "CartPole", "--set", "learning_rate=lin_fast"],
             "'learning_rate' takes lin_X",
         ),
