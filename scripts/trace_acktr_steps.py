@@ -12,7 +12,10 @@ the same measured KL; for ACKTR also for the K-FAC-preconditioned policy gradien
 step's direction without the value and entropy terms) and the K-FAC-preconditioned gradient
 of the whole loss (the step's direction without momentum). The exact natural gradient of
 the policy's objective maximises the figure, so a natural-gradient step should be ahead of
-the gradient there.
+the gradient there. ``--natural-gradient`` adds the direction of conjugate gradient on the
+batch's exact Fisher-vector products: by default TRPO's (ngrl's MuJoCo preset: 25
+iterations, damping 0.1); with ``--cg-damping`` near 0 and enough ``--cg-steps`` it
+reaches the bound, so a K-FAC step's figure can be read as a fraction of it.
 
 ``--algo a2c`` traces SB3's A2C with its preset the same way (the measured KL, value change
 and entropy; it has no trust region): how far a first-order agent moves its policy per
@@ -24,6 +27,8 @@ update, beside ACKTR's budget.
         --resume runs/acktr_Breakout/checkpoint.zip --set trust_region=split
     python scripts/trace_acktr_steps.py --algo a2c --env Breakout --updates 200 \
         --resume runs/a2c_Breakout/checkpoint.zip
+    python scripts/trace_acktr_steps.py --env Walker2d --updates 20 --natural-gradient \
+        --resume runs/acktr_Walker2d/checkpoint.zip
 """
 
 from __future__ import annotations
@@ -50,9 +55,13 @@ from ngrl.agents.checkpoints import (
 from ngrl.agents.presets import algorithm_class, resolve_config
 from ngrl.envs import make_vec_env, resolve
 from ngrl.helpers import add_override_option, parse_override
+from ngrl.linalg import conjugate_gradient
+from ngrl.optim.conjugate_gradient import fisher_vector_product
 
 #: The algorithms a trace takes: ACKTR, and SB3's A2C for its measured steps beside it.
 ALGOS = ("acktr", "a2c")
+#: ``--natural-gradient``'s default conjugate gradient: ngrl's TRPO MuJoCo preset's.
+CG_STEPS, CG_DAMPING = 25, 0.1
 
 
 def distribution_and_values(policy: Any, observations: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -165,9 +174,34 @@ def kfac_direction(
     return {p: d for p, d in zip(params, found, strict=True) if d is not None}
 
 
-def trace(model: Any, updates: int) -> list[dict[str, Any]]:
+def natural_gradient(
+    policy: Any,
+    observations: torch.Tensor,
+    gradient: dict[torch.Tensor, torch.Tensor],
+    before: Any,
+    steps: int = CG_STEPS,
+    damping: float = CG_DAMPING,
+) -> dict[torch.Tensor, torch.Tensor]:
+    """``(F + damping·I)⁻¹ g`` by ``steps`` of conjugate gradient on the batch's exact Fisher,
+    the Hessian of ``mean KL(π_before ‖ π_θ)`` at the policy's parameters (those of
+    ``before``)."""
+    parameters = list(gradient)
+    with torch.enable_grad():
+        after, _ = distribution_and_values(policy, observations)
+        kl = per_example_kl(before, after).mean()
+        product = fisher_vector_product(kl, parameters, damping)
+        flat = torch.cat([g.reshape(-1) for g in gradient.values()])
+        direction = conjugate_gradient(product, flat, steps)
+    pieces = direction.split([p.numel() for p in parameters])
+    return {p: d.view_as(p) for p, d in zip(parameters, pieces, strict=True)}
+
+
+def trace(
+    model: Any, updates: int, solver: tuple[int, float] | None = None
+) -> list[dict[str, Any]]:
     """Train ``updates`` updates, recording each update's effect on the policy and values,
-    and for ACKTR each K-FAC update's trust region."""
+    and for ACKTR each K-FAC update's trust region; with ``solver = (steps, damping)``
+    also the direction of :func:`natural_gradient`."""
     policy, optimizer = model.policy, model.policy.optimizer
     kfac = isinstance(model, ACKTR)
     rows: list[dict[str, Any]] = []
@@ -209,6 +243,10 @@ def trace(model: Any, updates: int) -> list[dict[str, Any]]:
         assign(policy.parameters(), start)  # the probes start where the step started
         gradient = policy_gradient(policy, observations, actions, advantages)
         probes = {"gradient": gradient}
+        if solver is not None:
+            probes["natural_gradient"] = natural_gradient(
+                policy, observations, gradient, before, *solver
+            )
         if kfac:
             # The gradient of the update's whole loss (policy, value, entropy), uphill.
             loss_gradient = {p: -p.grad for p in policy.parameters() if p.grad is not None}
@@ -293,12 +331,14 @@ def print_table(rows: list[dict[str, Any]], window: int) -> None:
     steps are heavy-tailed), as a Markdown table."""
     kfac = bool(rows) and "nu" in rows[0]
     split = kfac and "nu_value" in rows[0]  # trust_region="split": ν_π / ν_V
+    exact = bool(rows) and "natural_gradient_efficiency" in rows[0]
     layers = list(rows[0]["quadratics"]) if kfac else []
     heads = ["updates"]
     if kfac:
         heads += ["ν_π / ν_V" if split else "ν", "predicted KL"]
     heads += ["measured policy KL", "mean policy KL", "value RMS change", "entropy"]
     heads += ["gain / √(2 KL)", "the gradient's"]
+    heads += ["the natural gradient's"] if exact else []
     heads += ["the K-FAC gradient's", "the K-FAC loss gradient's"] if kfac else []
     heads += [f"{name} share" for name in layers]
     print("| " + " | ".join(heads) + " |")
@@ -322,6 +362,8 @@ def print_table(rows: list[dict[str, Any]], window: int) -> None:
             f"{median('efficiency'):.3g}",
             f"{median('gradient_efficiency'):.3g}",
         ]
+        if exact:
+            cells.append(f"{median('natural_gradient_efficiency'):.3g}")
         if kfac:
             cells += [
                 f"{median('kfac_gradient_efficiency'):.3g}",
@@ -375,12 +417,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trust_region)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    parser.add_argument(
+        "--natural-gradient",
+        action="store_true",
+        help="also probe the natural gradient's direction: conjugate gradient on the batch's "
+        "exact Fisher-vector products (the gain per √(2 KL) of the exact one is the bound)",
+    )
+    parser.add_argument(
+        "--cg-steps",
+        type=int,
+        default=CG_STEPS,
+        help=f"--natural-gradient's iterations (default: {CG_STEPS}, TRPO's)",
+    )
+    parser.add_argument(
+        "--cg-damping",
+        type=float,
+        default=CG_DAMPING,
+        help=f"--natural-gradient's damping (default: {CG_DAMPING}, TRPO's; near 0 for the "
+        "exact natural gradient)",
+    )
     parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        if args.updates < 1 or args.window < 1:
-            raise ValueError("--updates and --window must be >= 1")
+        if args.updates < 1 or args.window < 1 or args.cg_steps < 1:
+            raise ValueError("--updates, --window and --cg-steps must be >= 1")
+        if not args.cg_damping >= 0.0:
+            raise ValueError(f"--cg-damping must be >= 0, not {args.cg_damping}")
         spec = resolve(args.env)
         overrides = [parse_override(t) for t in args.overrides]
         config = resolve_config(args.algo, spec, overrides, args.preset)
@@ -400,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = algorithm_class(args.algo)(
             config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs()
         )
-    rows = trace(model, args.updates)
+    solver = (args.cg_steps, args.cg_damping) if args.natural_gradient else None
+    rows = trace(model, args.updates, solver)
     print_table(rows, args.window)
     if args.out is not None:
         write_csv(rows, args.out)

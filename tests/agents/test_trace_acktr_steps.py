@@ -72,6 +72,26 @@ def test_each_step_is_measured_against_the_gradients_at_its_kl(
         )
 
 
+def test_the_natural_gradient_spends_the_steps_kl_better_than_the_gradient(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Conjugate gradient on the exact Fisher searches a Krylov space that holds the
+    gradient, so its direction gains more per √(2 KL) than the gradient's; it is probed
+    at the step's own measured KL like the others."""
+    argv = ["--env", "CartPole", "--updates", "16", "--window", "3", "--natural-gradient"]
+    settings = ["n_steps=8", "momentum=0.0", "learning_rate=0.5"]  # steps of measurable KL
+    table, rows = traced(tmp_path, capsys, *argv, *(a for s in settings for a in ("--set", s)))
+    assert "| the gradient's | the natural gradient's | the K-FAC gradient's |" in table[0]
+    assert len(rows) == 6
+    for row in rows:
+        kl = float(row["natural_gradient_kl"])
+        assert kl == pytest.approx(float(row["policy_kl"]), rel=0.05)
+        assert float(row["natural_gradient_efficiency"]) == pytest.approx(
+            float(row["natural_gradient_gain"]) / math.sqrt(2 * kl)
+        )
+        assert float(row["natural_gradient_efficiency"]) > float(row["gradient_efficiency"])
+
+
 def test_a_split_trust_region_is_traced_part_by_part(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -97,7 +117,8 @@ def test_a_split_trust_region_is_traced_part_by_part(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--env", "CartPole", "--updates", "0"], "--updates and --window must be >= 1"),
+        (["--env", "CartPole", "--updates", "0"], "--updates, --window and --cg-steps must be"),
+        (["--env", "CartPole", "--cg-damping", "-1"], "--cg-damping must be >= 0, not -1.0"),
         (["--env", "CartPole", "--preset", "nope"], "no preset 'nope'"),
         (["--env", "CartPole", "--set", "kl_clipp=1"], "no hyperparameter 'kl_clipp'"),
     ],
