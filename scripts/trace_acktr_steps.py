@@ -17,6 +17,11 @@ batch's exact Fisher-vector products: by default TRPO's (ngrl's MuJoCo preset: 2
 iterations, damping 0.1); with ``--cg-damping`` near 0 and enough ``--cg-steps`` it
 reaches the bound, so a K-FAC step's figure can be read as a fraction of it.
 
+The figures are in-sample: a direction fitted to the batch's noise gains on that batch.
+``--held-out`` takes each probe's direction from a random half of the batch and measures
+it on the other half (the step itself, fitted to the whole batch, is measured as before):
+the gain that carries over to actions it was not fitted to.
+
 ``--algo a2c`` traces SB3's A2C with its preset the same way (the measured KL, value change
 and entropy; it has no trust region): how far a first-order agent moves its policy per
 update, beside ACKTR's budget.
@@ -72,6 +77,15 @@ def distribution_and_values(policy: Any, observations: torch.Tensor) -> tuple[An
         return in_float64(distribution.distribution), values
     distribution = policy.get_distribution(observations).distribution
     return in_float64(distribution), policy.predict_values(observations)
+
+
+def rows_of(distribution: Any, index: torch.Tensor) -> Any:
+    """The categorical or normal distribution of the examples ``index`` only."""
+    if isinstance(distribution, torch.distributions.Categorical):
+        return torch.distributions.Categorical(logits=distribution.logits[index])
+    if isinstance(distribution, torch.distributions.Normal):
+        return torch.distributions.Normal(distribution.loc[index], distribution.scale[index])
+    raise TypeError(f"--held-out takes categorical and normal policies, not {distribution}")
 
 
 def in_float64(distribution: Any) -> Any:
@@ -197,11 +211,12 @@ def natural_gradient(
 
 
 def trace(
-    model: Any, updates: int, solver: tuple[int, float] | None = None
+    model: Any, updates: int, solver: tuple[int, float] | None = None, held_out: bool = False
 ) -> list[dict[str, Any]]:
     """Train ``updates`` updates, recording each update's effect on the policy and values,
     and for ACKTR each K-FAC update's trust region; with ``solver = (steps, damping)``
-    also the direction of :func:`natural_gradient`."""
+    also the direction of :func:`natural_gradient`; with ``held_out``, the probes fitted
+    to one half of each batch and measured on the other."""
     policy, optimizer = model.policy, model.policy.optimizer
     kfac = isinstance(model, ACKTR)
     rows: list[dict[str, Any]] = []
@@ -241,21 +256,32 @@ def trace(
             gain = surrogate_gain(before, after, actions, advantages)
         end = [p.detach().clone() for p in policy.parameters()]
         assign(policy.parameters(), start)  # the probes start where the step started
-        gradient = policy_gradient(policy, observations, actions, advantages)
+        everything = torch.arange(len(observations))
+        fit, measure = everything, everything
+        if held_out:
+            order = torch.randperm(
+                len(observations), generator=torch.Generator().manual_seed(model._n_updates)
+            )
+            fit, measure = order[: len(order) // 2], order[len(order) // 2 :]
+        gradient = policy_gradient(policy, observations[fit], actions[fit], advantages[fit])
         probes = {"gradient": gradient}
         if solver is not None:
             probes["natural_gradient"] = natural_gradient(
-                policy, observations, gradient, before, *solver
+                policy, observations[fit], gradient, rows_of(before, fit), *solver
             )
         if kfac:
-            # The gradient of the update's whole loss (policy, value, entropy), uphill.
+            # The gradient of the update's whole loss (policy, value, entropy), uphill:
+            # the whole batch's, so it has no held-out figure.
             loss_gradient = {p: -p.grad for p in policy.parameters() if p.grad is not None}
             probes["kfac_gradient"] = kfac_direction(optimizer, gradient)
-            probes["kfac_loss_gradient"] = kfac_direction(optimizer, loss_gradient)
+            probes["kfac_loss_gradient"] = (
+                None if held_out else kfac_direction(optimizer, loss_gradient)
+            )
         measured = {}
+        on = (observations[measure], actions[measure], advantages[measure])
         for name, direction in probes.items():
             gain_kl = (
-                probe(policy, direction, observations, actions, advantages, before, kl)
+                probe(policy, direction, *on, rows_of(before, measure), kl)
                 if direction is not None
                 else (math.nan, math.nan)
             )
@@ -424,6 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "exact Fisher-vector products (the gain per √(2 KL) of the exact one is the bound)",
     )
     parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="fit each probe's direction to a random half of the batch and measure it on "
+        "the other half (default: the whole batch, in-sample)",
+    )
+    parser.add_argument(
         "--cg-steps",
         type=int,
         default=CG_STEPS,
@@ -464,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs()
         )
     solver = (args.cg_steps, args.cg_damping) if args.natural_gradient else None
-    rows = trace(model, args.updates, solver)
+    rows = trace(model, args.updates, solver, args.held_out)
     print_table(rows, args.window)
     if args.out is not None:
         write_csv(rows, args.out)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.scripts import load_script
 
@@ -90,6 +91,35 @@ def test_the_natural_gradient_spends_the_steps_kl_better_than_the_gradient(
             float(row["natural_gradient_gain"]) / math.sqrt(2 * kl)
         )
         assert float(row["natural_gradient_efficiency"]) > float(row["gradient_efficiency"])
+
+
+def test_held_out_probes_are_fitted_to_one_half_and_measured_on_the_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = load_script("trace_acktr_steps")
+    argv = ["--env", "CartPole", "--updates", "14", "--window", "2", "--held-out"]
+    settings = ["n_steps=8", "momentum=0.0", "learning_rate=0.5"]
+    _, rows = traced(tmp_path, capsys, *argv, *(a for s in settings for a in ("--set", s)))
+    _, in_sample = traced(
+        tmp_path, capsys, *argv[:-1], *(a for s in settings for a in ("--set", s))
+    )
+    assert len(rows) == len(in_sample) == 4
+    for row, whole in zip(rows, in_sample, strict=True):
+        assert row["policy_kl"] == whole["policy_kl"]  # the step is the same
+        for name in ("gradient", "kfac_gradient"):  # scaled to the step's KL on their half
+            assert float(row[f"{name}_kl"]) == pytest.approx(float(row["policy_kl"]), rel=0.05)
+            assert row[f"{name}_gain"] != whole[f"{name}_gain"]
+        assert math.isnan(float(row["kfac_loss_gradient_efficiency"]))  # the whole batch's
+    # rows_of cuts a categorical and a normal policy alike.
+    rows_of = script.rows_of
+    index = torch.tensor([0, 2])
+    logits = torch.randn(4, 3)
+    torch.testing.assert_close(
+        rows_of(torch.distributions.Categorical(logits=logits), index).logits,
+        torch.distributions.Categorical(logits=logits[index]).logits,
+    )
+    normal = rows_of(torch.distributions.Normal(torch.zeros(4, 2), torch.ones(4, 2)), index)
+    assert normal.loc.shape == (2, 2)
 
 
 def test_a_split_trust_region_is_traced_part_by_part(
