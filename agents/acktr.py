@@ -65,6 +65,7 @@ KFAC_ARGUMENTS = (
     "factor_update_steps",
     "inv_update_steps",
     "curvature",
+    "cg_steps",
 )
 #: The K-FAC options ACKTR sets itself (its own arguments, the schedule's lr, dampening =
 #: momentum): never taken from ``kfac_kwargs``.
@@ -177,6 +178,10 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         kl_clip, damping, momentum, factor_decay, factor_update_steps, inv_update_steps,
         curvature: :class:`ngrl.optim.KFAC` hyperparameters (``dampening`` is set to
             ``momentum``: ACKTR's averaged momentum).
+        cg_steps: with ``k > 0``, each K-FAC step's ``X`` is refined by ``k`` iterations
+            of conjugate gradient on the batch's exact Fisher (the Hessian of
+            :meth:`~ngrl.agents.policies.KFACOptimized.fisher_divergence`), preconditioned
+            by K-FAC: TRPO's direction at K-FAC's price plus ``k`` Hessian-vector products.
         kfac_kwargs: other :class:`ngrl.optim.KFAC` options (``weight_sharing``,
             ``stats_batch_size``, ``curvature_options``, ...).
         cold_start_steps: momentum-SGD updates before the first K-FAC step.
@@ -208,6 +213,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
     factor_update_steps = KFACSetting()
     inv_update_steps = KFACSetting()
     curvature = KFACSetting()
+    cg_steps = KFACSetting()
 
     def __init__(
         self,
@@ -228,6 +234,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
         factor_update_steps: int = 1,
         inv_update_steps: int = 10,
         curvature: str = "kfac",
+        cg_steps: int = 0,
         kfac_kwargs: dict[str, Any] | None = None,
         cold_start_steps: int = 10,
         target_kl: float | None = None,
@@ -273,6 +280,7 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             factor_update_steps=factor_update_steps,
             inv_update_steps=inv_update_steps,
             curvature=curvature,
+            cg_steps=cg_steps,
         )
         check_integer("cold_start_steps", cold_start_steps, 0)
         if target_kl is not None and not target_kl > 0.0:
@@ -446,7 +454,14 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             policy_part = terms.policy + self.ent_coef * terms.entropy
             value_part = 0.0 if self.n_critic_updates else self.vf_coef * terms.value
 
-            # 3. The step: momentum SGD while cold, K-FAC in the trust region after.
+            # 3. The step: momentum SGD while cold, K-FAC in the trust region after (its
+            #    direction refined on the exact Fisher with cg_steps).
+            divergence = None
+            if optimizer.cg_steps and not cold:
+                divergence = self.policy.fisher_divergence(
+                    distribution, values, 0.0 if self.n_critic_updates else self.vf_fisher_coef
+                )
+            keep = divergence is not None  # its graph outlives the loss's backward pass
             optimizer.zero_grad()
             if cold:
                 (policy_part + value_part).backward()
@@ -458,13 +473,17 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
                 policy_grads = torch.autograd.grad(
                     policy_part, params, retain_graph=True, allow_unused=True
                 )
-                value_grads = torch.autograd.grad(value_part, params, allow_unused=True)
+                value_grads = torch.autograd.grad(
+                    value_part, params, retain_graph=keep, allow_unused=True
+                )
                 kl_clip = optimizer.hyperparameter("kl_clip")
                 value_kl_clip = self.value_kl_clip if self.value_kl_clip is not None else kl_clip
-                optimizer.step_parts([(policy_grads, kl_clip), (value_grads, value_kl_clip)])
+                optimizer.step_parts(
+                    [(policy_grads, kl_clip), (value_grads, value_kl_clip)], divergence
+                )
             else:
-                (policy_part + value_part).backward()
-                optimizer.step()
+                (policy_part + value_part).backward(retain_graph=keep)
+                optimizer.step(divergence=divergence)
 
             if self.target_kl is not None:
                 self._adapt_learning_rate(rollout_data, terms.actions, terms.log_prob.detach())

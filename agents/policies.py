@@ -25,7 +25,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import Tensor
 
-from ngrl import KFAC, fisher_loss
+from ngrl import KFAC, fisher_divergence, fisher_loss
 from ngrl.optim import KFACConfig
 
 __all__ = [
@@ -194,16 +194,39 @@ class KFACOptimized:
             finally:
                 self.action_dist = shared
             values = fewer.reshape(size, *values.shape[1:])
-        coef = self.vf_fisher_coef if vf_fisher_coef is None else vf_fisher_coef
+        # fisher_loss(..., "gaussian") is ½(V − v̂)²; baselines' term is c·(V − v̂)².
+        value_weight = 2.0 * self._value_fisher_coef(vf_fisher_coef)
+        loss = self._fisher_terms(fisher_loss, distribution, values, value_weight)
+        self.capture_statistics(loss, rows=values.shape[0])
+
+    def fisher_divergence(
+        self, distribution: Distribution, values: Tensor, vf_fisher_coef: float | None = None
+    ) -> Tensor:
+        """The divergence whose Hessian is the Fisher that :meth:`capture_fisher` samples
+        (:func:`ngrl.fisher_divergence` of the policy and, weighted alike, of the values):
+        the exact curvature of ``KFAC(..., cg_steps=k)``'s ``step(divergence=...)``."""
+        # The sampled loss's value term is scaled by 2c, so its Fisher by (2c)².
+        value_weight = (2.0 * self._value_fisher_coef(vf_fisher_coef)) ** 2
+        return self._fisher_terms(fisher_divergence, distribution, values, value_weight)
+
+    def _value_fisher_coef(self, vf_fisher_coef: float | None) -> float:
+        return self.vf_fisher_coef if vf_fisher_coef is None else vf_fisher_coef
+
+    @staticmethod
+    def _fisher_terms(
+        term: Any, distribution: Distribution, values: Tensor, value_weight: float
+    ) -> Tensor:
+        """``term`` (:func:`ngrl.fisher_loss` or :func:`ngrl.fisher_divergence`) of the
+        policy's distribution, plus ``value_weight`` times that of a unit-variance
+        Gaussian on the values (none when the weight is 0)."""
         torch_distribution = distribution.distribution
         if isinstance(torch_distribution, list):  # MultiDiscrete: independent categoricals
-            loss = sum(fisher_loss(d) for d in torch_distribution)
+            total = sum(term(d) for d in torch_distribution)
         else:
-            loss = fisher_loss(torch_distribution)
-        if coef != 0.0:
-            # fisher_loss(..., "gaussian") is ½(V − v̂)²; baselines' term is c·(V − v̂)².
-            loss = loss + (2.0 * coef) * fisher_loss(values, kind="gaussian")
-        self.capture_statistics(loss, rows=values.shape[0])
+            total = term(torch_distribution)
+        if value_weight != 0.0:
+            total = total + value_weight * term(values, kind="gaussian")
+        return total
 
     def capture_statistics(self, loss: Tensor, rows: int, optimizer: KFAC | None = None) -> None:
         """K-FAC's statistics from the backward pass of ``loss``, a mean over ``rows``

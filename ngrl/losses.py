@@ -1,4 +1,5 @@
-"""Sampled-target losses whose backward pass gives true-Fisher statistics."""
+"""The Fisher of a model's predictive distribution, as losses: a sampled-target loss whose
+backward pass gives its statistics, and a divergence whose Hessian is the Fisher itself."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Bernoulli, Categorical, Distribution, Independent, Normal
 
-__all__ = ["fisher_loss"]
+__all__ = ["fisher_divergence", "fisher_loss"]
 
 
 def fisher_loss(
@@ -34,8 +35,7 @@ def fisher_loss(
             optimizer's ``loss_reduction`` must agree.
         generator: random generator for the sampled targets (tensor outputs only).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"Invalid reduction: {reduction!r} (use 'mean' or 'sum')")
+    _check_reduction(reduction)
     if isinstance(output, Distribution):
         try:
             with torch.no_grad():
@@ -75,6 +75,64 @@ def fisher_loss(
             f"fisher_loss takes a torch Distribution or a Tensor, got {type(output).__name__}"
         )
     return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def fisher_divergence(
+    output: Distribution | Tensor,
+    kind: Literal["categorical", "gaussian"] | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> Tensor:
+    """``KL(p_old ‖ p_θ)`` of the model's predictive distribution from a detached copy of it.
+
+    Its gradient is zero and its Hessian is the Fisher that :func:`fisher_loss` estimates
+    by sampling (Schulman et al. 2015, TRPO, appendix C), so its Hessian-vector products
+    are exact Fisher-vector products: ``KFAC(..., cg_steps=k)`` takes it as
+    ``step(divergence=...)``. ``output``, ``kind`` and ``reduction`` as in
+    :func:`fisher_loss`; distributions: ``Categorical``, ``Normal``, ``Bernoulli`` and
+    ``Independent`` ones of these.
+    """
+    _check_reduction(reduction)
+    if isinstance(output, Distribution):
+        kl = torch.distributions.kl_divergence(_detached(output), output)
+        per_example = kl.reshape(kl.shape[0], -1).sum(1)
+    elif isinstance(output, Tensor):
+        old = output.detach()
+        if kind == "categorical":
+            kl = old.softmax(-1) * (old.log_softmax(-1) - output.log_softmax(-1))
+        elif kind == "gaussian":
+            kl = 0.5 * (output - old).square()
+        else:
+            raise ValueError(
+                f"Invalid kind: {kind!r}; a tensor output needs kind='categorical' "
+                "(logits) or kind='gaussian' (unit-variance mean)"
+            )
+        per_example = kl.reshape(output.shape[0], -1).sum(1)
+    else:
+        raise TypeError(
+            f"fisher_divergence takes a torch Distribution or a Tensor, got {type(output).__name__}"
+        )
+    return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def _detached(output: Distribution) -> Distribution:
+    """The same distribution with its parameters cut from the graph."""
+    if isinstance(output, Categorical):
+        return Categorical(logits=output.logits.detach())
+    if isinstance(output, Bernoulli):
+        return Bernoulli(logits=output.logits.detach())
+    if isinstance(output, Normal):
+        return Normal(output.loc.detach(), output.scale.detach())
+    if isinstance(output, Independent):
+        return Independent(_detached(output.base_dist), output.reinterpreted_batch_ndims)
+    raise TypeError(
+        f"fisher_divergence: no detached copy of a {type(output).__name__}; it takes "
+        "Categorical, Normal, Bernoulli and Independent distributions"
+    )
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Invalid reduction: {reduction!r} (use 'mean' or 'sum')")
 
 
 def _not_finite(output: Distribution) -> Tensor:

@@ -28,8 +28,9 @@ from ngrl.layers import (
     WeightSharing,
     find_layers,
 )
-from ngrl.linalg import all_finite
+from ngrl.linalg import all_finite, conjugate_gradient
 from ngrl.optim.config import SCHEDULABLE, KFACConfig, RecurrentModel, ScaleShiftBlock
+from ngrl.optim.conjugate_gradient import fisher_vector_product
 from ngrl.optim.hyperparams import Schedule, resolve
 from ngrl.optim.trust_region import kl_clip_scale
 
@@ -65,6 +66,14 @@ class KFAC(torch.optim.Optimizer):
     ACKTR): the first step is ``(1 − dampening)·d``. (``torch.optim.SGD`` instead starts
     at ``m = d``; the two agree when ``dampening = 0``.)
 
+    Given the exact curvature as a scalar ``divergence`` whose Hessian it is
+    (``step(divergence=...)``, e.g. ``mean KL(π_old ‖ π_θ)`` on the batch, as in TRPO),
+    ``cg_steps > 0`` refines ``X`` by conjugate gradient on ``(∇²divergence + λI) X = ∇Ŵ``
+    over all the layers together, preconditioned by the blocks' ``(F̂ + λI)⁻¹``: its
+    first iterate is K-FAC's ``X`` rescaled, and each further one takes the layers'
+    interactions and the factorisation's error into account (one Hessian-vector product
+    each). The trust region's quadratic is then the exact curvature's.
+
     Statistics come only from backward passes run inside ``with opt.capture():``, usually
     of :func:`ngrl.fisher_loss` (sampled targets give the true Fisher). Factors are
     exponential moving averages (``factor_decay``) refreshed every ``factor_update_steps``
@@ -87,6 +96,8 @@ class KFAC(torch.optim.Optimizer):
         curvature: name of the approximation for dense and conv layers (see
             :func:`ngrl.curvature.available`); other layers with parameters get a
             diagonal block.
+        cg_steps: conjugate-gradient iterations on the exact curvature, preconditioned by
+            K-FAC, in each step given a ``divergence`` (0: K-FAC's ``X`` as it is).
         skip_layers: regular expressions on module names or class names; matching modules
             get plain (unpreconditioned, unclipped) gradient steps.
         loss_reduction: ``"mean"`` if the captured loss averages over the batch, ``"sum"``
@@ -139,6 +150,7 @@ class KFAC(torch.optim.Optimizer):
         factor_update_steps: int | Callable[[int], int] = 1,
         inv_update_steps: int | Callable[[int], int] = 10,
         curvature: str = "kfac",
+        cg_steps: int = 0,
         skip_layers: Sequence[str] | str = (),
         loss_reduction: Reduction = "mean",
         stats_batch_size: int | None = None,
@@ -164,6 +176,7 @@ class KFAC(torch.optim.Optimizer):
             factor_update_steps=factor_update_steps,
             inv_update_steps=inv_update_steps,
             curvature=curvature,
+            cg_steps=cg_steps,
             skip_layers=skip_layers,  # type: ignore[arg-type]
             loss_reduction=loss_reduction,
             stats_batch_size=stats_batch_size,
@@ -191,6 +204,7 @@ class KFAC(torch.optim.Optimizer):
         )
         self._config = config
         self.curvature = config.curvature
+        self.cg_steps = config.cg_steps
         self.layers: list[Layer] = find_layers(model, config.skip_layers)
         self._block_options = dict(config.curvature_options)
         try:
@@ -372,13 +386,17 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the update -------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Tensor] | None = None, *, divergence: Tensor | None = None
+    ) -> Tensor | None:
         """One K-FAC update; returns the closure's loss (if a closure is given).
 
         The stages, in order (:meth:`_natural_gradient`, then :meth:`_update`): average
         the gradients over the ranks, refresh the decompositions when due, precondition
-        each layer, scale by the trust region, momentum update. The statistics were
-        committed (and averaged over the ranks) when their ``capture()`` context closed.
+        each layer (refined by ``cg_steps`` of conjugate gradient on the Hessian of
+        ``divergence``, if given, with its graph), scale by the trust region, momentum
+        update. The statistics were committed (and averaged over the ranks) when their
+        ``capture()`` context closed.
         """
         loss = None
         if closure is not None:
@@ -386,21 +404,26 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         self.trust_region_scales = []
         lr = float(self.hyperparameter("lr"))
-        directions = self._natural_gradient(lr, self.hyperparameter("kl_clip"))
+        directions = self._natural_gradient(
+            lr, self.hyperparameter("kl_clip"), divergence=divergence
+        )
         if directions is not None:
             self._update(directions, lr)
         return loss
 
     @torch.no_grad()
-    def precondition_(self) -> bool:
+    def precondition_(self, divergence: Tensor | None = None) -> bool:
         """Replace each ``p.grad`` by its clipped natural gradient ``ν·X`` in place.
 
         For use in the kfac-pytorch style, before another optimizer's ``step()``.
         Returns ``False`` (and changes nothing) when gradients or results are not finite.
+        ``divergence``: as in :meth:`step`.
         """
         self.trust_region_scales = []
         lr = float(self.hyperparameter("lr"))
-        directions = self._natural_gradient(lr, self.hyperparameter("kl_clip"))
+        directions = self._natural_gradient(
+            lr, self.hyperparameter("kl_clip"), divergence=divergence
+        )
         if directions is None:
             return False
         for param, direction in directions.items():
@@ -410,7 +433,11 @@ class KFAC(torch.optim.Optimizer):
         return True
 
     @torch.no_grad()
-    def step_parts(self, parts: Sequence[tuple[Sequence[Tensor | None], float | None]]) -> bool:
+    def step_parts(
+        self,
+        parts: Sequence[tuple[Sequence[Tensor | None], float | None]],
+        divergence: Tensor | None = None,
+    ) -> bool:
         r"""One K-FAC update of a gradient given as parts, each with its own trust region.
 
         ``parts`` holds, per part, the gradients of ``param_groups[0]["params"]`` (in that
@@ -423,7 +450,8 @@ class KFAC(torch.optim.Optimizer):
         one joint quadratic can no longer shrink the policy's step. One part with the
         ``kl_clip`` radius is :meth:`step`. The parameters' ``.grad`` end as the parts'
         sum. Returns ``False`` (the parameters and the momentum untouched, with the usual
-        warning) when a part is not finite.
+        warning) when a part is not finite. ``divergence``: as in :meth:`step`, for every
+        part.
         """
         params = self.param_groups[0]["params"]
         lr = float(self.hyperparameter("lr"))
@@ -434,7 +462,7 @@ class KFAC(torch.optim.Optimizer):
             for param, grad in zip(params, part, strict=True):
                 param.grad = None if grad is None else grad.detach().clone()
             # One refresh (when due) serves every part.
-            found = self._natural_gradient(lr, kl_clip, refresh=index == 0)
+            found = self._natural_gradient(lr, kl_clip, index == 0, divergence)
             if found is None:
                 return False
             for param in params:
@@ -451,26 +479,93 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the stages of a step -------------------------------------------------------------
     def _natural_gradient(
-        self, lr: float, kl_clip: float | None, refresh: bool = True
+        self,
+        lr: float,
+        kl_clip: float | None,
+        refresh: bool = True,
+        divergence: Tensor | None = None,
     ) -> dict[Tensor, Tensor] | None:
         """``ν·X`` per parameter: the stages of a step up to the update, in order. ``None``
         (with a warning, nothing changed) if a gradient or a preconditioned gradient is not
         finite."""
+        if self.cg_steps > 0 and divergence is None:
+            raise ValueError(
+                f"K-FAC with cg_steps={self.cg_steps} refines each step on the exact "
+                "curvature: pass it as step(divergence=...), a scalar whose Hessian it is "
+                "(e.g. the mean KL between the model's predictive and a detached copy)"
+            )
         grads = self._layer_gradients()  # averaged over the ranks
         if grads is None:
             return None
-        directions = self._preconditioned(grads, refresh)
+        if divergence is not None and self.cg_steps > 0:
+            if refresh:
+                self._refresh_due(grads)
+            directions = self._refined(grads, divergence)
+        else:
+            directions = self._preconditioned(grads, refresh)
         quadratic = self._quadratic(directions, grads)
         if quadratic is None:
             return None
         return self._scaled(directions, self._trust_region_scale(quadratic, lr, kl_clip))
 
+    def _refresh_due(self, grads: Mapping[str, Tensor]) -> None:
+        """Recompute the decompositions of the layers of ``grads`` when they are due."""
+        if self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
+            with self._exact_dtype():
+                self._work_plan().refresh(
+                    {name: self.blocks[name] for name in grads},
+                    float(self.hyperparameter("damping")),
+                )
+
+    def _refined(self, grads: Mapping[str, Tensor], divergence: Tensor) -> dict[str, Tensor]:
+        """``X`` of ``(∇²divergence + λI) X = ∇Ŵ`` after ``cg_steps`` iterations of conjugate
+        gradient from zero, preconditioned by :meth:`_preconditioned` (the products averaged
+        over the ranks, like the gradients)."""
+        layers = [layer for layer in self.layers if layer.name in grads]
+        params = [p for layer in layers for p in layer.params]
+        dtype = self.statistics_dtype
+
+        def flat(per_layer: Mapping[str, Tensor]) -> Tensor:
+            return torch.cat(
+                [t.reshape(-1) for layer in layers for t in layer.scatter(per_layer[layer.name])]
+            )
+
+        def per_layer(vector: Tensor) -> dict[str, Tensor]:
+            pieces = iter(vector.split([p.numel() for p in params]))
+            return {
+                layer.name: layer.gather([next(pieces).view_as(p) for p in layer.params])
+                for layer in layers
+            }
+
+        damping = float(self.hyperparameter("damping"))
+        with torch.enable_grad():  # a step runs under no_grad; the products differentiate
+            exact = fisher_vector_product(divergence, params, damping)
+
+        def product(vector: Tensor) -> Tensor:
+            with torch.enable_grad():
+                result = exact(vector.to(params[0].dtype))
+            distributed.all_reduce_mean([result])
+            return result.to(dtype)
+
+        gradient = flat(grads)
+        solution = conjugate_gradient(
+            product,
+            gradient,
+            self.cg_steps,
+            # relative: converged to rounding, whatever the gradient's scale
+            tolerance=1e-16 * float(gradient @ gradient),
+            preconditioner=lambda residual: flat(
+                self._preconditioned(per_layer(residual), refresh=False)
+            ),
+        )
+        return per_layer(solution)
+
     def _preconditioned(self, grads: Mapping[str, Tensor], refresh: bool) -> dict[str, Tensor]:
         """``X = (F̂ + λI)⁻¹ ∇Ŵ`` per layer, refreshing the decompositions first when due."""
+        if refresh:
+            self._refresh_due(grads)
         plan, damping = self._work_plan(), float(self.hyperparameter("damping"))
         with self._exact_dtype():
-            if refresh and self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
-                plan.refresh({name: self.blocks[name] for name in grads}, damping)
             return plan.gather_directions(
                 {
                     name: self.blocks[name].precondition(grad, damping)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from ngrl import KFAC
 from ngrl.agents import ACKTR
 from ngrl.agents.policies import KFACActorCriticPolicy
 from ngrl.envs import make_vec_env
+from ngrl.fisher import exact_fisher
 
 
 @pytest.mark.parametrize("algorithm", [A2C, PPO])
@@ -126,3 +128,74 @@ def test_statistics_of_fewer_examples_than_the_batch_come_from_their_own_forward
         assert state, name
         for key, value in state.items():
             torch.testing.assert_close(own[name][key], value, rtol=1e-5, atol=1e-7)
+
+
+def flat_hessian(scalar: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """The Hessian of ``scalar`` in the flat concatenation of ``params``."""
+    grads = torch.autograd.grad(scalar, params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rows = [torch.autograd.grad(g, params, retain_graph=True) for g in flat]
+    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+
+
+def test_the_divergence_acktr_refines_on_is_the_fisher_its_statistics_sample() -> None:
+    """``fisher_divergence``'s Hessian is the categorical Fisher of the logits plus
+    ``(2c)²·JᵀJ`` of the values: the expectation of the statistics of ``capture_fisher``,
+    whose value term is ``2c·½(V − v̂)²``."""
+    model = ACKTR("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [4]}, seed=0)
+    policy = model.policy
+
+    class Head(torch.nn.Module):
+        def __init__(self, output: str) -> None:
+            super().__init__()
+            self.policy, self.output = policy, output
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = self.policy
+            if self.output == "logits":
+                return p.action_net(p.mlp_extractor.forward_actor(p.extract_features(x)))
+            return p.value_net(p.mlp_extractor.forward_critic(p.extract_features(x)))
+
+    obs, coef = torch.randn(6, 4), 0.5
+    distribution, values = policy.distribution_and_values(obs)
+    divergence = policy.fisher_divergence(distribution, values, vf_fisher_coef=coef)
+    hessian = flat_hessian(divergence, list(policy.parameters()))
+    expected = exact_fisher(Head("logits"), obs, "categorical")
+    expected = expected + (2 * coef) ** 2 * exact_fisher(Head("values"), obs, "gaussian")
+    torch.testing.assert_close(hessian, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("env", "settings"),
+    [
+        ("CartPole", {}),
+        ("CartPole", {"trust_region": "split"}),
+        ("Pendulum", {"n_critic_updates": 2, "n_steps": 8}),
+    ],
+)
+def test_acktr_with_cg_steps_refines_its_steps_on_the_exact_fisher(
+    env: str, settings: dict[str, object]
+) -> None:
+    """Every K-FAC step gets the divergence (one conjugate-gradient iteration from zero
+    is K-FAC's direction rescaled, so the trust region's ν changes), in each kind of
+    trust region."""
+    scales = {}
+    for cg_steps in (0, 1):
+        model = ACKTR(
+            "MlpPolicy",
+            make_vec_env(env, 2, seed=0),
+            seed=0,
+            cold_start_steps=1,
+            learning_rate=0.25,
+            kl_clip=1e-6,  # binding: ν measures the quadratic
+            cg_steps=cg_steps,
+            **settings,  # type: ignore[arg-type]
+        )
+        optimizer = model.policy.optimizer
+        with mock.patch.object(KFAC, "_refined", autospec=True, side_effect=KFAC._refined) as spy:
+            model.learn(3 * model.n_steps * 2)
+        assert spy.call_count == (
+            2 * (1 + (settings.get("trust_region") == "split")) if cg_steps else 0
+        )
+        scales[cg_steps] = list(optimizer.trust_region_scales)
+    assert scales[0] != scales[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ngrl import KFAC
+from ngrl import KFAC, fisher_divergence
 from ngrl.distributed import (
     DistributedError,
     WorkPlan,
@@ -59,9 +59,12 @@ def _train(part: slice, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     )
     for x, y in _batches(16):
         opt.zero_grad()
+        logits = model(x[part])
         with opt.capture():
-            nn.functional.cross_entropy(model(x[part]), y[part]).backward()
-        opt.step()
+            nn.functional.cross_entropy(logits, y[part]).backward(retain_graph=True)
+        # With cg_steps, the exact curvature of the rank's part, whose Hessian-vector
+        # products are averaged over the ranks like the gradients.
+        opt.step(divergence=fisher_divergence(logits, "categorical") if opt.cg_steps else None)
     result = {f"param.{k}": v.detach().clone() for k, v in model.named_parameters()}
     for name, block in opt.blocks.items():
         result.update({f"{name}.{k}": v for k, v in block.state_dict().items()})
@@ -76,6 +79,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "curvature_options": {"damping_rule": "factored"},
     },
     "tkfac": {"curvature": "tkfac"},
+    "conjugate-gradient": {"cg_steps": 3, "grad_worker_fraction": 0.5},
 }
 
 
