@@ -77,7 +77,8 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         critic: ``"adam"`` or ``"kfac"``, the critic's optimizer.
         preconditioner: ``"cg"`` or ``"kfac"``: how ``s`` is computed.
         kfac_kwargs: :class:`ngrl.optim.KFAC` options of the actor's K-FAC preconditioner
-            (``damping`` defaults to ``cg_damping``).
+            (``damping`` defaults to ``cg_damping``); with ``{"cg_steps": k}``, ``s`` is
+            ``k`` conjugate-gradient iterations on ``F`` preconditioned by K-FAC.
         The remaining arguments are SB3's ``OnPolicyAlgorithm`` arguments.
     """
 
@@ -205,8 +206,11 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         return (names + ["actor_kfac"] if self.actor_kfac is not None else names), []
 
     # --- the actor: one natural-gradient step ---------------------------------------------
-    def _search_direction(self, policy_gradient: Tensor, product: Any, distribution: Any) -> Tensor:
-        """``s ≈ (F + damping·I)⁻¹ g``, by CG or by the K-FAC inverse."""
+    def _search_direction(
+        self, policy_gradient: Tensor, product: Any, distribution: Any, kl: Tensor
+    ) -> Tensor:
+        """``s ≈ (F + damping·I)⁻¹ g``, by CG or by the K-FAC inverse (refined on the
+        Hessian of ``kl``, the exact Fisher, with K-FAC's ``cg_steps``)."""
         if self.actor_kfac is None:
             return conjugate_gradient(product, policy_gradient, self.cg_max_steps)
         kfac = self.actor_kfac
@@ -215,7 +219,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
         parts = policy_gradient.split([p.numel() for p in self.actor_params])
         for param, part in zip(self.actor_params, parts, strict=True):
             param.grad = part.view_as(param).clone()
-        if not kfac.precondition_():
+        if not kfac.precondition_(divergence=kl if kfac.cg_steps else None):
             return torch.zeros_like(policy_gradient)
         return torch.cat([p.grad.reshape(-1) for p in self.actor_params])
 
@@ -236,7 +240,7 @@ class NPG(PolicyOnlyLoading, OnPolicyAlgorithm):
 
         gradient = flat_grad(surrogate, self.actor_params, retain_graph=True)
         product = fisher_vector_product(kl, self.actor_params, self.cg_damping)
-        direction = self._search_direction(gradient, product, distribution)
+        direction = self._search_direction(gradient, product, distribution, kl)
         quadratic = float(direction @ product(direction))
         if not quadratic > 0.0 or not torch.isfinite(direction).all():
             return {

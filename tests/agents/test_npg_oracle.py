@@ -159,3 +159,14 @@ def test_npg_with_the_kfac_preconditioner_steps_along_the_kfac_direction() -> No
     direction = torch.cat([solved[id(p)].reshape(-1) for p in model.actor_params])
     expected = step_size(direction, ref["damped"], model.target_kl) * direction
     assert_same_step(step, expected)
+
+
+def test_npg_with_kfac_refined_by_enough_cg_steps_takes_the_natural_gradient_step() -> None:
+    """K-FAC as the preconditioner of conjugate gradient on the exact Fisher: with enough
+    iterations, the published natural-gradient step, as plain CG gives it."""
+    model, data, actions = rollout(preconditioner="kfac", kfac_kwargs={"cg_steps": 500})
+    ref = published_update(model, data, actions)
+    direction = torch.linalg.solve(ref["damped"], ref["gradient"])
+    expected = step_size(direction, ref["damped"], model.target_kl) * direction
+    model._train_actor(data, actions)
+    assert_same_step(actor_after(model) - ref["start"], expected)
