@@ -244,6 +244,8 @@ class KFAC(torch.optim.Optimizer):
             config.weight_sharing,
         )
         self._warned_uncaptured = False
+        #: The step at which each layer's decomposition was last recomputed.
+        self._refreshed: dict[str, int] = {}
         #: The trust-region scale ``ν`` of the last step (one per part for step_parts).
         self.trust_region_scales: list[float] = []
         self.grad_worker_fraction = config.grad_worker_fraction
@@ -458,11 +460,11 @@ class KFAC(torch.optim.Optimizer):
         self.trust_region_scales = []
         total: dict[Tensor, Tensor] = {}
         directions: dict[Tensor, Tensor] = {}
-        for index, (part, kl_clip) in enumerate(parts):
+        for part, kl_clip in parts:
             for param, grad in zip(params, part, strict=True):
                 param.grad = None if grad is None else grad.detach().clone()
-            # One refresh (when due) serves every part.
-            found = self._natural_gradient(lr, kl_clip, index == 0, divergence)
+            # A layer that several parts reach is refreshed (when due) for the first.
+            found = self._natural_gradient(lr, kl_clip, True, divergence)
             if found is None:
                 return False
             for param in params:
@@ -509,13 +511,17 @@ class KFAC(torch.optim.Optimizer):
         return self._scaled(directions, self._trust_region_scale(quadratic, lr, kl_clip))
 
     def _refresh_due(self, grads: Mapping[str, Tensor]) -> None:
-        """Recompute the decompositions of the layers of ``grads`` when they are due."""
-        if self.steps % int(self.hyperparameter("inv_update_steps")) == 0:
+        """Recompute the decompositions of the layers of ``grads`` when they are due, each
+        once per step."""
+        if self.steps % int(self.hyperparameter("inv_update_steps")) != 0:
+            return
+        stale = {
+            name: self.blocks[name] for name in grads if self._refreshed.get(name) != self.steps
+        }
+        if stale:
             with self._exact_dtype():
-                self._work_plan().refresh(
-                    {name: self.blocks[name] for name in grads},
-                    float(self.hyperparameter("damping")),
-                )
+                self._work_plan().refresh(stale, float(self.hyperparameter("damping")))
+            self._refreshed.update(dict.fromkeys(stale, self.steps))
 
     def _refined(self, grads: Mapping[str, Tensor], divergence: Tensor) -> dict[str, Tensor]:
         """``X`` of ``(∇²divergence + λI) X = ∇Ŵ`` after ``cg_steps`` iterations of conjugate
@@ -790,3 +796,5 @@ class KFAC(torch.optim.Optimizer):
             block.load_state_dict({k: v.to(device) for k, v in block_state.items()})
             block.load_derived_state(derived, device)
         self._warned_uncaptured = False
+        # A loaded state starts a new record of refreshes.
+        self._refreshed = {}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ngrl import fisher_loss
 from ngrl.curvature import available
 from ngrl.curvature.diagonal import DiagonalBlock
 from ngrl.optim import KFAC, CurvatureFallbackWarning, KFACConfig, kl_clip_scale
@@ -550,3 +552,53 @@ def test_a_config_is_frozen_and_pickles() -> None:
     with pytest.raises(TypeError):
         config.curvature_options["damping_rule"] = "exact"  # type: ignore[index]
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_step_parts_refreshes_a_layer_that_only_a_later_part_reaches() -> None:
+    """Two heads on one trunk, each reached by one part: with ``inv_update_steps=1`` both
+    heads' decompositions follow their factors, not only the first part's layers."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk, self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.trunk(x))
+            return self.a(h), self.b(h)
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = KFAC(model, lr=0.1, damping=1e-2, momentum=0.0, inv_update_steps=1, factor_decay=0.5)
+    refreshes = {name: 0 for name in opt.blocks}
+    for name, block in opt.blocks.items():
+        original = block.refresh
+
+        def counted(damping: float, name: str = name, original: Any = original) -> None:
+            refreshes[name] += 1
+            original(damping)
+
+        block.refresh = counted  # type: ignore[method-assign]
+    for step in range(3):
+        x = torch.randn(16, 4)
+        out_a, out_b = model(x)
+        with opt.capture():
+            (fisher_loss(out_a, "categorical") + fisher_loss(out_b, "categorical")).backward(
+                retain_graph=True
+            )
+        opt.zero_grad()
+        part_a = torch.autograd.grad(
+            out_a.square().mean(), list(model.parameters()), retain_graph=True, allow_unused=True
+        )
+        part_b = torch.autograd.grad(
+            out_b.square().mean(), list(model.parameters()), allow_unused=True
+        )
+        assert opt.step_parts([(part_a, 1e-3), (part_b, 1e-3)])
+        # Each layer once per step, the trunk (reached by both parts) included.
+        assert refreshes == {"trunk": step + 1, "a": step + 1, "b": step + 1}
+    grad = torch.randn(2, 7)
+    fresh = copy.deepcopy(opt.blocks["b"])
+    fresh.refresh(1e-2)
+    torch.testing.assert_close(
+        opt.blocks["b"].precondition(grad, 1e-2), fresh.precondition(grad, 1e-2)
+    )
