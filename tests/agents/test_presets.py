@@ -77,23 +77,34 @@ def test_an_unknown_activation_lists_the_valid_ones() -> None:
         resolve_config("acktr", resolve("CartPole"), [("normalize_reward", False)])
 
 
-def test_the_continuous_default_departs_from_baselines_in_noise_and_kl_target() -> None:
-    """The continuous default starts its action noise at std 1/e and adapts its step to a
-    KL of 0.01 in a 0.05 region; --preset baselines keeps log-std 0 and 0.002 in 0.01."""
+def test_the_continuous_default_departs_from_baselines_in_noise_kl_target_and_step() -> None:
+    """The continuous default starts its action noise at std 1/e, adapts its step to a
+    KL of 0.01 in a 0.05 region, and refines the step by 5 conjugate-gradient iterations
+    at damping 0.1 without momentum; --preset baselines keeps log-std 0, 0.002 in 0.01
+    and K-FAC's own step with damping 0.01 and momentum 0.9."""
     import math
 
     from ngrl.agents import ACKTR
     from ngrl.envs import make_vec_env
 
     spec = resolve("HalfCheetah")
-    stds, budgets = [], []
+    stds, budgets, steps = [], [], []
     for preset in (None, "baselines"):
         config = resolve_config("acktr", spec, [], preset)
         model = ACKTR(
             config.policy, make_vec_env(spec.gym_id, 1, seed=0), **config.algorithm_kwargs()
         )
         stds.append(model.policy.log_std.exp().tolist())
-        budgets.append((model.target_kl, model.policy.optimizer.hyperparameter("kl_clip")))
+        optimizer = model.policy.optimizer
+        budgets.append((model.target_kl, optimizer.hyperparameter("kl_clip")))
+        steps.append(
+            (
+                optimizer.cg_steps,
+                optimizer.hyperparameter("damping"),
+                optimizer.hyperparameter("momentum"),
+            )
+        )
     assert stds[0] == pytest.approx([math.exp(-1.0)] * 6)
     assert stds[1] == pytest.approx([1.0] * 6)
     assert budgets == [(0.01, 0.05), (0.002, 0.01)]
+    assert steps == [(5, 0.1, 0.0), (0, 0.01, 0.9)]
