@@ -14,8 +14,10 @@ of the whole loss (the step's direction without momentum). The exact natural gra
 the policy's objective maximises the figure, so a natural-gradient step should be ahead of
 the gradient there. ``--natural-gradient`` adds the direction of conjugate gradient on the
 batch's exact Fisher-vector products: by default TRPO's (ngrl's MuJoCo preset: 25
-iterations, damping 0.1); with ``--cg-damping`` near 0 and enough ``--cg-steps`` it
-reaches the bound, so a K-FAC step's figure can be read as a fraction of it.
+iterations, damping 0.1), against which a K-FAC step's figure can be read as a fraction.
+Less ``--cg-damping`` and more ``--cg-steps`` move it towards the exact natural gradient,
+but in float32 on a near-singular batch Fisher the iterates lose accuracy first (on
+CartPole, damping 1e-8 and 100 iterations scored below the gradient).
 
 The figures are in-sample: a direction fitted to the batch's noise gains on that batch.
 ``--held-out`` takes each probe's direction from a random half of the batch and measures
@@ -447,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--natural-gradient",
         action="store_true",
         help="also probe the natural gradient's direction: conjugate gradient on the batch's "
-        "exact Fisher-vector products (the gain per √(2 KL) of the exact one is the bound)",
+        "exact Fisher-vector products (TRPO's direction with the defaults below)",
     )
     parser.add_argument(
         "--held-out",
@@ -465,8 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cg-damping",
         type=float,
         default=CG_DAMPING,
-        help=f"--natural-gradient's damping (default: {CG_DAMPING}, TRPO's; near 0 for the "
-        "exact natural gradient)",
+        help=f"--natural-gradient's damping (default: {CG_DAMPING}, TRPO's)",
     )
     parser.add_argument("--out", type=Path, help="write every traced update to this CSV")
     args = parser.parse_args(argv)

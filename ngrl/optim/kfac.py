@@ -464,7 +464,7 @@ class KFAC(torch.optim.Optimizer):
             for param, grad in zip(params, part, strict=True):
                 param.grad = None if grad is None else grad.detach().clone()
             # A layer that several parts reach is refreshed (when due) for the first.
-            found = self._natural_gradient(lr, kl_clip, True, divergence)
+            found = self._natural_gradient(lr, kl_clip, divergence)
             if found is None:
                 return False
             for param in params:
@@ -481,11 +481,7 @@ class KFAC(torch.optim.Optimizer):
 
     # --- the stages of a step -------------------------------------------------------------
     def _natural_gradient(
-        self,
-        lr: float,
-        kl_clip: float | None,
-        refresh: bool = True,
-        divergence: Tensor | None = None,
+        self, lr: float, kl_clip: float | None, divergence: Tensor | None = None
     ) -> dict[Tensor, Tensor] | None:
         """``ν·X`` per parameter: the stages of a step up to the update, in order. ``None``
         (with a warning, nothing changed) if a gradient or a preconditioned gradient is not
@@ -500,11 +496,10 @@ class KFAC(torch.optim.Optimizer):
         if grads is None:
             return None
         if divergence is not None and self.cg_steps > 0:
-            if refresh:
-                self._refresh_due(grads)
+            self._refresh_due(grads)
             directions = self._refined(grads, divergence)
         else:
-            directions = self._preconditioned(grads, refresh)
+            directions = self._preconditioned(grads, refresh=True)
         quadratic = self._quadratic(directions, grads)
         if quadratic is None:
             return None
