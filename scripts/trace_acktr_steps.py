@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 
 from ngrl.agents import ACKTR
 from ngrl.agents.checkpoints import (
@@ -496,6 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = algorithm_class(args.algo)(
             config.policy, env, seed=args.seed, device="cpu", **config.algorithm_kwargs()
         )
+    if args.held_out and not isinstance(model.action_space, (spaces.Discrete, spaces.Box)):
+        model.env.close()
+        print(
+            f"trace_acktr_steps: --held-out takes Discrete and Box action spaces (categorical "
+            f"and normal policies), not {model.action_space}",
+            file=sys.stderr,
+        )
+        return 2
     solver = (args.cg_steps, args.cg_damping) if args.natural_gradient else None
     rows = trace(model, args.updates, solver, args.held_out)
     print_table(rows, args.window)

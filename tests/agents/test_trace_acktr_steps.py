@@ -6,8 +6,11 @@ import csv
 import math
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
+from gymnasium import spaces
 
 from tests.helpers.scripts import load_script
 
@@ -160,6 +163,37 @@ def test_bad_input_is_one_line_and_exit_2(
     assert script.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+class TwoKnobs(gym.Env):
+    """Two independent choices per step: a MultiDiscrete action space."""
+
+    observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = spaces.MultiDiscrete([2, 3])
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple:
+        reward = float(action[0] == 1) + float(action[1] == 2)
+        return self.observation_space.sample(), reward, False, False, {}
+
+
+def test_held_out_refuses_other_action_spaces_before_training(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if "ngrl-test/TwoKnobs-v0" not in gym.registry:
+        gym.register("ngrl-test/TwoKnobs-v0", entry_point=TwoKnobs, max_episode_steps=20)
+    script = load_script("trace_acktr_steps")
+    argv = ["--env", "ngrl-test/TwoKnobs-v0", "--updates", "2", "--set", "n_steps=4"]
+    assert script.main([*argv, "--held-out"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the first update
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--held-out takes Discrete and Box action spaces" in err[0]
+    assert "MultiDiscrete([2 3])" in err[0]
+    assert script.main([*argv, "--window", "1"]) == 0  # traced in-sample as before
 
 
 def test_a_checkpoint_is_traced_from_its_step_with_a_changed_setting(
