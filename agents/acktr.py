@@ -182,6 +182,8 @@ class ACKTR(PolicyOnlyLoading, OnPolicyAlgorithm):
             of conjugate gradient on the batch's exact Fisher (the Hessian of
             :meth:`~ngrl.agents.policies.KFACOptimized.fisher_divergence`), preconditioned
             by K-FAC: TRPO's direction at K-FAC's price plus ``k`` Hessian-vector products.
+            Read at every step, like ``damping``: ``model.cg_steps = k`` starts (or stops)
+            the refinement between updates.
         kfac_kwargs: other :class:`ngrl.optim.KFAC` options (``weight_sharing``,
             ``stats_batch_size``, ``curvature_options``, ...).
         cold_start_steps: momentum-SGD updates before the first K-FAC step.

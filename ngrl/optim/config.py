@@ -14,7 +14,7 @@ from ngrl.capture import Reduction
 from ngrl.curvature.base import get_block_class
 from ngrl.distributed import check_grad_worker_fraction
 from ngrl.layers import WeightSharing
-from ngrl.optim.hyperparams import Schedule, check, check_choice, check_integer
+from ngrl.optim.hyperparams import Schedule, check, check_choice
 
 __all__ = ["SCHEDULABLE", "KFACConfig", "RecurrentModel", "ScaleShiftBlock"]
 
@@ -40,6 +40,7 @@ SCHEDULABLE = (
     "factor_decay",
     "factor_update_steps",
     "inv_update_steps",
+    "cg_steps",
 )
 
 
@@ -55,7 +56,7 @@ class KFACConfig:
     values that may change during training live on in the optimizer's ``param_groups``
     (:data:`SCHEDULABLE`).
 
-    Field meanings: :class:`ngrl.optim.KFAC`. Float fields (and the two step counts) may be
+    Field meanings: :class:`ngrl.optim.KFAC`. Float fields (and the three step counts) may be
     callables ``f(step) -> value``.
     """
 
@@ -69,7 +70,7 @@ class KFACConfig:
     factor_update_steps: int | Callable[[int], int] = 1
     inv_update_steps: int | Callable[[int], int] = 10
     curvature: str = "kfac"
-    cg_steps: int = 0
+    cg_steps: int | Callable[[int], int] = 0
     skip_layers: tuple[str, ...] = ()
     loss_reduction: Reduction = "mean"
     stats_batch_size: int | None = None
@@ -87,7 +88,6 @@ class KFACConfig:
                 check(name, value)
         if self.lr is None or self.damping is None:
             raise ValueError("Invalid lr or damping value: None (a number or a schedule)")
-        check_integer("cg_steps", self.cg_steps, 0)
         check_choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         check_choice("weight_sharing", self.weight_sharing, ("expand", "reduce"))
         check_choice("scale_shift", self.scale_shift, ("full", "diagonal"))

@@ -24,6 +24,7 @@ RULES: Rules = {
     "factor_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "factor_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
     "inv_update_steps": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
+    "cg_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer >= 0"),
     "stats_batch_size": (lambda v: v >= 1 and float(v).is_integer(), "an integer >= 1"),
 }
 

@@ -97,7 +97,8 @@ class KFAC(torch.optim.Optimizer):
             :func:`ngrl.curvature.available`); other layers with parameters get a
             diagonal block.
         cg_steps: conjugate-gradient iterations on the exact curvature, preconditioned by
-            K-FAC, in each step given a ``divergence`` (0: K-FAC's ``X`` as it is).
+            K-FAC, in each step given a ``divergence`` (0: K-FAC's ``X`` as it is); a
+            callable ``f(step)`` changes it during training (K-FAC's own step first).
         skip_layers: regular expressions on module names or class names; matching modules
             get plain (unpreconditioned, unclipped) gradient steps.
         loss_reduction: ``"mean"`` if the captured loss averages over the batch, ``"sum"``
@@ -150,7 +151,7 @@ class KFAC(torch.optim.Optimizer):
         factor_update_steps: int | Callable[[int], int] = 1,
         inv_update_steps: int | Callable[[int], int] = 10,
         curvature: str = "kfac",
-        cg_steps: int = 0,
+        cg_steps: int | Callable[[int], int] = 0,
         skip_layers: Sequence[str] | str = (),
         loss_reduction: Reduction = "mean",
         stats_batch_size: int | None = None,
@@ -204,7 +205,6 @@ class KFAC(torch.optim.Optimizer):
         )
         self._config = config
         self.curvature = config.curvature
-        self.cg_steps = config.cg_steps
         self.layers: list[Layer] = find_layers(model, config.skip_layers)
         self._block_options = dict(config.curvature_options)
         try:
@@ -292,6 +292,11 @@ class KFAC(torch.optim.Optimizer):
     def hyperparameter(self, name: str) -> Any:
         """The current value of a hyperparameter of ``param_groups[0]``, schedules applied."""
         return resolve(name, self.param_groups[0][name], self.steps)
+
+    @property
+    def cg_steps(self) -> int:
+        """The conjugate-gradient iterations of this step (its schedule applied)."""
+        return int(self.hyperparameter("cg_steps"))
 
     @property
     def capture_due(self) -> bool:
@@ -779,6 +784,9 @@ class KFAC(torch.optim.Optimizer):
             fresh.load_derived_state(derived)
             restored[layer.name] = (block_state, derived)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state older than a hyperparameter keeps ours
+            for name in SCHEDULABLE:
+                group.setdefault(name, self.defaults[name])
         for layer in self.layers:
             block_state, derived = restored[layer.name]
             entry = self.state.get(layer.params[0], {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -267,6 +268,24 @@ def test_assigning_a_kfac_hyperparameter_changes_the_optimizer() -> None:
     assert (
         model.curvature == "kfac" and type(optimizer.blocks["action_net"]).__name__ == "KFACBlock"
     )
+
+
+def test_the_refinement_can_start_between_updates() -> None:
+    """``cg_steps`` is read at every step: assigned after some updates of K-FAC's own
+    step, the next updates refine theirs on the exact Fisher."""
+    env = make_vec_env("CartPole", 2, seed=0)
+    model = ACKTR("MlpPolicy", env, n_steps=8, seed=0, cold_start_steps=0)
+    optimizer = model.policy.optimizer
+    with mock.patch.object(KFAC, "_refined", autospec=True, side_effect=KFAC._refined) as spy:
+        model.learn(16)
+        assert spy.call_count == 0
+        model.cg_steps = 2
+        model.learn(32, reset_num_timesteps=False)
+    assert spy.call_count == 2
+    assert optimizer.cg_steps == model.cg_steps == model.kfac_config.cg_steps == 2
+    with pytest.raises(ValueError, match="Invalid cg_steps value: -1"):
+        model.cg_steps = -1
+    assert optimizer.cg_steps == 2
 
 
 def test_an_assigned_hyperparameter_survives_save_and_load(tmp_path) -> None:  # noqa: ANN001

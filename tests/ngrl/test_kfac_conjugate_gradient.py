@@ -85,3 +85,42 @@ def test_refinement_needs_the_divergence_and_a_valid_count() -> None:
         KFAC(model, cg_steps=-1)
     with pytest.raises(ValueError, match="Invalid cg_steps value: 1.5"):
         KFAC(model, cg_steps=1.5)  # type: ignore[arg-type]
+
+
+def test_a_schedule_starts_with_kfacs_step_and_then_refines() -> None:
+    """``cg_steps=f(step)``: step 0 takes K-FAC's ``X`` (the divergence is not used), step 1
+    the exact damped natural gradient at the new parameters."""
+    model, opt, logits, x = prepared(cg_steps=lambda step: 0 if step == 0 else 100)
+    model_kfac, opt_kfac, _, _ = prepared(cg_steps=0)
+    assert opt.cg_steps == 0
+    torch.testing.assert_close(
+        taken_direction(model, opt, logits), taken_direction(model_kfac, opt_kfac, None)
+    )
+    assert opt.cg_steps == 100
+    logits = model(x)
+    with opt.capture():
+        F.cross_entropy(logits, sample_classes(logits)).backward(retain_graph=True)
+    opt.zero_grad()
+    F.cross_entropy(logits, torch.randint(0, 3, (16,))).backward(retain_graph=True)
+    damped = exact_fisher(model, x, "categorical") + DAMPING * torch.eye(43)
+    expected = torch.linalg.solve(damped, flat_gradient(model))
+    torch.testing.assert_close(taken_direction(model, opt, logits), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_a_bad_scheduled_count_is_refused_at_its_step() -> None:
+    model, opt, logits, _ = prepared(cg_steps=lambda step: 2 if step == 0 else -1)
+    taken_direction(model, opt, logits)
+    before = flat_parameters(model).clone()
+    with pytest.raises(ValueError, match="Invalid cg_steps value: -1"):
+        opt.step(divergence=fisher_divergence(logits, "categorical"))
+    torch.testing.assert_close(flat_parameters(model), before)
+
+
+def test_a_state_without_cg_steps_keeps_the_constructors_count() -> None:
+    """Checkpoints from before ``cg_steps`` was a hyperparameter of ``param_groups``."""
+    model, opt, _, _ = prepared(cg_steps=0)
+    state = opt.state_dict()
+    del state["param_groups"][0]["cg_steps"]
+    resumed = KFAC(model, cg_steps=3)
+    resumed.load_state_dict(state)
+    assert resumed.cg_steps == 3 and resumed.config.cg_steps == 3
