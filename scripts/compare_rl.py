@@ -266,6 +266,30 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
     return "\n".join(lines)
 
 
+def per_seed(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]) -> str:
+    """Every run on a row of its own, in the summary's order, seeds ascending."""
+    marks = _marks(results)
+    lines = [
+        "| env | algorithm | seed |"
+        + "".join(f" return at {m / 1e6:g}M |" for m in marks)
+        + " steps to threshold | final return | ms per 1000 steps |",
+        "|---|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|",
+    ]
+    for task in tasks:
+        for algo in algos:
+            runs = [r for r in results if r["algo"] == algo and r["env"] == task.env]
+            for r in sorted(runs, key=lambda r: r["seed"]):
+                at = "".join(f" {_mark_cell([r], m)} |" for m in marks)
+                steps = r["steps_to_threshold"]
+                final = r["final_return"]
+                lines.append(
+                    f"| {task.env} | {algo} | {r['seed']} |{at} "
+                    f"{'not reached' if steps is None else f'{steps:,.0f}'} | "
+                    f"{'—' if final is None else f'{final:.1f}'} | {r['ms_per_1000_steps']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
 def _mark_cell(runs: list[dict[str, Any]], mark: int) -> str:
     values = [r.get("return_at", {}).get(str(mark)) for r in runs]
     values = [v for v in values if v is not None]
@@ -489,10 +513,12 @@ def write_outputs(
     algos: list[str],
     merged_from: list[dict[str, Any]] | None = None,
 ) -> None:
-    """``OUT.json`` (every run), ``OUT.md`` (the table) and ``OUT.png`` (the curves)."""
+    """``OUT.json`` (every run), ``OUT.md`` (the table, then every seed's row) and
+    ``OUT.png`` (the curves)."""
     table = summarise(results, tasks, algos)
     out.with_suffix(".json").write_text(results_json(command, results, merged_from))
-    out.with_suffix(".md").write_text(table + "\n")
+    seeds = per_seed(results, tasks, algos)
+    out.with_suffix(".md").write_text(f"{table}\n\nEvery seed:\n\n{seeds}\n")
     plot(results, tasks, algos, out.with_suffix(".png"))
     print(table)
 

@@ -60,9 +60,13 @@ def test_runs_of_two_processes_merge_into_one_table(
     assert sorted((r["algo"], r["env"]) for r in runs) == sorted(
         (a, e) for a in ("acktr", "a2c") for e in ("CartPole", "InvertedPendulum")
     )
-    table = merged.with_suffix(".md").read_text().splitlines()
-    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    summary, every_seed = merged.with_suffix(".md").read_text().split("\n\nEvery seed:\n\n")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()[2:]]
     rows = {(row[0].split(" ")[0], row[1]): row for row in cells}
+    seed_rows = [[c.strip() for c in line.split("|")[1:-1]] for line in every_seed.splitlines()[2:]]
+    assert sorted((row[0], row[1], row[2], row[-2]) for row in seed_rows) == sorted(
+        (r["env"], r["algo"], str(r["seed"]), f"{r['final_return']:.1f}") for r in runs
+    )
     assert set(rows) == {(e, a) for e in ("CartPole", "InvertedPendulum") for a in ("acktr", "a2c")}
     for env in ("CartPole", "InvertedPendulum"):
         ms = {r["algo"]: r["ms_per_1000_steps"] for r in runs if r["env"] == env}
