@@ -318,6 +318,7 @@ def results_json(
 def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png: Path) -> None:
     figure = Figure(figsize=(6.5 * len(tasks), 4.2))
     axes = figure.subplots(1, len(tasks), squeeze=False)
+    legends = []
     for ax, task in zip(axes[0], tasks, strict=True):
         grid = np.linspace(0, task.timesteps, 200)
         for index, algo in enumerate(algos):
@@ -333,7 +334,8 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
             stack = np.array(curves)
             with warnings.catch_warnings():  # grid points outside every seed's episodes
                 warnings.simplefilter("ignore", RuntimeWarning)
-                ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=algo, linewidth=2)
+                label = legend_label(algo)
+                ax.plot(grid, np.nanmedian(stack, 0), color=f"C{index}", label=label, linewidth=2)
                 if len(curves) > 1:
                     ax.fill_between(
                         grid,
@@ -359,9 +361,25 @@ def plot(results: list[dict[str, Any]], tasks: list[Task], algos: list[str], png
         ax.set_ylabel(f"return (mean of last {WINDOW} episodes)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a run too short for an episode has no curve
-            ax.legend()
+            # below the axes, so that no curve is hidden; the saved image grows to hold it
+            legend = ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize="small")
+            legend.set_in_layout(False)
+            legends.append(legend)
     figure.tight_layout()
-    figure.savefig(png, dpi=110)
+    figure.savefig(png, dpi=110, bbox_inches="tight", bbox_extra_artists=legends)
+
+
+def legend_label(algo: str, width: int = 48) -> str:
+    """``algo``, broken after commas into lines of at most ``width`` characters where its
+    settings are long (``acktr[cg_steps=0,damping=0.01,...]``)."""
+    lines = [""]
+    for piece in algo.split(","):
+        if lines[-1] and len(lines[-1]) + len(piece) + 1 > width:
+            lines[-1] += ","
+            lines.append(piece)
+        else:
+            lines[-1] += ("," if lines[-1] else "") + piece
+    return "\n".join(lines)
 
 
 def origin_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -489,9 +507,10 @@ def merged_results(
                     r["timesteps"],
                 )
         results.extend(runs)
-        sources.append(
-            {"file": path.name, "command": data.get("command"), "commit": data.get("commit")}
-        )
+        source = {"file": path.name, "command": data.get("command"), "commit": data.get("commit")}
+        if data.get("merged_from"):  # a merge of merges keeps the whole history
+            source["merged_from"] = data["merged_from"]
+        sources.append(source)
     tasks: dict[str, Task] = {}
     for r in results:
         previous = tasks.get(r["env"])

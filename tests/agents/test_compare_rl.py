@@ -74,6 +74,11 @@ def test_runs_of_two_processes_merge_into_one_table(
         assert wall_clock_ratio == pytest.approx(ms["acktr"] / ms["a2c"], abs=0.006)
         assert rows[env, "a2c"][6] == "1.00"
     assert merged.with_suffix(".png").stat().st_size > 0
+    # merged again with nothing new, the file keeps where its runs came from
+    again = tmp_path / "again"
+    assert script.main(["--merge", str(merged.with_suffix(".json")), "--out", str(again)]) == 0
+    (source,) = json.loads(again.with_suffix(".json").read_text())["merged_from"]
+    assert source["file"] == "merged.json" and source["merged_from"] == data["merged_from"]
 
 
 def test_a_file_that_is_not_its_json_is_one_line_and_status_2(
@@ -436,3 +441,20 @@ def test_merged_runs_with_different_env_counts_name_none(tmp_path: Path) -> None
     script = load_script("compare_rl")
     _, tasks, _, _ = script.merged_results([tmp_path / "a.json", tmp_path / "b.json"])
     assert tasks[0].n_envs is None  # 2 and 16: the plot's title names no count
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        "acktr",
+        "acktr[cg_steps=0,damping=0.01,momentum=0.9]",
+        "acktr[" + ",".join(["x=1"] * 40) + "]",
+    ],
+)
+def test_a_long_label_breaks_after_commas_into_short_lines(algo: str) -> None:
+    label = load_script("compare_rl").legend_label(algo, width=20)
+    assert label.replace("\n", "") == algo
+    lines = label.split("\n")
+    # a line is over the width only when it is one piece with no comma to break at
+    assert all(len(line) <= 20 or "," not in line.rstrip(",") for line in lines)
+    assert all(line.endswith(",") for line in lines[:-1])
