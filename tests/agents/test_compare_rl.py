@@ -458,3 +458,23 @@ def test_a_long_label_breaks_after_commas_into_short_lines(algo: str) -> None:
     # a line is over the width only when it is one piece with no comma to break at
     assert all(len(line) <= 20 or "," not in line.rstrip(",") for line in lines)
     assert all(line.endswith(",") for line in lines[:-1])
+
+
+def test_every_seed_gets_its_own_row_in_seed_order(tmp_path: Path) -> None:
+    runs = [
+        _one_run(seed=2, final_return=30.0, steps_to_threshold=80.0),
+        _one_run(seed=0, final_return=10.0),
+        _one_run(seed=1, final_return=20.0, ms_per_1000_steps=70.0),
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"command": [], "results": runs}))
+    script = load_script("compare_rl")
+    assert script.main(["--merge", str(tmp_path / "a.json"), "--out", str(tmp_path / "m")]) == 0
+    summary, every_seed = (tmp_path / "m.md").read_text().split("\n\nEvery seed:\n\n")
+    (median,) = [line for line in summary.splitlines() if "| acktr |" in line]
+    assert "| 1/3 reached |" in median and "| 20.0 | 50 |" in median
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in every_seed.splitlines()[2:]]
+    assert [(row[2], row[-3], row[-2], row[-1]) for row in rows] == [
+        ("0", "not reached", "10.0", "50"),
+        ("1", "not reached", "20.0", "70"),
+        ("2", "80", "30.0", "50"),
+    ]
