@@ -491,18 +491,19 @@ class KFAC(torch.optim.Optimizer):
         """``ν·X`` per parameter: the stages of a step up to the update, in order. ``None``
         (with a warning, nothing changed) if a gradient or a preconditioned gradient is not
         finite."""
-        if self.cg_steps > 0 and divergence is None:
+        cg_steps = self.cg_steps  # this step's count, its schedule evaluated once
+        if cg_steps > 0 and divergence is None:
             raise ValueError(
-                f"K-FAC with cg_steps={self.cg_steps} refines each step on the exact "
+                f"K-FAC with cg_steps={cg_steps} refines each step on the exact "
                 "curvature: pass it as step(divergence=...), a scalar whose Hessian it is "
                 "(e.g. the mean KL between the model's predictive and a detached copy)"
             )
         grads = self._layer_gradients()  # averaged over the ranks
         if grads is None:
             return None
-        if divergence is not None and self.cg_steps > 0:
+        if divergence is not None and cg_steps > 0:
             self._refresh_due(grads)
-            directions = self._refined(grads, divergence)
+            directions = self._refined(grads, divergence, cg_steps)
         else:
             directions = self._preconditioned(grads, refresh=True)
         quadratic = self._quadratic(directions, grads)
@@ -523,7 +524,9 @@ class KFAC(torch.optim.Optimizer):
                 self._work_plan().refresh(stale, float(self.hyperparameter("damping")))
             self._refreshed.update(dict.fromkeys(stale, self.steps))
 
-    def _refined(self, grads: Mapping[str, Tensor], divergence: Tensor) -> dict[str, Tensor]:
+    def _refined(
+        self, grads: Mapping[str, Tensor], divergence: Tensor, cg_steps: int
+    ) -> dict[str, Tensor]:
         """``X`` of ``(∇²divergence + λI) X = ∇Ŵ`` after ``cg_steps`` iterations of conjugate
         gradient from zero, preconditioned by :meth:`_preconditioned` (the products averaged
         over the ranks, like the gradients)."""
@@ -557,7 +560,7 @@ class KFAC(torch.optim.Optimizer):
         solution = conjugate_gradient(
             product,
             gradient,
-            self.cg_steps,
+            cg_steps,
             # relative: converged to rounding, whatever the gradient's scale
             tolerance=1e-16 * float(gradient @ gradient),
             preconditioner=lambda residual: flat(
