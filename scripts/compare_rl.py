@@ -257,11 +257,10 @@ def summarise(results: list[dict[str, Any]], tasks: list[Task], algos: list[str]
             reached = sum(r["steps_to_threshold"] is not None for r in rows[algo])
             ratio_ms = f"{ms / a2c_ms:.2f}" if ms and a2c_ms else "—"
             ratio_steps = f"{steps / a2c_steps:.2f}" if steps and a2c_steps else "—"
-            steps_text = f"{steps:,.0f}" if steps is not None else "not reached"
             at = "".join(f" {_mark_cell(rows[algo], m)} |" for m in marks)
             lines.append(
                 f"| {task.env} (≥ {task.threshold:g}) | {algo} | {reached}/{len(rows[algo])} reached "
-                f"|{at} {steps_text} | {final} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
+                f"|{at} {_steps_text(steps)} | {final} | {ms:.0f} | {ratio_ms} | {ratio_steps} |"
             )
     return "\n".join(lines)
 
@@ -284,10 +283,14 @@ def per_seed(results: list[dict[str, Any]], tasks: list[Task], algos: list[str])
                 final = r["final_return"]
                 lines.append(
                     f"| {task.env} | {algo} | {r['seed']} |{at} "
-                    f"{'not reached' if steps is None else f'{steps:,.0f}'} | "
+                    f"{_steps_text(steps)} | "
                     f"{'—' if final is None else f'{final:.1f}'} | {r['ms_per_1000_steps']:.0f} |"
                 )
     return "\n".join(lines)
+
+
+def _steps_text(steps: float | None) -> str:
+    return "not reached" if steps is None else f"{steps:,.0f}"
 
 
 def _mark_cell(runs: list[dict[str, Any]], mark: int) -> str:
